@@ -1,0 +1,1 @@
+"""Library behind the MAML entry points: data, tasks, networks, algorithms, checkpoints, records."""
