@@ -1,0 +1,73 @@
+"""Pack Omniglot into omniglot_{train,val,test}.npy + omniglot_manifest.json.
+
+See metalearn/omniglot.py for the layout, split and pixel convention.
+
+python make_data.py                          # data/omniglot (downloaded if empty) -> ./
+python make_data.py --source DIR --out DIR --split 1100,100,423 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from metalearn import omniglot
+from metalearn.errors import run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; values are checked by the library so errors stay one line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="folder with images_background.zip and images_evaluation.zip (or the extracted "
+        f"folders); default {omniglot.DEFAULT_SOURCE}, downloaded there if missing",
+    )
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
+    parser.add_argument(
+        "--split",
+        default=",".join(map(str, omniglot.DEFAULT_SPLIT)),
+        help="train,val,test character counts summing to 1623 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=omniglot.SPLIT_SEED,
+        help="seed of the character split, recorded in the manifest (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes decoding images; 1 took ~7 s, 2 gave no gain on a busy 2-core machine "
+        "(default: %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the flags, fetch the source if needed, pack, and print what was written."""
+    args = parse_args(argv)
+    counts = omniglot.parse_split(args.split)
+    omniglot.check_seed(args.seed)
+    source = args.source
+    if source is None:
+        source = omniglot.DEFAULT_SOURCE
+        missing = omniglot.missing_sets(source)
+        if missing:
+            print(f"Downloading {', '.join(missing)} into {source}")
+            omniglot.download(source, missing)
+    summary = omniglot.pack(source, args.out, counts, args.seed, args.workers, log=print)
+    for split, info in summary["files"].items():
+        print(
+            f"{split:>5}: {info['shape'][0]:4d} characters -> {args.out / info['file']} "
+            f"{tuple(info['shape'])} {info['dtype']}"
+        )
+    print(f"manifest: {args.out / omniglot.MANIFEST_NAME} sha256 {summary['manifest_sha256']}")
+    print(f"Done in {summary['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)
