@@ -1,0 +1,197 @@
+"""Command-line flags for train.py and evaluate.py, mapped to one plain config dict.
+
+Flags keep the seed project's names. Defaults depend on the dataset (the paper's sinusoid settings
+differ from Omniglot's), so parsers default to ``None`` and :func:`resolve_defaults` fills in what
+the user did not give; that also tells a resumed run which flags were set explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from metalearn.algorithms import ALGORITHMS
+from metalearn.errors import UserError
+
+DATASETS = ("omniglot", "sinusoid")
+
+DEFAULTS = {
+    "omniglot": {
+        "n_way": 5,
+        "k_spt": 1,
+        "k_query": 15,
+        "task_num": 32,
+        "glob_update_step": 5,
+        "glob_update_step_test": 5,
+        "glob_meta_lr": 0.001,
+        "glob_base_lr": 0.1,
+        "epochs": 10000,
+    },
+    # Finn et al. 2017, section 5.1 and appendix: 1 step of α = 0.01, 25 tasks, Adam 0.001, 70k its.
+    "sinusoid": {
+        "n_way": 1,
+        "k_spt": 10,
+        "k_query": None,
+        "task_num": 25,
+        "glob_update_step": 1,
+        "glob_update_step_test": 10,
+        "glob_meta_lr": 0.001,
+        "glob_base_lr": 0.01,
+        "epochs": 70000,
+    },
+}
+COMMON_DEFAULTS = {
+    "algo": "maml",
+    "meta_step": 1.0,
+    "meta_step_final": None,
+    "seed": 0,
+    "data_dir": ".",
+    "work_dir": "work",
+    "run_name": None,
+    "log_every": 100,
+    "val_every": 1000,
+    "val_tasks": 200,
+    "ckpt_every": 100,
+    "augment": "none",
+    "use_gpu": False,
+    "export_pkl": False,
+    "max_minutes": None,
+    "resume": None,
+}
+
+
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="omniglot")
+    parser.add_argument("--n_way", type=int, help="classes per task (default 5)")
+    parser.add_argument("--k_spt", type=int, help="support examples per class (default 1)")
+    parser.add_argument(
+        "--k_query", type=int, help="query examples per class (default 15; sinusoid: k_spt)"
+    )
+    parser.add_argument(
+        "--glob_update_step_test",
+        type=int,
+        help="inner steps at test time (default 5; sinusoid 10)",
+    )
+    parser.add_argument(
+        "--glob_base_lr",
+        type=float,
+        help="inner step size α on the mean loss (default 0.1; sinusoid 0.01)",
+    )
+    parser.add_argument("--data_dir", help="folder with omniglot_{train,val,test}.npy (default .)")
+    parser.add_argument("--work_dir", help="where runs live (default work)")
+    parser.add_argument(
+        "--use_gpu",
+        action="store_true",
+        default=None,
+        help="use the GPU if Paddle has CUDA; otherwise warn and use the CPU",
+    )
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Meta-train MAML / FOMAML / Reptile.")
+    _add_task_flags(parser)
+    parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
+    parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
+    parser.add_argument("--glob_meta_lr", type=float, help="Adam step for θ (default 0.001)")
+    parser.add_argument("--epochs", type=int, help="meta-iterations (default 10000)")
+    parser.add_argument(
+        "--algo",
+        choices=ALGORITHMS,
+        help="maml (second order, default), fomaml (first order) or reptile",
+    )
+    parser.add_argument("--meta_step", type=float, help="Reptile's outer step ε (default 1.0)")
+    parser.add_argument(
+        "--meta_step_final",
+        type=float,
+        help="Reptile: anneal ε linearly to this value (default: constant)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="seed for θ's initialisation and tasks (default 0)"
+    )
+    parser.add_argument("--run_name", help="folder name under work_dir (default: from the flags)")
+    parser.add_argument("--log_every", type=int, help="iterations between log lines (default 100)")
+    parser.add_argument("--val_every", type=int, help="iterations between validations (1000)")
+    parser.add_argument("--val_tasks", type=int, help="fixed validation tasks (default 200)")
+    parser.add_argument("--ckpt_every", type=int, help="iterations between last.npz saves (100)")
+    parser.add_argument(
+        "--augment",
+        choices=("none", "rot90"),
+        help="rot90: rotate each class by a random multiple of 90° (paper)",
+    )
+    parser.add_argument(
+        "--max_minutes",
+        type=float,
+        help="stop (validate and save) once training has used this many minutes",
+    )
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
+    parser.add_argument(
+        "--export_pkl",
+        action="store_true",
+        default=None,
+        help="also write best.pkl in the seed's pickled-list layout",
+    )
+    return parser
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Test a meta-trained model on fixed test tasks.")
+    _add_task_flags(parser)
+    parser.add_argument(
+        "--ckpt",
+        help="best.npz (or a run folder); default: the newest run in "
+        "work_dir matching --dataset/--n_way/--k_spt",
+    )
+    parser.add_argument("--tasks", type=int, default=600, help="test tasks (default 600)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test tasks (default 0)")
+    return parser
+
+
+def resolve_defaults(given: dict) -> dict:
+    """Fill every flag the user left out with its dataset's default."""
+    dataset = given.get("dataset") or "omniglot"
+    config = {**COMMON_DEFAULTS, **DEFAULTS[dataset]}
+    config.update({k: v for k, v in given.items() if v is not None})
+    if config["k_query"] is None:
+        config["k_query"] = config["k_spt"]
+    if config["meta_step_final"] is None:
+        config["meta_step_final"] = config["meta_step"]
+    return config
+
+
+_POSITIVE_INTS = (
+    "n_way",
+    "k_spt",
+    "k_query",
+    "task_num",
+    "epochs",
+    "log_every",
+    "val_every",
+    "val_tasks",
+    "ckpt_every",
+)
+_NON_NEGATIVE_INTS = ("glob_update_step", "glob_update_step_test")
+_POSITIVE_FLOATS = ("glob_meta_lr", "glob_base_lr", "meta_step", "max_minutes")
+
+
+def validate_config(config: dict) -> None:
+    """Reject impossible settings before any work is done, with one clear message."""
+    for key in _POSITIVE_INTS:
+        if key in config and config[key] is not None and config[key] <= 0:
+            raise UserError(f"--{key} must be a positive integer, got {config[key]}")
+    for key in _NON_NEGATIVE_INTS:
+        if key in config and config[key] is not None and config[key] < 0:
+            raise UserError(f"--{key} must be zero or more, got {config[key]}")
+    for key in _POSITIVE_FLOATS:
+        value = config.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{key} must be a positive number, got {value}")
+    final = config.get("meta_step_final")
+    if final is not None and not (math.isfinite(final) and final >= 0):
+        raise UserError(f"--meta_step_final must be zero or more, got {final}")
+    if config.get("dataset") == "sinusoid" and config.get("n_way") != 1:
+        raise UserError("sinusoid regression has no classes: leave --n_way out (it is 1)")
+    if config.get("dataset") == "omniglot" and config["k_spt"] + config["k_query"] > 20:
+        raise UserError(
+            f"k_spt + k_query = {config['k_spt'] + config['k_query']} but Omniglot has only 20 "
+            "drawings per character"
+        )

@@ -1,0 +1,112 @@
+"""Honest evaluation: fixed seeded test tasks, the metric after every inner step, 95% intervals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.args import resolve_defaults, validate_config
+from metalearn.checkpoint import check_compatible, load_checkpoint
+from metalearn.device import select_device
+from metalearn.errors import UserError
+from metalearn.fileio import write_json
+from metalearn.problems import build_problem
+from metalearn.tasks import Task
+
+
+def evaluate_tasks(learner: MetaLearner, tasks: Sequence[Task], steps: int) -> np.ndarray:
+    """Metric on each task's query set after 0..steps inner steps: shape [tasks, steps + 1]."""
+    return np.array([learner.evaluate(task, steps) for task in tasks], dtype=np.float64)
+
+
+def summarise(per_task: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and 95% confidence half-width (1.96·std/√n, as the paper's code) per inner step."""
+    return per_task.mean(axis=0), 1.96 * per_task.std(axis=0) / np.sqrt(len(per_task))
+
+
+def find_run(work_dir: str | Path, dataset: str, n_way: int, k_spt: int) -> Path:
+    """The newest run folder with a best.npz whose config matches the dataset and task shape."""
+    candidates = []
+    for config_path in Path(work_dir).glob("*/config.json"):
+        best = config_path.parent / "best.npz"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        same = (config.get("dataset"), config.get("n_way"), config.get("k_spt")) == (
+            dataset,
+            n_way,
+            k_spt,
+        )
+        if same and best.is_file():
+            candidates.append((best.stat().st_mtime, config_path.parent))
+    if not candidates:
+        raise UserError(
+            f"no trained {dataset} run with n_way={n_way}, k_spt={k_spt} in "
+            f"{work_dir}/ (train one first, or pass --ckpt)"
+        )
+    return max(candidates)[1]
+
+
+def _checkpoint_path(given: dict, request: dict) -> Path:
+    if given.get("ckpt"):
+        path = Path(given["ckpt"])
+        return path / "best.npz" if path.is_dir() else path
+    run_dir = find_run(request["work_dir"], request["dataset"], request["n_way"], request["k_spt"])
+    return run_dir / "best.npz"
+
+
+def evaluate(given: dict) -> dict:
+    """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
+    request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    path = _checkpoint_path(given, request)
+    checkpoint = load_checkpoint(path)
+    trained = checkpoint.meta["config"]
+    # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
+    config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
+    for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr"):
+        if given.get(key) is not None:
+            config[key] = given[key]
+    if given.get("tasks") is not None and given["tasks"] <= 0:
+        raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
+    validate_config(config)
+    select_device(bool(config["use_gpu"]))
+    problem = build_problem(config, ("test",))
+    check_compatible(
+        checkpoint,
+        problem.net.config(),
+        {k: v.shape for k, v in problem.net.init_params(0).items()},
+    )
+    learner = MetaLearner(
+        problem.net,
+        make_parameters(checkpoint.params),
+        config["algo"],
+        config["glob_base_lr"],
+        config["glob_update_step_test"],
+    )
+    sampler, steps = problem.samplers["test"], config["glob_update_step_test"]
+    tasks = [sampler.sample(given["seed"], "test", 0, index) for index in range(given["tasks"])]
+    mean, ci95 = summarise(evaluate_tasks(learner, tasks, steps))
+    metric = problem.net.metric_name
+    key = "acc" if metric == "accuracy" else metric
+    results = {
+        f"{key}_mean": mean.tolist(),
+        f"{key}_ci95": ci95.tolist(),
+        "tasks": len(tasks),
+        "steps": steps,
+        "inner_lr": config["glob_base_lr"],
+        "seed": given["seed"],
+        "checkpoint": str(path),
+        "n_way": config["n_way"],
+        "k_spt": config["k_spt"],
+        "k_query": config["k_query"],
+    }
+    for step, (m, c) in enumerate(zip(mean, ci95)):
+        print(f"step {step}: {metric} {m:.4f} ± {c:.4f}")
+    write_json(path.parent / "test_results.json", results)
+    print(f"results written to {path.parent / 'test_results.json'}")
+    return results

@@ -1,0 +1,34 @@
+"""Which network and task samplers go with each dataset: the only dataset-specific wiring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metalearn import omniglot
+from metalearn.nets import MLP, ConvNet
+from metalearn.tasks import ImageTasks, SinusoidTasks
+
+
+@dataclass
+class Problem:
+    """A network plus a sampler per split; ``higher_is_better`` orders validation scores."""
+
+    net: object
+    samplers: dict
+    higher_is_better: bool
+
+
+def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> Problem:
+    """The network and the samplers of ``splits`` for ``config['dataset']``."""
+    if config["dataset"] == "sinusoid":
+        sampler = SinusoidTasks(config["k_spt"], config["k_query"])
+        return Problem(MLP(), {split: sampler for split in splits}, higher_is_better=False)
+    samplers = {}
+    for split in splits:
+        images = omniglot.load_split(config["data_dir"], split)
+        # Rotation is a training augmentation; validation and test tasks use the images as drawn.
+        augment = config.get("augment", "none") if split == "train" else "none"
+        samplers[split] = ImageTasks(
+            images, config["n_way"], config["k_spt"], config["k_query"], augment
+        )
+    return Problem(ConvNet(n_way=config["n_way"]), samplers, higher_is_better=True)

@@ -1,0 +1,278 @@
+"""The meta-training loop: sample tasks, step θ, log, validate, keep the best, checkpoint, resume.
+
+Everything of a run lives in ``work_dir/<run_name>/``: ``config.json`` (every flag and what the
+run depends on), ``best.npz`` (θ with the best validation score), ``last.npz`` (θ, optimiser
+state, counters and history, for ``--resume``). Tasks are keyed by iteration (see tasks.py), so a
+resumed run sees exactly the tasks an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from metalearn import omniglot
+from metalearn.algorithms import (
+    MetaLearner,
+    apply_direction,
+    load_optimizer_state,
+    make_parameters,
+    optimizer_state,
+)
+from metalearn.args import resolve_defaults, validate_config
+from metalearn.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    export_legacy_pkl,
+    load_checkpoint,
+    save_checkpoint,
+)
+from metalearn.device import select_device
+from metalearn.errors import UserError
+from metalearn.evaluation import evaluate_tasks
+from metalearn.fileio import write_json
+from metalearn.problems import Problem, build_problem
+
+
+@dataclass
+class TrainState:
+    """Everything besides θ and the optimiser that a resumed run must continue from."""
+
+    iteration: int = 0
+    elapsed_seconds: float = 0.0
+    best_score: float | None = None
+    best_iteration: int | None = None
+    log: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+
+
+def run_name_for(config: dict) -> str:
+    shots = (
+        f"{config['n_way']}w{config['k_spt']}s"
+        if config["dataset"] == "omniglot"
+        else (f"k{config['k_spt']}")
+    )
+    return f"{config['dataset']}_{shots}_{config['algo']}_seed{config['seed']}"
+
+
+def prepare_config(given: dict) -> dict:
+    """Resolve defaults, or on ``--resume`` take the run's saved config (``--epochs`` may grow)."""
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
+        config = json.loads(config_path.read_text())
+        for key in ("epochs", "use_gpu", "max_minutes"):
+            if given.get(key) is not None:
+                config[key] = given[key]
+        config["resume"] = str(run_dir)
+        config["run_name"] = run_dir.name
+        config["work_dir"] = str(run_dir.parent)
+        return config
+    config = resolve_defaults(given)
+    validate_config(config)
+    config["run_name"] = config["run_name"] or run_name_for(config)
+    return config
+
+
+class Trainer:
+    """One training run; ``run()`` goes from the current state to ``config['epochs']``."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.device = select_device(bool(config.get("use_gpu")))
+        self.problem: Problem = build_problem(config, ("train", "val"))
+        self.run_dir = Path(config["work_dir"]) / config["run_name"]
+        self.state = TrainState()
+        arrays = self.problem.net.init_params(config["seed"])
+        resume = self._load_resume_checkpoint(arrays) if config.get("resume") else None
+        if resume is not None:
+            arrays = resume.params
+        self.params = make_parameters(arrays)
+        self.learner = MetaLearner(
+            self.problem.net,
+            self.params,
+            config["algo"],
+            config["glob_base_lr"],
+            config["glob_update_step"],
+        )
+        self.optimizer = self._make_optimizer()
+        if resume is not None:
+            load_optimizer_state(self.optimizer, self.params, resume.optimizer)
+            self.state = TrainState(**resume.meta["state"])
+        elif (self.run_dir / "last.npz").exists():
+            raise UserError(
+                f"{self.run_dir} already holds a run: use --resume {self.run_dir} "
+                "or another --run_name"
+            )
+
+    def _load_resume_checkpoint(self, fresh: dict[str, np.ndarray]) -> Checkpoint:
+        checkpoint = load_checkpoint(self.run_dir / "last.npz")
+        check_compatible(
+            checkpoint, self.problem.net.config(), {k: tuple(v.shape) for k, v in fresh.items()}
+        )
+        return checkpoint
+
+    def _make_optimizer(self) -> paddle.optimizer.Optimizer:
+        params = list(self.params.values())
+        if self.config["algo"] == "reptile":
+            return paddle.optimizer.SGD(learning_rate=self.config["meta_step"], parameters=params)
+        return paddle.optimizer.Adam(learning_rate=self.config["glob_meta_lr"], parameters=params)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> TrainState:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "config.json", self._describe_run())
+        budget = config.get("max_minutes")
+        progress = tqdm(
+            total=config["epochs"],
+            initial=self.state.iteration,
+            desc=config["run_name"],
+            unit="it",
+            dynamic_ncols=True,
+        )
+        while self.state.iteration < config["epochs"]:
+            started = time.perf_counter()
+            self._meta_step()
+            self.state.elapsed_seconds += time.perf_counter() - started
+            progress.update(1)
+            iteration = self.state.iteration
+            out_of_time = budget is not None and self.state.elapsed_seconds >= budget * 60
+            last = iteration == config["epochs"] or out_of_time
+            if iteration % config["val_every"] == 0 or last:
+                self._validate(progress)
+            if (
+                iteration % config["ckpt_every"] == 0
+                or iteration % config["val_every"] == 0
+                or last
+            ):
+                self._save_last()
+            if out_of_time:
+                progress.write(f"time budget of {budget} min reached at iteration {iteration}")
+                break
+        progress.close()
+        metric = self.problem.net.metric_name
+        print(
+            f"best validation {metric}: {self.state.best_score:.4f} "
+            f"(iteration {self.state.best_iteration}); run folder: {self.run_dir}"
+        )
+        return self.state
+
+    def _meta_step(self) -> None:
+        config, state = self.config, self.state
+        iteration = state.iteration + 1
+        track = iteration % config["log_every"] == 0 or iteration == 1
+        tasks = [
+            self.problem.samplers["train"].sample(config["seed"], "train", iteration, index)
+            for index in range(config["task_num"])
+        ]
+        direction, stats = self.learner.batch_direction(tasks, track_steps=track)
+        loss = float(np.mean([s.loss for s in stats]))
+        direction = {k: v * (1.0 / len(tasks)) for k, v in direction.items()}
+        if not (math.isfinite(loss) and _all_finite(direction)):
+            raise UserError(
+                f"meta-loss became {loss} at iteration {iteration}; training stopped. "
+                f"The last good checkpoint is {self.run_dir / 'last.npz'}"
+            )
+        if config["algo"] == "reptile":
+            fraction = (iteration - 1) / max(config["epochs"] - 1, 1)
+            self.optimizer.set_lr(
+                config["meta_step"] + fraction * (config["meta_step_final"] - config["meta_step"])
+            )
+        apply_direction(self.params, self.optimizer, direction)
+        state.iteration = iteration
+        if track:
+            per_step = np.mean([s.metric_per_step for s in stats], axis=0).round(4).tolist()
+            state.log.append(
+                {
+                    "iteration": iteration,
+                    "loss": loss,
+                    "query_per_step": per_step,
+                    "elapsed": round(state.elapsed_seconds, 2),
+                }
+            )
+            tqdm.write(
+                f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric_name} "
+                f"per inner step {per_step}"
+            )
+
+    def _validate(self, progress: tqdm) -> None:
+        config = self.config
+        tasks = [
+            self.problem.samplers["val"].sample(config["seed"], "val", 0, index)
+            for index in range(config["val_tasks"])
+        ]
+        per_step = evaluate_tasks(self.learner, tasks, config["glob_update_step_test"]).mean(axis=0)
+        score = float(per_step[-1])
+        state = self.state
+        state.validation.append(
+            {
+                "iteration": state.iteration,
+                "per_step": per_step.round(4).tolist(),
+                "elapsed": round(state.elapsed_seconds, 2),
+            }
+        )
+        better = state.best_score is None or (
+            score > state.best_score if self.problem.higher_is_better else score < state.best_score
+        )
+        if better:
+            state.best_score, state.best_iteration = score, state.iteration
+            self._save_best()
+        progress.write(
+            f"validation at it {state.iteration}: {self.problem.net.metric_name} "
+            f"{score:.4f} after {config['glob_update_step_test']} steps"
+            f"{' (best so far)' if better else ''}"
+        )
+
+    # -- files -----------------------------------------------------------------------------------
+    def _theta(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self.params.items()}
+
+    def _meta(self) -> dict:
+        return {
+            "network": self.problem.net.config(),
+            "algo": self.config["algo"],
+            "config": self.config,
+            "state": asdict(self.state),
+        }
+
+    def _save_best(self) -> None:
+        theta = self._theta()
+        save_checkpoint(self.run_dir / "best.npz", Checkpoint(theta, self._meta()))
+        if self.config.get("export_pkl"):
+            export_legacy_pkl(self.run_dir / "best.pkl", theta)
+
+    def _save_last(self) -> None:
+        optimizer = optimizer_state(self.optimizer, self.params)
+        save_checkpoint(
+            self.run_dir / "last.npz", Checkpoint(self._theta(), self._meta(), optimizer)
+        )
+
+    def _describe_run(self) -> dict:
+        return {
+            **self.config,
+            "network": self.problem.net.config(),
+            "paddle_version": paddle.__version__,
+            "device": self.device,
+            "data_manifest_sha256": omniglot.manifest_sha256(self.config["data_dir"])
+            if self.config["dataset"] == "omniglot"
+            else None,
+        }
+
+
+def _all_finite(tensors: dict[str, paddle.Tensor]) -> bool:
+    return all(bool(paddle.isfinite(t).all()) for t in tensors.values())
+
+
+def train(given: dict) -> TrainState:
+    """Entry point for train.py: resolve the flags, then run (or continue) one training run."""
+    return Trainer(prepare_config(given)).run()
