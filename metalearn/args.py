@@ -149,7 +149,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def resolve_defaults(given: dict) -> dict:
     """Fill every flag the user left out with its dataset's default."""
     dataset = given.get("dataset") or "omniglot"
-    config = {**COMMON_DEFAULTS, **DEFAULTS[dataset]}
+    config = {**COMMON_DEFAULTS, **DEFAULTS[dataset], "dataset": dataset}
     config.update({k: v for k, v in given.items() if v is not None})
     if config["k_query"] is None:
         config["k_query"] = config["k_spt"]

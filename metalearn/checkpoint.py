@@ -14,6 +14,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -49,7 +50,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             meta = json.loads(str(data["meta"]))
             params = {k[len(_PARAM) :]: data[k] for k in data.files if k.startswith(_PARAM)}
             optimizer = {k[len(_OPTIM) :]: data[k] for k in data.files if k.startswith(_OPTIM)}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        json.JSONDecodeError,
+    ) as error:
         raise UserError(f"checkpoint {path} is unreadable or not one of ours ({error})") from None
     if meta.get("format") != FORMAT_VERSION or not params:
         raise UserError(f"checkpoint {path} has an unknown format or holds no parameters")
@@ -80,7 +88,7 @@ def export_legacy_pkl(path: str | Path, params: dict[str, np.ndarray]) -> None:
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays, dtypes and builtin containers; refuses every other global."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),

@@ -58,7 +58,7 @@ class ImageTasks:
         classes = rng.choice(len(self.images), size=self.n_way, replace=False)
         per_class = self.k_spt + self.k_query
         support, query = [], []
-        for label, char in enumerate(classes):
+        for char in classes:
             drawings = self.images[char, rng.choice(self.images.shape[1], per_class, replace=False)]
             if self.augment == "rot90":
                 drawings = np.rot90(drawings, k=int(rng.integers(4)), axes=(-2, -1))

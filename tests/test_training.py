@@ -1,0 +1,223 @@
+"""train.py / evaluate.py: learning, resume, NaN handling and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metalearn import algorithms
+from metalearn.checkpoint import load_checkpoint
+from metalearn.errors import UserError
+from metalearn.evaluation import evaluate, evaluate_tasks
+from metalearn.trainer import Trainer, prepare_config, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {
+    "n_way": 5,
+    "k_spt": 1,
+    "k_query": 2,
+    "task_num": 2,
+    "glob_update_step": 1,
+    "glob_update_step_test": 1,
+    "val_tasks": 3,
+    "val_every": 100,
+    "log_every": 2,
+    "glob_base_lr": 0.4,
+}
+
+
+def tiny(omniglot_dir: Path, work: Path, **overrides) -> dict:
+    return {**TINY, "data_dir": str(omniglot_dir), "work_dir": str(work), **overrides}
+
+
+def theta(path: Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(path).params
+
+
+def assert_same_theta(a: Path, b: Path) -> None:
+    left, right = theta(a), theta(b)
+    assert list(left) == list(right)
+    for name in left:
+        np.testing.assert_allclose(left[name], right[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def run_script(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0]
+
+
+def test_resume_ends_with_the_same_theta(omniglot_dir, tmp_path) -> None:
+    train(tiny(omniglot_dir, tmp_path, run_name="whole", epochs=4, ckpt_every=2))
+    train(tiny(omniglot_dir, tmp_path, run_name="split", epochs=2, ckpt_every=2))
+    state = train({"resume": str(tmp_path / "split"), "epochs": 4})
+    assert state.iteration == 4
+    assert_same_theta(tmp_path / "whole" / "last.npz", tmp_path / "split" / "last.npz")
+    resumed = load_checkpoint(tmp_path / "split" / "last.npz").meta["state"]
+    assert [entry["iteration"] for entry in resumed["log"]] == [1, 2, 4]
+
+
+def test_existing_run_is_not_overwritten(omniglot_dir, tmp_path) -> None:
+    train(tiny(omniglot_dir, tmp_path, run_name="once", epochs=1))
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny(omniglot_dir, tmp_path, run_name="once", epochs=1))
+
+
+def test_nan_meta_loss_stops_and_keeps_the_last_good_checkpoint(
+    omniglot_dir, tmp_path, monkeypatch
+) -> None:
+    config = prepare_config(tiny(omniglot_dir, tmp_path, run_name="nan", epochs=6, ckpt_every=2))
+    trainer = Trainer(config)
+    real = algorithms.MetaLearner.batch_direction
+
+    def poisoned(self, tasks, track_steps=False):
+        direction, stats = real(self, tasks, track_steps)
+        if trainer.state.iteration >= 2:  # the third step goes wrong
+            direction = {k: v * float("nan") for k, v in direction.items()}
+        return direction, stats
+
+    monkeypatch.setattr(algorithms.MetaLearner, "batch_direction", poisoned)
+    with pytest.raises(UserError, match="iteration 3"):
+        trainer.run()
+    last = load_checkpoint(tmp_path / "nan" / "last.npz")
+    assert last.meta["state"]["iteration"] == 2
+    assert all(np.isfinite(v).all() for v in last.params.values())
+
+
+@pytest.mark.slow
+def test_short_training_lifts_accuracy(omniglot_dir, tmp_path) -> None:
+    config = prepare_config(
+        tiny(
+            omniglot_dir,
+            tmp_path,
+            run_name="learn",
+            epochs=40,
+            task_num=4,
+            glob_meta_lr=0.003,
+            k_query=5,
+            val_every=40,
+        )
+    )
+    trainer = Trainer(config)
+    tasks = [trainer.problem.samplers["val"].sample(0, "val", 0, i) for i in range(40)]
+    before = evaluate_tasks(trainer.learner, tasks, 1).mean(axis=0)
+    trainer.run()
+    after = evaluate_tasks(trainer.learner, tasks, 1).mean(axis=0)
+    assert after[1] > before[1] + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_theta(omniglot_dir, tmp_path) -> None:
+    args = [
+        "--data_dir",
+        str(omniglot_dir),
+        "--work_dir",
+        str(tmp_path),
+        "--n_way",
+        "5",
+        "--k_spt",
+        "1",
+        "--k_query",
+        "2",
+        "--task_num",
+        "2",
+        "--glob_update_step",
+        "1",
+        "--glob_update_step_test",
+        "1",
+        "--val_tasks",
+        "2",
+        "--ckpt_every",
+        "1",
+        "--epochs",
+        "8",
+    ]
+    assert run_script("train.py", *args, "--run_name", "whole").returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, "--run_name", "cut"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "cut" / "last.npz"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        last.exists() and load_checkpoint(last).meta["state"]["iteration"] >= 2
+    ):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(last).meta["state"]["iteration"] < 8, "finished before it was killed"
+    assert run_script("train.py", "--resume", str(tmp_path / "cut")).returncode == 0
+    assert_same_theta(tmp_path / "whole" / "last.npz", last)
+
+
+def test_evaluate_writes_per_step_results_with_intervals(omniglot_dir, tmp_path) -> None:
+    train(tiny(omniglot_dir, tmp_path, run_name="ev", epochs=1))
+    given = {
+        "dataset": "omniglot",
+        "n_way": 5,
+        "k_spt": 1,
+        "work_dir": str(tmp_path),
+        "data_dir": str(omniglot_dir),
+        "tasks": 6,
+        "seed": 0,
+        "glob_update_step_test": 2,
+    }
+    first = evaluate(given)
+    saved = json.loads((tmp_path / "ev" / "test_results.json").read_text())
+    assert saved["tasks"] == 6
+    assert len(saved["acc_mean"]) == len(saved["acc_ci95"]) == 3
+    assert all(0 <= a <= 1 for a in saved["acc_mean"]) and all(c >= 0 for c in saved["acc_ci95"])
+    assert evaluate(given)["acc_mean"] == first["acc_mean"]  # the same tasks every time
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k_spt", "10", "--k_query", "15"], "only 20 drawings"),
+        (["--n_way", "400"], "larger than the 325 characters"),
+        (["--glob_meta_lr", "-1"], "--glob_meta_lr must be a positive number"),
+        (["--task_num", "0"], "--task_num must be a positive integer"),
+    ],
+)
+def test_impossible_settings_are_rejected_before_any_work(
+    omniglot_dir, tmp_path, flags, message
+) -> None:
+    work = tmp_path / "work"
+    result = run_script(
+        "train.py", "--data_dir", str(omniglot_dir), "--work_dir", str(work), *flags
+    )
+    assert_one_line_error(result, message)
+    assert not work.exists()
+
+
+def test_missing_data_is_one_clear_error(tmp_path) -> None:
+    result = run_script("train.py", "--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"))
+    assert_one_line_error(result, "make_data.py")
+    assert not (tmp_path / "w").exists()
+
+
+def test_evaluate_without_a_trained_run_is_one_clear_error(tmp_path) -> None:
+    result = run_script("evaluate.py", "--work_dir", str(tmp_path))
+    assert_one_line_error(result, "no trained omniglot run")
