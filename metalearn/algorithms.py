@@ -5,7 +5,9 @@ to the meta-optimiser as if it were a gradient:
 
 * ``maml``:    ∇θ L_query(θ_K(θ)), differentiating through every inner step (second order);
 * ``fomaml``:  ∇θ' L_query(θ') at the adapted weights, treated as constants (first order);
-* ``reptile``: θ − θ' so that plain SGD with step ε gives φ ← φ + ε·(mean θ' − φ) (Nichol et al.).
+* ``reptile``: θ − θ' so that plain SGD with step ε gives φ ← φ + ε·(mean θ' − φ) (Nichol et al.);
+* ``pretrain``: ∇θ L(θ) on all of the task's points, no inner loop: the paper's "pretrained"
+  baseline, fine-tuned with the same inner steps only at test time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import paddle
 
 from metalearn.tasks import Task
 
-ALGORITHMS = ("maml", "fomaml", "reptile")
+ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
 
 TensorDict = dict[str, paddle.Tensor]
 
@@ -75,14 +77,22 @@ def _rename(key: str, renames: dict[str, str]) -> str:
     return key
 
 
-def to_tensors(task: Task) -> tuple[paddle.Tensor, ...]:
-    return tuple(
-        paddle.to_tensor(a) for a in (task.x_support, task.y_support, task.x_query, task.y_query)
-    )
+def to_tensors(tasks: Sequence[Task]) -> tuple[paddle.Tensor, ...]:
+    """Support and query arrays of one task, or of several stacked on a leading task axis."""
+    fields = ("x_support", "y_support", "x_query", "y_query")
+    if len(tasks) == 1:
+        return tuple(paddle.to_tensor(getattr(tasks[0], f)) for f in fields)
+    return tuple(paddle.to_tensor(np.stack([getattr(t, f) for t in tasks])) for f in fields)
 
 
 class MetaLearner:
-    """Adapts a functional network to tasks and computes meta-update directions for its θ."""
+    """Adapts a functional network to tasks and computes meta-update directions for its θ.
+
+    Networks that declare ``task_batched`` (the sinusoid MLP) process a whole meta-batch at once:
+    θ gets a leading task axis, every task adapts its own copy with batched matrix products, and
+    the loss is the sum of per-task means, so each copy's gradient is exactly its task's gradient.
+    Others (the convolutional net) go through the tasks one at a time.
+    """
 
     def __init__(self, net, params: TensorDict, algo: str, inner_lr: float, inner_steps: int):
         if algo not in ALGORITHMS:
@@ -103,59 +113,89 @@ class MetaLearner:
             current = trajectory[-1]
             loss = self.net.loss(self.net.forward(x, current), y)
             grads = paddle.grad(loss, list(current.values()), create_graph=create_graph)
-            if create_graph:
-                updated = {k: w - self.inner_lr * g for (k, w), g in zip(current.items(), grads)}
-            else:
-                updated = {
-                    k: _leaf(w - self.inner_lr * g) for (k, w), g in zip(current.items(), grads)
-                }
-            trajectory.append(updated)
+            updated = {k: w - self.inner_lr * g for (k, w), g in zip(current.items(), grads)}
+            trajectory.append(
+                updated if create_graph else {k: _leaf(w) for k, w in updated.items()}
+            )
         return trajectory
+
+    def _chunks(self, tasks: Sequence[Task]) -> list[Sequence[Task]]:
+        return [tasks] if getattr(self.net, "task_batched", False) else [[t] for t in tasks]
+
+    def _start(self, count: int, differentiable: bool) -> TensorDict:
+        """θ, or for a stacked chunk one copy of θ per task; leaves unless ``differentiable``."""
+        base = self.params if differentiable else {k: w.detach() for k, w in self.params.items()}
+        if count > 1:
+            base = {
+                k: w.unsqueeze(0) + paddle.zeros([count, *w.shape], w.dtype)
+                for k, w in base.items()
+            }
+        return base if differentiable else {k: _leaf(w) for k, w in base.items()}
+
+    def _chunk_direction(self, tasks: Sequence[Task], track_steps: bool):
+        """Summed direction and per-task statistics of one chunk (one task, or a stacked batch)."""
+        x_s, y_s, x_q, y_q = to_tensors(tasks)
+        count, second_order = len(tasks), self.algo == "maml"
+        start = self._start(count, differentiable=second_order)
+        if self.algo == "pretrain":  # the paper's baseline: regress on all of the task's points
+            trajectory = [start]
+            x_q, y_q = paddle.concat([x_s, x_q], axis=-2), paddle.concat([y_s, y_q], axis=-2)
+        else:
+            trajectory = self.adapt(start, x_s, y_s, self.inner_steps, create_graph=second_order)
+        adapted = trajectory[-1]
+        task_losses = self.net.task_losses(self.net.forward(x_q, adapted), y_q)
+        if self.algo == "reptile":
+            direction = {k: _task_sum(self.params[k] - adapted[k], count).detach() for k in adapted}
+        else:
+            wrt = self.params if second_order else adapted
+            grads = paddle.grad(task_losses.sum(), list(wrt.values()))
+            direction = {
+                k: g if second_order else _task_sum(g, count) for k, g in zip(self.params, grads)
+            }
+        losses = task_losses.numpy().reshape(-1).tolist()
+        metrics = self._query_metrics(trajectory, x_q, y_q) if track_steps else [[]] * count
+        return direction, [TaskStats(loss, m) for loss, m in zip(losses, metrics)]
+
+    def _query_metrics(self, trajectory: Sequence[TensorDict], x_q, y_q) -> list[list[float]]:
+        """Per task, the network's metric (accuracy or MSE) on the query set after each step."""
+        with paddle.no_grad():
+            per_step = [
+                self.net.task_metrics(self.net.forward(x_q, w), y_q).numpy() for w in trajectory
+            ]
+        return np.stack(per_step, axis=-1).reshape(-1, len(trajectory)).tolist()
 
     def task_direction(self, task: Task, track_steps: bool = False) -> tuple[TensorDict, TaskStats]:
         """The update direction one task asks of θ, and its query statistics."""
-        x_s, y_s, x_q, y_q = to_tensors(task)
-        start = (
-            self.params if self.algo == "maml" else {k: _leaf(w) for k, w in self.params.items()}
-        )
-        trajectory = self.adapt(start, x_s, y_s, self.inner_steps, create_graph=self.algo == "maml")
-        adapted = trajectory[-1]
-        output = self.net.forward(x_q, adapted)
-        loss = self.net.loss(output, y_q)
-        if self.algo == "reptile":
-            direction = {k: (self.params[k] - adapted[k]).detach() for k in self.params}
-        else:
-            wrt = self.params if self.algo == "maml" else adapted
-            grads = paddle.grad(loss, list(wrt.values()))
-            direction = dict(zip(self.params, grads))
-        stats = TaskStats(loss=float(loss))
-        if track_steps:
-            stats.metric_per_step = self.query_metrics(trajectory, x_q, y_q)
-        return direction, stats
-
-    def query_metrics(self, trajectory: Sequence[TensorDict], x_q, y_q) -> list[float]:
-        """The network's metric (accuracy or MSE) on the query set under each weight set."""
-        with paddle.no_grad():
-            return [float(self.net.metric(self.net.forward(x_q, w), y_q)) for w in trajectory]
-
-    def evaluate(self, task: Task, steps: int) -> list[float]:
-        """Adapt (first order: no meta-gradient is needed) and score the query set after each step."""
-        x_s, y_s, x_q, y_q = to_tensors(task)
-        start = {k: _leaf(w) for k, w in self.params.items()}
-        return self.query_metrics(self.adapt(start, x_s, y_s, steps, create_graph=False), x_q, y_q)
+        direction, stats = self._chunk_direction([task], track_steps)
+        return direction, stats[0]
 
     def batch_direction(
         self, tasks: Sequence[Task], track_steps: bool = False
     ) -> tuple[TensorDict, list[TaskStats]]:
         """Sum of the task directions (not the mean, so several processes can add theirs)."""
         total: TensorDict = {}
-        stats = []
-        for task in tasks:
-            direction, task_stats = self.task_direction(task, track_steps)
+        stats: list[TaskStats] = []
+        for chunk in self._chunks(tasks):
+            direction, chunk_stats = self._chunk_direction(chunk, track_steps)
             for name, value in direction.items():
                 total[name] = value if name not in total else total[name] + value
-            stats.append(task_stats)
+            stats.extend(chunk_stats)
         return total, stats
+
+    def evaluate(self, tasks: Sequence[Task], steps: int) -> np.ndarray:
+        """Adapt each task (first order: no meta-gradient is needed) and score its query set after
+        0..steps inner steps; returns an array [tasks, steps + 1]."""
+        rows = []
+        for chunk in self._chunks(tasks):
+            x_s, y_s, x_q, y_q = to_tensors(chunk)
+            trajectory = self.adapt(self._start(len(chunk), False), x_s, y_s, steps, False)
+            rows.extend(self._query_metrics(trajectory, x_q, y_q))
+        return np.array(rows, dtype=np.float64)
+
+
+def _task_sum(value: paddle.Tensor, count: int) -> paddle.Tensor:
+    """Sum over the leading task axis of a stacked chunk (a single task has none)."""
+    return value.sum(axis=0) if count > 1 else value
 
 
 def apply_direction(

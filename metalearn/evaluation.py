@@ -20,7 +20,7 @@ from metalearn.tasks import Task
 
 def evaluate_tasks(learner: MetaLearner, tasks: Sequence[Task], steps: int) -> np.ndarray:
     """Metric on each task's query set after 0..steps inner steps: shape [tasks, steps + 1]."""
-    return np.array([learner.evaluate(task, steps) for task in tasks], dtype=np.float64)
+    return learner.evaluate(tasks, steps)
 
 
 def summarise(per_task: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

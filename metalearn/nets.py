@@ -88,12 +88,16 @@ class ConvNet:
         return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
 
     metric_name = "accuracy"
+    task_batched = False
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         return ops.cross_entropy(output, target)
 
-    def metric(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return (output.argmax(axis=1) == target).astype("float32").mean()
+    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return self.loss(output, target).reshape([1])
+
+    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return (output.argmax(axis=1) == target).astype("float32").mean().reshape([1])
 
 
 class MLP:
@@ -117,21 +121,31 @@ class MLP:
         return {name: value.astype(dtype) for name, value in arrays.items()}
 
     def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        """Outputs [points, 1] for x [points, 1], or [tasks, points, 1] with per-task weights."""
         act = _activation(self.activation)
         layers = len(self.sizes) - 1
         for layer in range(layers):
-            x = paddle.matmul(x, params[f"fc{layer}.weight"]) + params[f"fc{layer}.bias"]
+            bias = params[f"fc{layer}.bias"]
+            if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
+                bias = bias.unsqueeze(1)
+            x = paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
             if layer < layers - 1:
                 x = act(x)
         return x
 
     metric_name = "mse"
+    task_batched = True
+
+    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        """Mean squared error of each task ([tasks] for stacked input, a scalar for one task)."""
+        return ((output - target) ** 2).mean(axis=[-2, -1])
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return ((output - target) ** 2).mean()
+        """Sum of per-task means, so each task's copy of θ gets exactly its own task's gradient."""
+        return self.task_losses(output, target).sum()
 
-    def metric(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return self.loss(output, target)
+    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return self.task_losses(output, target)
 
 
 def _activation(name: str):
