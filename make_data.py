@@ -4,6 +4,7 @@ See metalearn/omniglot.py for the layout, split and pixel convention.
 
 python make_data.py                          # data/omniglot (downloaded if empty) -> ./
 python make_data.py --source DIR --out DIR --split 1100,100,423 --seed 0
+python make_data.py --preview --out DIR --n_way 5 --k_spt 1 --k_query 5   # picture of one task
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from metalearn import omniglot
-from metalearn.errors import run_cli
+from metalearn.errors import UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +45,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="processes decoding images; 1 took ~7 s, 2 gave no gain on a busy 2-core machine "
         "(default: %(default)s)",
     )
+    preview = parser.add_argument_group("task preview (reads the packed omniglot_train.npy)")
+    preview.add_argument(
+        "--preview",
+        action="store_true",
+        help="instead of packing, draw one sampled N-way K-shot training task from --out",
+    )
+    preview.add_argument(
+        "--preview_path",
+        type=Path,
+        default=None,
+        help="PNG to write (default: <out>/task_preview.png)",
+    )
+    preview.add_argument("--n_way", type=int, default=5, help="classes (default: %(default)s)")
+    preview.add_argument(
+        "--k_spt", type=int, default=1, help="support images per class (default: %(default)s)"
+    )
+    preview.add_argument(
+        "--k_query", type=int, default=15, help="query images per class (default: %(default)s)"
+    )
     return parser.parse_args(argv)
+
+
+def preview(out: Path, n_way: int, k_spt: int, k_query: int, path: Path | None = None) -> Path:
+    """Draw the first training task (seed 0, iteration 1) of this shape; return the PNG path."""
+    from metalearn import plots  # matplotlib only for the preview
+    from metalearn.tasks import ImageTasks
+
+    for flag, value in (("n_way", n_way), ("k_spt", k_spt), ("k_query", k_query)):
+        if value <= 0:
+            raise UserError(f"--{flag} must be a positive integer, got {value}")
+    sampler = ImageTasks(omniglot.load_split(out, "train"), n_way, k_spt, k_query)
+    task = sampler.sample(0, "train", 1, 0)
+    path = path if path is not None else out / "task_preview.png"
+    return plots.task_preview(
+        path,
+        task.x_support,
+        task.y_support,
+        task.x_query,
+        task.y_query,
+        title=f"{n_way}-way {k_spt}-shot task, {k_query} query per class\n"
+        "support (blue) and query (orange)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Check the flags, fetch the source if needed, pack, and print what was written."""
     args = parse_args(argv)
+    if args.preview:
+        path = preview(args.out, args.n_way, args.k_spt, args.k_query, args.preview_path)
+        print(f"task preview written to {path}")
+        return
     counts = omniglot.parse_split(args.split)
     omniglot.check_seed(args.seed)
     source = args.source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.problems import build_problem
+from metalearn.records import TestSession
 from metalearn.tasks import Task
 
 
@@ -64,6 +66,43 @@ def evaluate(given: dict) -> dict:
     """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
     path = _checkpoint_path(given, request)
+    # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
+    session = TestSession(path)
+    session.begin()
+    try:
+        results = _evaluate(given, request, path)
+    except BaseException:
+        session.end(None)
+        raise
+    session.end(results)
+    _plot_steps(path.parent / "test_steps.png", results)
+    return results
+
+
+def _plot_steps(png: Path, results: dict) -> None:
+    from metalearn import plots  # matplotlib only when needed
+
+    key = next(k[: -len("_mean")] for k in results if k.endswith("_mean"))
+    shape = (
+        f"K={results['k_spt']}"
+        if key == "mse"
+        else f"{results['n_way']}-way {results['k_spt']}-shot"
+    )
+    label = f"{results['tasks']} test tasks, mean ± 95% CI"
+    try:
+        plots.steps_curve(
+            png,
+            {label: (results[f"{key}_mean"], results[f"{key}_ci95"])},
+            "accuracy" if key == "acc" else key,
+            title=f"{png.parent.name}: {shape}",
+        )
+    except Exception as error:  # a picture never fails an evaluation
+        print(f"warning: could not draw {png} ({error})", file=sys.stderr)
+        return
+    print(f"plot written to {png}")
+
+
+def _evaluate(given: dict, request: dict, path: Path) -> dict:
     checkpoint = load_checkpoint(path)
     trained = checkpoint.meta["config"]
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.

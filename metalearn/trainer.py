@@ -39,6 +39,7 @@ from metalearn.errors import UserError
 from metalearn.evaluation import evaluate_tasks
 from metalearn.fileio import write_json
 from metalearn.problems import Problem, build_problem
+from metalearn.records import Recorder  # run record: work_dir/runs.sqlite + curves.png
 
 
 @dataclass
@@ -127,8 +128,35 @@ class Trainer:
             return paddle.optimizer.SGD(learning_rate=self.config["meta_step"], parameters=params)
         return paddle.optimizer.Adam(learning_rate=self.config["glob_meta_lr"], parameters=params)
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- run record (metalearn/records.py): runs.sqlite status, history, curves.png --------------
     def run(self) -> TrainState:
+        """Train to ``config['epochs']``, keeping the run's record in work_dir/runs.sqlite."""
+        self.recorder = Recorder(self.config["work_dir"], self.config["run_name"])
+        self.recorder.start(
+            self.config,
+            self.state,
+            resumed=bool(self.config.get("resume")),
+            metric=self.problem.net.metric_name,
+            higher_is_better=self.problem.higher_is_better,
+            device=self.device,
+            paddle_version=paddle.__version__,
+        )
+        try:
+            state = self._train()
+        except KeyboardInterrupt:
+            self.recorder.finish("interrupted", self.state, "interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as error:
+            message = (
+                str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            )
+            self.recorder.finish("failed", self.state, message)
+            raise
+        self.recorder.finish("complete", self.state)
+        return state
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _train(self) -> TrainState:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", self._describe_run())
@@ -156,6 +184,7 @@ class Trainer:
                 or last
             ):
                 self._save_last()
+            self.recorder.progress(self.state)  # run record: new log/validation entries
             if out_of_time:
                 progress.write(f"time budget of {budget} min reached at iteration {iteration}")
                 break

@@ -1,0 +1,262 @@
+"""PNG figures of runs, evaluations and tasks (matplotlib's Agg canvas: no display, no pyplot).
+
+Every figure is written atomically (``fileio.atomic_path``), so a reader never sees half a PNG.
+
+* :func:`training_curves`: query metric per inner step, validation metric and meta-loss vs iteration.
+* :func:`compare_curves`: several runs' curves overlaid.
+* :func:`steps_curve`: metric vs number of inner steps with 95% bands (paper Figure 3 style).
+* :func:`sinusoid_fits`: true function, support points and predictions per task (Figure 2 style).
+* :func:`task_preview`: the support and query images of one N-way K-shot task, by class.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from metalearn.fileio import atomic_path
+
+PREDICTION_COLORS = ("tab:green", "tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:cyan")
+LABELS = {"accuracy": "accuracy", "acc": "accuracy", "mse": "MSE"}
+
+
+def _label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(nrows, ncols, squeeze=False)
+    return figure, axes
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)
+
+
+def _empty(axis: Any, text: str = "no data yet") -> None:
+    axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes)
+
+
+def _steps(count: int) -> str:
+    return f"after {count} step{'' if count == 1 else 's'}"
+
+
+def _final(values: Sequence[Sequence[float]]) -> list[float]:
+    return [float(v[-1]) if len(v) else float("nan") for v in values]
+
+
+def training_curves(
+    path: str | os.PathLike[str],
+    log: Sequence[Mapping],
+    validation: Sequence[Mapping],
+    metric: str,
+    title: str | None = None,
+) -> Path:
+    """Three panels: training-query metric after each inner step, validation metric, meta-loss.
+
+    ``log``/``validation`` are the trainer's history entries (``iteration``, ``loss``,
+    ``query_per_step`` / ``iteration``, ``per_step``).
+    """
+    figure, axes = _figure(1, 3, (15, 4.2))
+    query, val, loss = axes[0]
+    label = _label(metric)
+    if log:
+        iterations = [e["iteration"] for e in log]
+        per_step = np.array([e["query_per_step"] for e in log], dtype=float)
+        steps = per_step.shape[1] if per_step.ndim == 2 else 0
+        for step in range(steps):
+            query.plot(iterations, per_step[:, step], marker=".", label=_steps(step))
+        if steps:
+            query.legend(fontsize="small")
+        loss.plot(iterations, [e["loss"] for e in log], marker=".", color="tab:red")
+    else:
+        _empty(query)
+        _empty(loss)
+    query.set(title=f"training query {label} per inner step", xlabel="iteration", ylabel=label)
+    loss.set(title="meta-loss", xlabel="iteration", ylabel="loss")
+    if validation:
+        iterations = [e["iteration"] for e in validation]
+        first = [float(e["per_step"][0]) for e in validation]
+        val.plot(iterations, first, marker=".", linestyle="--", label="before adapting")
+        val.plot(iterations, _final([e["per_step"] for e in validation]), marker="o")
+        val.lines[-1].set_label(_steps(len(validation[-1]["per_step"]) - 1))
+        val.legend(fontsize="small")
+    else:
+        _empty(val)
+    better = "lower" if metric == "mse" else "higher"
+    val.set(title=f"validation {label} ({better} is better)", xlabel="iteration", ylabel=label)
+    for axis in axes[0]:
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def compare_curves(
+    path: str | os.PathLike[str],
+    runs: Mapping[str, Mapping],
+    metric: str,
+) -> Path:
+    """Overlay runs: validation metric, training-query metric (last inner step), meta-loss.
+
+    ``runs`` maps a run name to a dict with its ``log`` and ``validation`` history.
+    """
+    figure, axes = _figure(1, 3, (15, 4.2))
+    val, query, loss = axes[0]
+    label = _label(metric)
+    for index, (name, run) in enumerate(runs.items()):
+        color = f"C{index % 10}"
+        log, validation = run.get("log", []), run.get("validation", [])
+        if validation:
+            val.plot(
+                [e["iteration"] for e in validation],
+                _final([e["per_step"] for e in validation]),
+                marker="o",
+                color=color,
+                label=name,
+            )
+        if log:
+            iterations = [e["iteration"] for e in log]
+            query.plot(
+                iterations,
+                _final([e["query_per_step"] for e in log]),
+                marker=".",
+                color=color,
+                label=name,
+            )
+            loss.plot(iterations, [e["loss"] for e in log], marker=".", color=color, label=name)
+    for axis, heading, ylabel in (
+        (val, f"validation {label} (after the last inner step)", label),
+        (query, f"training query {label} (after the last inner step)", label),
+        (loss, "meta-loss", "loss"),
+    ):
+        axis.set(title=heading, xlabel="iteration", ylabel=ylabel)
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        if axis.lines:
+            axis.legend(fontsize="small")
+        else:
+            _empty(axis)
+    return _save(figure, path)
+
+
+def steps_curve(
+    path: str | os.PathLike[str],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    ylabel: str,
+    title: str | None = None,
+) -> Path:
+    """Metric vs number of inner steps: one line per label, shaded ± its 95% half-width."""
+    figure, axes = _figure(1, 1, (6.4, 4.4))
+    axis = axes[0, 0]
+    for index, (label, (mean, ci)) in enumerate(series.items()):
+        mean, ci = np.asarray(mean, dtype=float), np.asarray(ci, dtype=float)
+        steps = np.arange(len(mean))
+        color = f"C{index % 10}"
+        axis.plot(steps, mean, marker="o", color=color, label=label)
+        axis.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.25, linewidth=0)
+    if series:
+        axis.legend(fontsize="small")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        _empty(axis)
+    axis.set(xlabel="inner gradient steps", ylabel=_label(ylabel), title=title or "")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def sinusoid_fits(
+    path: str | os.PathLike[str], curves: Sequence[Mapping], title: str | None = None
+) -> Path:
+    """One panel per task: the true sine, the K support points, and each prediction curve.
+
+    Each dict has ``x_grid``, ``y_true``, ``x_support``, ``y_support`` and
+    ``predictions: {label: y_grid}`` (e.g. "pre-update", "1 step", "10 steps").
+    """
+    count = max(len(curves), 1)
+    figure, axes = _figure(1, count, (4.5 * count, 3.8))
+    for axis, curve in zip(axes[0], curves):
+        x = np.ravel(curve["x_grid"])
+        axis.plot(x, np.ravel(curve["y_true"]), color="tab:red", linewidth=2, label="ground truth")
+        for index, (label, y) in enumerate(curve.get("predictions", {}).items()):
+            axis.plot(
+                x,
+                np.ravel(y),
+                linestyle="--",
+                color=PREDICTION_COLORS[index % len(PREDICTION_COLORS)],
+                label=label,
+            )
+        axis.scatter(
+            np.ravel(curve["x_support"]),
+            np.ravel(curve["y_support"]),
+            marker="^",
+            color="black",
+            zorder=3,
+            label="support points",
+        )
+        axis.set(xlabel="x", ylabel="y")
+        axis.grid(alpha=0.3)
+    if curves:
+        axes[0, 0].legend(fontsize="small")
+    else:
+        _empty(axes[0, 0], "no tasks")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def task_preview(
+    path: str | os.PathLike[str],
+    x_support: np.ndarray,
+    y_support: np.ndarray,
+    x_query: np.ndarray,
+    y_query: np.ndarray,
+    title: str | None = None,
+) -> Path:
+    """A grid with one row per class: its support images, then its query images."""
+    classes = sorted({int(c) for c in np.concatenate([np.ravel(y_support), np.ravel(y_query)])})
+    support = {c: x_support[np.ravel(y_support) == c] for c in classes}
+    query = {c: x_query[np.ravel(y_query) == c] for c in classes}
+    k_spt = max(len(v) for v in support.values())
+    k_query = max(len(v) for v in query.values())
+    columns = k_spt + k_query
+    figure, axes = _figure(
+        len(classes), columns, (max(1.1 * columns, 4.0), 1.2 * len(classes) + 0.6)
+    )
+    for row, c in enumerate(classes):
+        images = [*support[c], *([None] * (k_spt - len(support[c]))), *query[c]]
+        for col in range(columns):
+            axis = axes[row, col]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            image = images[col] if col < len(images) else None
+            if image is None:
+                axis.set_axis_off()
+                continue
+            axis.imshow(np.squeeze(image), cmap="gray_r", vmin=0.0, vmax=1.0)
+            for spine in axis.spines.values():
+                spine.set_color("tab:blue" if col < k_spt else "tab:orange")
+                spine.set_linewidth(2)
+            if row == 0:
+                kind = "support" if col < k_spt else "query"
+                index = col if col < k_spt else col - k_spt
+                axis.set_title(f"{kind} {index + 1}", fontsize="small")
+            if col == 0:
+                axis.set_ylabel(f"class {c}", fontsize="small")
+    figure.suptitle(
+        title or f"{len(classes)}-way {k_spt}-shot task\nsupport (blue) and query (orange)",
+        fontsize="medium",
+    )
+    return _save(figure, path)
