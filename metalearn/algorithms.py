@@ -12,7 +12,7 @@ to the meta-optimiser as if it were a gradient:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +23,17 @@ from metalearn.tasks import Task
 ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
 
 TensorDict = dict[str, paddle.Tensor]
+
+
+_LOSS, _METRIC = "__loss_sum__", "__metric_sum__"
+
+
+class NonFiniteError(ArithmeticError):
+    """The meta-loss or the update direction is NaN or infinite."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"meta-loss is {loss}")
+        self.loss = loss
 
 
 @dataclass
@@ -181,6 +192,37 @@ class MetaLearner:
                 total[name] = value if name not in total else total[name] + value
             stats.extend(chunk_stats)
         return total, stats
+
+    def meta_update(
+        self,
+        tasks: Sequence[Task],
+        optimizer: paddle.optimizer.Optimizer,
+        batch_size: int,
+        track_steps: bool = False,
+        reduce: Callable[[TensorDict], TensorDict] = lambda tensors: tensors,
+    ) -> tuple[float, list[float]]:
+        """One meta-iteration: directions of ``tasks``, summed by ``reduce`` over processes,
+        averaged over the whole meta-batch of ``batch_size`` tasks, then applied to θ.
+
+        Returns the mean query loss and, with ``track_steps``, the mean query metric after each
+        inner step. Raises :class:`NonFiniteError` (before touching θ) on NaN or inf.
+        """
+        direction, stats = self.batch_direction(tasks, track_steps)
+        if not direction:  # a process with no task of this meta-batch still joins the sum
+            direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
+        totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype="float64")}
+        if track_steps:
+            steps = 1 if self.algo == "pretrain" else self.inner_steps + 1
+            per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
+            totals[_METRIC] = paddle.to_tensor(np.sum(per_task, axis=0), dtype="float64")
+        summed = reduce({**direction, **totals})
+        loss = float(summed.pop(_LOSS).numpy()[0]) / batch_size
+        per_step = (summed.pop(_METRIC).numpy() / batch_size).tolist() if track_steps else []
+        mean = {k: v * (1.0 / batch_size) for k, v in summed.items()}
+        if not (np.isfinite(loss) and all(bool(paddle.isfinite(v).all()) for v in mean.values())):
+            raise NonFiniteError(loss)
+        apply_direction(self.params, optimizer, mean)
+        return loss, per_step
 
     def evaluate(self, tasks: Sequence[Task], steps: int) -> np.ndarray:
         """Adapt each task (first order: no meta-gradient is needed) and score its query set after

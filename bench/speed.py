@@ -1,0 +1,301 @@
+"""Side-by-side speed of our training step and a minimal PyTorch reference doing the same math.
+
+    python bench/speed.py [--quick] [--json FILE] [--configs NAME ...]
+
+For each configuration both sides run in this one process, alternately (so machine noise hits
+both), after a warm-up; the table gives the median ms per task, meta-iterations per second, the
+peak resident memory seen while each side ran, and the ratio ours / reference. "Ours" is the exact
+code path of train.py (``MetaLearner.meta_update``: directions, averaging, NaN check, Adam) on
+random data of the right shapes. The reference (``torch`` from requirements-bench.txt) is written
+here: same network, loss, inner steps, order and meta-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paddle
+
+from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.nets import MLP, ConvNet
+from metalearn.tasks import ImageTasks, SinusoidTasks
+
+try:
+    import torch
+    import torch.nn.functional as TF
+except ImportError:  # the table still shows our side
+    torch = None
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    algo: str = "maml"
+    n_way: int = 5
+    steps: int = 1
+    batch: int = 32
+    inner_lr: float = 0.4
+    dataset: str = "omniglot"
+    evaluation: bool = False
+
+
+CONFIGS = [
+    Config("maml 5w1s 1 step mb32", steps=1),
+    Config("maml 5w1s 5 steps mb32", steps=5),
+    Config("maml 20w1s 5 steps mb16", n_way=20, steps=5, batch=16),
+    Config("fomaml 5w1s 5 steps mb32", algo="fomaml", steps=5),
+    Config("reptile 5w1s 5 steps mb32", algo="reptile", steps=5),
+    Config("eval 5w1s 5 steps", steps=5, batch=1, evaluation=True),
+    Config("sinusoid maml K10 mb25", dataset="sinusoid", batch=25, inner_lr=0.01),
+]
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the max since ``reset``."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _current(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._current())
+            time.sleep(0.002)
+
+    def reset(self) -> None:
+        self.peak = self._current()
+
+
+# -- ours: the train.py code path ------------------------------------------------------------------
+def make_tasks(config: Config, iteration: int):
+    if config.dataset == "sinusoid":
+        sampler = SinusoidTasks(10, 10)
+    else:
+        images = np.random.default_rng(0).random((max(40, config.n_way), 20, 1, 28, 28))
+        sampler = ImageTasks(images.astype("float32"), config.n_way, 1, 15)
+    return [sampler.sample(0, "bench", iteration, i) for i in range(config.batch)]
+
+
+class Ours:
+    def __init__(self, config: Config):
+        self.config = config
+        self.net = MLP() if config.dataset == "sinusoid" else ConvNet(n_way=config.n_way)
+        self.params = make_parameters(self.net.init_params(0))
+        self.learner = MetaLearner(
+            self.net, self.params, config.algo, config.inner_lr, config.steps
+        )
+        params = list(self.params.values())
+        self.optimizer = (
+            paddle.optimizer.SGD(learning_rate=1.0, parameters=params)
+            if config.algo == "reptile"
+            else paddle.optimizer.Adam(learning_rate=1e-3, parameters=params)
+        )
+
+    def step(self, tasks) -> None:
+        if self.config.evaluation:
+            self.learner.evaluate(tasks, self.config.steps)
+        else:
+            self.learner.meta_update(tasks, self.optimizer, len(tasks))
+
+
+# -- reference: the same mathematics in PyTorch eager ---------------------------------------------
+class Reference:
+    def __init__(self, config: Config, arrays: dict[str, np.ndarray]):
+        self.config = config
+        self.params = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+        values = list(self.params.values())
+        self.optimizer = (
+            torch.optim.SGD(values, lr=1.0)
+            if config.algo == "reptile"
+            else torch.optim.Adam(values, lr=1e-3)
+        )
+
+    def forward(self, x, p):
+        if self.config.dataset == "sinusoid":
+            for layer in range(3):
+                bias = p[f"fc{layer}.bias"]
+                x = torch.matmul(x, p[f"fc{layer}.weight"]) + (
+                    bias.unsqueeze(1) if x.dim() == 3 else bias
+                )
+                if layer < 2:
+                    x = torch.relu(x)
+            return x
+        for block in range(4):
+            x = TF.conv2d(x, p[f"conv{block}.weight"], stride=2, padding=1)
+            x = TF.batch_norm(
+                x, None, None, p[f"bn{block}.scale"], p[f"bn{block}.shift"], True, eps=1e-3
+            )
+            x = torch.relu(x)
+        return x.mean(dim=(2, 3)) @ p["head.weight"] + p["head.bias"]
+
+    def loss(self, out, y):
+        if self.config.dataset == "sinusoid":
+            return ((out - y) ** 2).mean(dim=(-2, -1)).sum()
+        return TF.cross_entropy(out, y)
+
+    def metric(self, out, y):
+        if self.config.dataset == "sinusoid":
+            return ((out - y) ** 2).mean(dim=(-2, -1))
+        return (out.argmax(1) == y).float().mean()
+
+    def adapt(self, p, x, y, create_graph):
+        trajectory = [p]
+        for _ in range(self.config.steps):
+            grads = torch.autograd.grad(
+                self.loss(self.forward(x, p), y), list(p.values()), create_graph=create_graph
+            )
+            p = {k: w - self.config.inner_lr * g for (k, w), g in zip(p.items(), grads)}
+            if not create_graph:
+                p = {k: w.detach().requires_grad_() for k, w in p.items()}
+            trajectory.append(p)
+        return trajectory
+
+    def chunks(self, tasks):
+        if self.config.dataset == "sinusoid":
+            stack = lambda f: torch.tensor(np.stack([getattr(t, f) for t in tasks]))  # noqa: E731
+            return [
+                (
+                    stack("x_support"),
+                    stack("y_support"),
+                    stack("x_query"),
+                    stack("y_query"),
+                    len(tasks),
+                )
+            ]
+        return [
+            (
+                torch.tensor(t.x_support),
+                torch.tensor(t.y_support),
+                torch.tensor(t.x_query),
+                torch.tensor(t.y_query),
+                1,
+            )
+            for t in tasks
+        ]
+
+    def start(self, count, differentiable):
+        p = self.params
+        if count > 1:
+            p = {k: w.unsqueeze(0).expand(count, *w.shape) for k, w in p.items()}
+        return (
+            p if differentiable else {k: w.detach().clone().requires_grad_() for k, w in p.items()}
+        )
+
+    def step(self, tasks) -> None:
+        algo = self.config.algo
+        if self.config.evaluation:
+            for x_s, y_s, x_q, y_q, count in self.chunks(tasks):
+                trajectory = self.adapt(self.start(count, False), x_s, y_s, False)
+                with torch.no_grad():
+                    [float(self.metric(self.forward(x_q, w), y_q).sum()) for w in trajectory]
+            return
+        total = {k: torch.zeros_like(w) for k, w in self.params.items()}
+        for x_s, y_s, x_q, y_q, count in self.chunks(tasks):
+            second = algo == "maml"
+            adapted = self.adapt(self.start(count, second), x_s, y_s, second)[-1]
+            loss = self.loss(self.forward(x_q, adapted), y_q)
+            if algo == "reptile":
+                for k in total:
+                    diff = self.params[k].detach() - adapted[k].detach()
+                    total[k] += diff.sum(0) if count > 1 else diff
+                continue
+            wrt = self.params if second else adapted
+            grads = torch.autograd.grad(loss, list(wrt.values()))
+            for k, g in zip(total, grads):
+                total[k] += g if (second or count == 1) else g.sum(0)
+        for k, w in self.params.items():
+            w.grad = total[k] / len(tasks)
+        self.optimizer.step()
+
+
+def measure(config: Config, repeats: int, warmup: int, rss: PeakRSS) -> dict:
+    ours = Ours(config)
+    reference = Reference(config, ours.net.init_params(0)) if torch is not None else None
+    times = {"ours": [], "ref": []}
+    peaks = {"ours": 0, "ref": 0}
+    for i in range(warmup + repeats):
+        tasks = make_tasks(config, i)
+        for side, runner in (("ours", ours), ("ref", reference)):
+            if runner is None:
+                continue
+            rss.reset()
+            start = time.perf_counter()
+            runner.step(tasks)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[side].append(elapsed)
+                peaks[side] = max(peaks[side], rss.peak)
+    ours_ms = statistics.median(times["ours"]) * 1e3 / config.batch
+    ref_ms = statistics.median(times["ref"]) * 1e3 / config.batch if times["ref"] else None
+    return {
+        "config": config.name,
+        "ours_ms_per_task": round(ours_ms, 2),
+        "ref_ms_per_task": None if ref_ms is None else round(ref_ms, 2),
+        "ratio": None if ref_ms is None else round(ours_ms / ref_ms, 2),
+        "ours_it_per_s": round(1e3 / (ours_ms * config.batch), 2),
+        "ref_it_per_s": None if ref_ms is None else round(1e3 / (ref_ms * config.batch), 2),
+        "peak_rss_mb": round(peaks["ours"] / 2**20),
+        "ref_peak_rss_mb": round(peaks["ref"] / 2**20) if ref_ms else None,
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'configuration':<28} {'ours ms/task':>12} {'ref ms/task':>11} {'ratio':>6} "
+        f"{'ours it/s':>9} {'ref it/s':>8} {'RSS ours MB':>11} {'RSS ref MB':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cells = [r["ref_ms_per_task"], r["ratio"], r["ref_it_per_s"], r["ref_peak_rss_mb"]]
+        ref_ms, ratio, ref_its, ref_rss = ("-" if c is None else c for c in cells)
+        print(
+            f"{r['config']:<28} {r['ours_ms_per_task']:>12} {ref_ms:>11} {ratio:>6} "
+            f"{r['ours_it_per_s']:>9} {ref_its:>8} {r['peak_rss_mb']:>11} {ref_rss:>10}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 tasks per batch, 1 repeat")
+    parser.add_argument("--json", help="also write the table here as a JSON list")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", nargs="*", help="substrings selecting configurations")
+    args = parser.parse_args()
+    if torch is None:
+        print("torch is not installed (pip install -r requirements-bench.txt): ours only")
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+    rss = PeakRSS()
+    rows = []
+    for config in CONFIGS:
+        if args.configs and not any(s in config.name for s in args.configs):
+            continue
+        if args.quick:
+            config = Config(**{**config.__dict__, "batch": min(config.batch, 2)})
+        rows.append(measure(config, 1 if args.quick else args.repeats, 1, rss))
+        print(f"measured {config.name}", file=sys.stderr)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
