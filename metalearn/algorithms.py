@@ -210,11 +210,12 @@ class MetaLearner:
         direction, stats = self.batch_direction(tasks, track_steps)
         if not direction:  # a process with no task of this meta-batch still joins the sum
             direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
-        totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype="float64")}
+        dtype = next(iter(direction.values())).dtype  # one dtype: the sums travel in one buffer
+        totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype=dtype)}
         if track_steps:
             steps = 1 if self.algo == "pretrain" else self.inner_steps + 1
             per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
-            totals[_METRIC] = paddle.to_tensor(np.sum(per_task, axis=0), dtype="float64")
+            totals[_METRIC] = paddle.to_tensor(np.sum(per_task, axis=0), dtype=dtype)
         summed = reduce({**direction, **totals})
         loss = float(summed.pop(_LOSS).numpy()[0]) / batch_size
         per_step = (summed.pop(_METRIC).numpy() / batch_size).tolist() if track_steps else []
@@ -233,6 +234,16 @@ class MetaLearner:
             trajectory = self.adapt(self._start(len(chunk), False), x_s, y_s, steps, False)
             rows.extend(self._query_metrics(trajectory, x_q, y_q))
         return np.array(rows, dtype=np.float64)
+
+    def predict_after_steps(
+        self, task: Task, x: np.ndarray, steps: Sequence[int]
+    ) -> dict[int, np.ndarray]:
+        """Outputs for inputs ``x`` after adapting to ``task`` for each number of ``steps``."""
+        x_s, y_s, _, _ = to_tensors([task])
+        trajectory = self.adapt(self._start(1, False), x_s, y_s, max(steps), False)
+        with paddle.no_grad():
+            inputs = paddle.to_tensor(x)
+            return {k: self.net.forward(inputs, trajectory[k]).numpy() for k in steps}
 
 
 def _task_sum(value: paddle.Tensor, count: int) -> paddle.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metalearn import distributed
 from metalearn.algorithms import MetaLearner, make_parameters
 from metalearn.args import resolve_defaults, validate_config
 from metalearn.checkpoint import check_compatible, load_checkpoint
@@ -17,7 +18,7 @@ from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.problems import build_problem
 from metalearn.records import TestSession
-from metalearn.tasks import Task
+from metalearn.tasks import Task, task_rng
 
 
 def evaluate_tasks(learner: MetaLearner, tasks: Sequence[Task], steps: int) -> np.ndarray:
@@ -128,14 +129,16 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
         config["glob_update_step_test"],
     )
     sampler, steps = problem.samplers["test"], config["glob_update_step_test"]
-    tasks = [sampler.sample(given["seed"], "test", 0, index) for index in range(given["tasks"])]
-    mean, ci95 = summarise(evaluate_tasks(learner, tasks, steps))
+    distributed.init()
+    shares = distributed.my_share(given["tasks"])
+    tasks = [sampler.sample(given["seed"], "test", 0, index) for index in shares]
+    mean, ci95 = summarise(distributed.gather_rows(evaluate_tasks(learner, tasks, steps)))
     metric = problem.net.metric_name
     key = "acc" if metric == "accuracy" else metric
     results = {
         f"{key}_mean": mean.tolist(),
         f"{key}_ci95": ci95.tolist(),
-        "tasks": len(tasks),
+        "tasks": given["tasks"],
         "steps": steps,
         "inner_lr": config["glob_base_lr"],
         "seed": given["seed"],
@@ -144,8 +147,58 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
         "k_spt": config["k_spt"],
         "k_query": config["k_query"],
     }
+    if not distributed.is_main():
+        return results
     for step, (m, c) in enumerate(zip(mean, ci95)):
         print(f"step {step}: {metric} {m:.4f} ± {c:.4f}")
     write_json(path.parent / "test_results.json", results)
     print(f"results written to {path.parent / 'test_results.json'}")
+    if config["dataset"] == "sinusoid":
+        _plot_sinusoid(path.parent, learner, sampler, given["seed"], steps)
     return results
+
+
+def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, steps: int) -> None:
+    """The paper's Figure 2 (fits before and after adaptation on a few test tasks) and Figure 3
+    (MSE against inner steps, beside every other sinusoid run of the same K in this work_dir)."""
+    from metalearn import plots  # matplotlib only when needed
+
+    x_grid = np.linspace(*sampler.x_range, 200, dtype=np.float32).reshape(-1, 1)
+    shown = sorted({0, 1, steps})
+    curves = []
+    for index in range(3):
+        amplitude, phase = sampler.sample_function(task_rng(seed, "test", 0, index))
+        task = sampler.sample(seed, "test", 0, index)
+        predictions = learner.predict_after_steps(task, x_grid, shown)
+        curves.append(
+            {
+                "x_grid": x_grid.ravel(),
+                "y_true": amplitude * np.sin(x_grid.ravel() - phase),
+                "x_support": task.x_support.ravel(),
+                "y_support": task.y_support.ravel(),
+                "predictions": {_steps_label(k): y.ravel() for k, y in predictions.items()},
+            }
+        )
+    series = {}
+    for results_path in sorted(run_dir.parent.glob("*/test_results.json")):
+        other = json.loads(results_path.read_text())
+        if "mse_mean" in other and other.get("k_spt") == sampler.k_spt:
+            series[results_path.parent.name] = (other["mse_mean"], other["mse_ci95"])
+    try:
+        plots.sinusoid_fits(run_dir / "sinusoid_fits.png", curves, title=run_dir.name)
+        plots.steps_curve(
+            run_dir / "sinusoid_steps.png",
+            series,
+            "query MSE",
+            title=f"K={sampler.k_spt}: MSE after each inner step",
+        )
+    except Exception as error:  # a picture never fails an evaluation
+        print(f"warning: could not draw the sinusoid figures ({error})", file=sys.stderr)
+        return
+    print(
+        f"figures written to {run_dir / 'sinusoid_fits.png'} and {run_dir / 'sinusoid_steps.png'}"
+    )
+
+
+def _steps_label(steps: int) -> str:
+    return "pre-update" if steps == 0 else f"{steps} step{'s' if steps > 1 else ''}"

@@ -9,7 +9,6 @@ resumed run sees exactly the tasks an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from metalearn import omniglot
+from metalearn import distributed, omniglot
 from metalearn.algorithms import (
     MetaLearner,
-    apply_direction,
+    NonFiniteError,
     load_optimizer_state,
     make_parameters,
     optimizer_state,
@@ -90,6 +89,7 @@ class Trainer:
     def __init__(self, config: dict):
         self.config = config
         self.device = select_device(bool(config.get("use_gpu")))
+        distributed.init()
         self.problem: Problem = build_problem(config, ("train", "val"))
         self.run_dir = Path(config["work_dir"]) / config["run_name"]
         self.state = TrainState()
@@ -131,7 +131,10 @@ class Trainer:
     # -- run record (metalearn/records.py): runs.sqlite status, history, curves.png --------------
     def run(self) -> TrainState:
         """Train to ``config['epochs']``, keeping the run's record in work_dir/runs.sqlite."""
-        self.recorder = Recorder(self.config["work_dir"], self.config["run_name"])
+        main = distributed.is_main()
+        self.recorder = Recorder(self.config["work_dir"], self.config["run_name"]) if main else None
+        if self.recorder is None:  # other processes compute; only the first one keeps records
+            return self._train()
         self.recorder.start(
             self.config,
             self.state,
@@ -159,7 +162,8 @@ class Trainer:
     def _train(self) -> TrainState:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "config.json", self._describe_run())
+        if distributed.is_main():
+            write_json(self.run_dir / "config.json", self._describe_run())
         budget = config.get("max_minutes")
         progress = tqdm(
             total=config["epochs"],
@@ -167,6 +171,7 @@ class Trainer:
             desc=config["run_name"],
             unit="it",
             dynamic_ncols=True,
+            disable=not distributed.is_main(),
         )
         while self.state.iteration < config["epochs"]:
             started = time.perf_counter()
@@ -177,20 +182,21 @@ class Trainer:
             out_of_time = budget is not None and self.state.elapsed_seconds >= budget * 60
             last = iteration == config["epochs"] or out_of_time
             if iteration % config["val_every"] == 0 or last:
-                self._validate(progress)
+                self._validate()
             if (
                 iteration % config["ckpt_every"] == 0
                 or iteration % config["val_every"] == 0
                 or last
             ):
                 self._save_last()
-            self.recorder.progress(self.state)  # run record: new log/validation entries
+            if self.recorder is not None:
+                self.recorder.progress(self.state)  # run record: new log/validation entries
             if out_of_time:
-                progress.write(f"time budget of {budget} min reached at iteration {iteration}")
+                self._say(f"time budget of {budget} min reached at iteration {iteration}")
                 break
         progress.close()
         metric = self.problem.net.metric_name
-        print(
+        self._say(
             f"best validation {metric}: {self.state.best_score:.4f} "
             f"(iteration {self.state.best_iteration}); run folder: {self.run_dir}"
         )
@@ -200,27 +206,28 @@ class Trainer:
         config, state = self.config, self.state
         iteration = state.iteration + 1
         track = iteration % config["log_every"] == 0 or iteration == 1
+        sampler = self.problem.samplers["train"]
         tasks = [
-            self.problem.samplers["train"].sample(config["seed"], "train", iteration, index)
-            for index in range(config["task_num"])
+            sampler.sample(config["seed"], "train", iteration, index)
+            for index in distributed.my_share(config["task_num"])
         ]
-        direction, stats = self.learner.batch_direction(tasks, track_steps=track)
-        loss = float(np.mean([s.loss for s in stats]))
-        direction = {k: v * (1.0 / len(tasks)) for k, v in direction.items()}
-        if not (math.isfinite(loss) and _all_finite(direction)):
-            raise UserError(
-                f"meta-loss became {loss} at iteration {iteration}; training stopped. "
-                f"The last good checkpoint is {self.run_dir / 'last.npz'}"
-            )
         if config["algo"] == "reptile":
             fraction = (iteration - 1) / max(config["epochs"] - 1, 1)
             self.optimizer.set_lr(
                 config["meta_step"] + fraction * (config["meta_step_final"] - config["meta_step"])
             )
-        apply_direction(self.params, self.optimizer, direction)
+        try:
+            loss, per_step = self.learner.meta_update(
+                tasks, self.optimizer, config["task_num"], track, distributed.sum_over_processes
+            )
+        except NonFiniteError as error:
+            raise UserError(
+                f"{error} at iteration {iteration}; training stopped. "
+                f"The last good checkpoint is {self.run_dir / 'last.npz'}"
+            ) from None
         state.iteration = iteration
         if track:
-            per_step = np.mean([s.metric_per_step for s in stats], axis=0).round(4).tolist()
+            per_step = [round(value, 4) for value in per_step]
             state.log.append(
                 {
                     "iteration": iteration,
@@ -229,18 +236,20 @@ class Trainer:
                     "elapsed": round(state.elapsed_seconds, 2),
                 }
             )
-            tqdm.write(
+            self._say(
                 f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric_name} "
                 f"per inner step {per_step}"
             )
 
-    def _validate(self, progress: tqdm) -> None:
+    def _validate(self) -> None:
         config = self.config
+        sampler = self.problem.samplers["val"]
         tasks = [
-            self.problem.samplers["val"].sample(config["seed"], "val", 0, index)
-            for index in range(config["val_tasks"])
+            sampler.sample(config["seed"], "val", 0, index)
+            for index in distributed.my_share(config["val_tasks"])
         ]
-        per_step = evaluate_tasks(self.learner, tasks, config["glob_update_step_test"]).mean(axis=0)
+        per_task = evaluate_tasks(self.learner, tasks, config["glob_update_step_test"])
+        per_step = distributed.gather_rows(per_task).mean(axis=0)
         score = float(per_step[-1])
         state = self.state
         state.validation.append(
@@ -256,11 +265,16 @@ class Trainer:
         if better:
             state.best_score, state.best_iteration = score, state.iteration
             self._save_best()
-        progress.write(
+        self._say(
             f"validation at it {state.iteration}: {self.problem.net.metric_name} "
             f"{score:.4f} after {config['glob_update_step_test']} steps"
             f"{' (best so far)' if better else ''}"
         )
+
+    def _say(self, line: str) -> None:
+        """Print above the progress bar, from the first process only."""
+        if distributed.is_main():
+            tqdm.write(line)
 
     # -- files -----------------------------------------------------------------------------------
     def _theta(self) -> dict[str, np.ndarray]:
@@ -275,12 +289,16 @@ class Trainer:
         }
 
     def _save_best(self) -> None:
+        if not distributed.is_main():
+            return
         theta = self._theta()
         save_checkpoint(self.run_dir / "best.npz", Checkpoint(theta, self._meta()))
         if self.config.get("export_pkl"):
             export_legacy_pkl(self.run_dir / "best.pkl", theta)
 
     def _save_last(self) -> None:
+        if not distributed.is_main():
+            return
         optimizer = optimizer_state(self.optimizer, self.params)
         save_checkpoint(
             self.run_dir / "last.npz", Checkpoint(self._theta(), self._meta(), optimizer)
@@ -296,10 +314,6 @@ class Trainer:
             if self.config["dataset"] == "omniglot"
             else None,
         }
-
-
-def _all_finite(tensors: dict[str, paddle.Tensor]) -> bool:
-    return all(bool(paddle.isfinite(t).all()) for t in tensors.values())
 
 
 def train(given: dict) -> TrainState:

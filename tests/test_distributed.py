@@ -1,0 +1,130 @@
+"""Training under ``paddle.distributed.launch`` (2 CPU processes, gloo) equals one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metalearn import distributed
+from metalearn.checkpoint import load_checkpoint
+from metalearn.records import RunRecords
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def flags(omniglot_dir: Path, work: Path, algo: str) -> list[str]:
+    # 3 tasks over 2 processes: an uneven split (2 + 1) that must still average correctly.
+    return [
+        "--data_dir",
+        str(omniglot_dir),
+        "--work_dir",
+        str(work),
+        "--algo",
+        algo,
+        "--task_num",
+        "3",
+        "--k_query",
+        "2",
+        "--glob_update_step",
+        "1",
+        "--glob_update_step_test",
+        "1",
+        "--val_tasks",
+        "3",
+        "--ckpt_every",
+        "1",
+    ]
+
+
+def launch(args: list[str], log_dir: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(log_dir),
+        str(REPO / "train.py"),
+        *args,
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, algo) -> None:
+    args = [*flags(omniglot_dir, tmp_path, algo), "--epochs", "3"]
+    single = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, "--run_name", "one"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    job = launch([*args, "--run_name", "two"], tmp_path / "logs")
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+    one = load_checkpoint(tmp_path / "one" / "last.npz").params
+    two = load_checkpoint(tmp_path / "two" / "last.npz").params
+    for name in one:
+        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-5, err_msg=name)
+    # One writer: the record exists once and is complete; only rank 0 printed progress.
+    assert RunRecords(tmp_path).get_run("two")["status"] == "complete"
+    assert "best validation" in (tmp_path / "logs" / "workerlog.0").read_text()
+    assert "best validation" not in (tmp_path / "logs" / "workerlog.1").read_text()
+
+
+def worker_pids(run_name: str) -> dict[int, int]:
+    """Rank -> PID of this job's train.py workers (read from /proc)."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if run_name.encode() in cmdline and any(c.endswith(b"train.py") for c in cmdline):
+            for item in environ:
+                if item.startswith(b"PADDLE_TRAINER_ID="):
+                    pids[int(item.split(b"=")[1])] = int(entry.name)
+    return pids
+
+
+def test_a_killed_process_stops_the_whole_job(omniglot_dir, tmp_path) -> None:
+    job = launch(
+        [*flags(omniglot_dir, tmp_path, "maml"), "--epochs", "500", "--run_name", "cut"],
+        tmp_path / "logs",
+    )
+    last = tmp_path / "cut" / "last.npz"
+    deadline = time.time() + 180
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.2)
+    assert last.exists(), "training never started"
+    os.kill(worker_pids("cut")[1], signal.SIGKILL)
+    job.communicate(timeout=240)  # bounded: a hang fails the test here
+    assert job.returncode != 0
+    assert load_checkpoint(last).meta["state"]["iteration"] < 500
+    survivor = (tmp_path / "logs" / "workerlog.0").read_text()
+    assert "error: process 0 " in survivor  # one clear line: stopped, or lost contact
+    assert "Traceback" not in survivor
+
+
+def test_shares_cover_the_meta_batch_once(monkeypatch) -> None:
+    for world in (1, 2, 3, 5):
+        seen = []
+        for rank in range(world):
+            monkeypatch.setenv("PADDLE_TRAINERS_NUM", str(world))
+            monkeypatch.setenv("PADDLE_TRAINER_ID", str(rank))
+            seen.extend(distributed.my_share(7))
+        assert seen == list(range(7))
