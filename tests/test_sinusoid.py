@@ -98,3 +98,20 @@ def test_negative_ranges_are_rejected() -> None:
         SinusoidTasks(5, 5, amplitude=(-1.0, 2.0))
     with pytest.raises(UserError, match="x range"):
         SinusoidTasks(5, 5, x_range=(5.0, -5.0))
+
+
+def test_evaluation_writes_results_and_the_papers_figures(tmp_path) -> None:
+    from PIL import Image
+
+    from metalearn.evaluation import evaluate
+
+    Trainer(sinusoid_config(tmp_path, run_name="fig", epochs=20, val_tasks=10)).run()
+    results = evaluate(
+        {"dataset": "sinusoid", "k_spt": 5, "work_dir": str(tmp_path), "tasks": 20, "seed": 0}
+    )
+    assert len(results["mse_mean"]) == len(results["mse_ci95"]) == 6  # steps 0..5
+    for name in ("sinusoid_fits.png", "sinusoid_steps.png", "test_steps.png"):
+        with Image.open(tmp_path / "fig" / name) as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert image.width > 200 and image.height > 200
+        assert pixels.std() > 5, f"{name} is blank"
