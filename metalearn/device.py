@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import sys
 
 import paddle
 
@@ -13,9 +13,9 @@ def select_device(use_gpu: bool) -> str:
         device = f"gpu:{paddle.distributed.ParallelEnv().device_id}"
     else:
         if use_gpu:
-            warnings.warn(
-                "--use_gpu: this Paddle has no CUDA (or sees no GPU); running on the CPU",
-                stacklevel=2,
+            print(
+                "warning: --use_gpu: this Paddle has no CUDA (or sees no GPU); running on the CPU",
+                file=sys.stderr,
             )
         device = "cpu"
     paddle.set_device(device)

@@ -221,3 +221,34 @@ def test_missing_data_is_one_clear_error(tmp_path) -> None:
 def test_evaluate_without_a_trained_run_is_one_clear_error(tmp_path) -> None:
     result = run_script("evaluate.py", "--work_dir", str(tmp_path))
     assert_one_line_error(result, "no trained omniglot run")
+
+
+def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(omniglot_dir, tmp_path) -> None:
+    import paddle
+
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("this Paddle has CUDA: the fallback is not reachable here")
+    result = run_script(
+        "train.py",
+        "--use_gpu",
+        "--data_dir",
+        str(omniglot_dir),
+        "--work_dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--task_num",
+        "1",
+        "--k_query",
+        "1",
+        "--glob_update_step",
+        "1",
+        "--val_tasks",
+        "2",
+        "--run_name",
+        "gpu",
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "--use_gpu" in line]
+    assert len(warnings) == 1 and "running on the CPU" in warnings[0]
+    assert json.loads((tmp_path / "gpu" / "config.json").read_text())["device"] == "cpu"
