@@ -45,6 +45,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".pkl":
+        return _load_legacy_checkpoint(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
@@ -83,6 +85,22 @@ def check_compatible(
 def export_legacy_pkl(path: str | Path, params: dict[str, np.ndarray]) -> None:
     """Write θ as the seed's pickled list of numpy arrays (for old tools), atomically."""
     atomic_write(path, lambda handle: pickle.dump(list(params.values()), handle, protocol=4))
+
+
+def _load_legacy_checkpoint(path: Path) -> Checkpoint:
+    """A seed-style pickled list of arrays, named by its run's network (config.json beside it)."""
+    from metalearn.nets import build_network  # only this reader needs the networks
+
+    config_path = path.parent / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path} holds bare arrays: the config.json of its run must be beside it")
+    config = json.loads(config_path.read_text())
+    names = build_network(config["network"]).init_params(0)
+    arrays = load_legacy_pkl(path)
+    if [tuple(a.shape) for a in arrays] != [v.shape for v in names.values()]:
+        raise UserError(f"{path} does not match the network described in {config_path}")
+    meta = {"network": config["network"], "config": config, "algo": config["algo"]}
+    return Checkpoint(params=dict(zip(names, arrays)), meta=meta)
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):

@@ -252,3 +252,11 @@ def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(omniglot_dir, tmp_pat
     warnings = [line for line in result.stderr.splitlines() if "--use_gpu" in line]
     assert len(warnings) == 1 and "running on the CPU" in warnings[0]
     assert json.loads((tmp_path / "gpu" / "config.json").read_text())["device"] == "cpu"
+
+
+def test_exported_pickle_evaluates_like_the_npz(omniglot_dir, tmp_path) -> None:
+    train(tiny(omniglot_dir, tmp_path, run_name="pkl", epochs=1, export_pkl=True))
+    given = {"work_dir": str(tmp_path), "data_dir": str(omniglot_dir), "tasks": 4, "seed": 0}
+    from_npz = evaluate({**given, "ckpt": str(tmp_path / "pkl" / "best.npz")})
+    from_pkl = evaluate({**given, "ckpt": str(tmp_path / "pkl" / "best.pkl")})
+    assert from_pkl["acc_mean"] == from_npz["acc_mean"]
