@@ -1,8 +1,17 @@
 """Meta-train MAML / FOMAML / Reptile:  python train.py --n_way 5 --k_spt 1 [--use_gpu]."""
 
-from metalearn.args import train_parser
-from metalearn.errors import run_cli
-from metalearn.trainer import train
+from metalearn.runtime import tune_allocator
+
+
+def main() -> None:
+    # Imported here so that Paddle loads only after tune_allocator() has re-executed us.
+    from metalearn.args import train_parser
+    from metalearn.errors import run_cli
+    from metalearn.trainer import train
+
+    run_cli(lambda: train(vars(train_parser().parse_args())))
+
 
 if __name__ == "__main__":
-    run_cli(lambda: train(vars(train_parser().parse_args())))
+    tune_allocator()
+    main()

@@ -32,7 +32,7 @@ class NonFiniteError(ArithmeticError):
     """The meta-loss or the update direction is NaN or infinite."""
 
     def __init__(self, loss: float):
-        super().__init__(f"meta-loss is {loss}")
+        super().__init__(f"non-finite meta-update (meta-loss {loss:.4g})")
         self.loss = loss
 
 

@@ -56,6 +56,7 @@ COMMON_DEFAULTS = {
     "use_gpu": False,
     "export_pkl": False,
     "max_minutes": None,
+    "kernels": "fast",
     "resume": None,
 }
 
@@ -79,6 +80,12 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data_dir", help="folder with omniglot_{train,val,test}.npy (default .)")
     parser.add_argument("--work_dir", help="where runs live (default work)")
+    parser.add_argument(
+        "--kernels",
+        choices=("fast", "native"),
+        help="convolution kernels: fast (oneDNN on the CPU, built on first use; default) or "
+        "native (Paddle's own, the plain path); both give the same exact meta-gradient",
+    )
     parser.add_argument(
         "--use_gpu",
         action="store_true",

@@ -108,7 +108,7 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     trained = checkpoint.meta["config"]
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
     config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
-    for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr"):
+    for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels"):
         if given.get(key) is not None:
             config[key] = given[key]
     if given.get("tasks") is not None and given["tasks"] <= 0:

@@ -157,13 +157,17 @@ def _batch_norm(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, ep
     """Batch norm with the batch's own statistics, written out in elementwise ops.
 
     Paddle's fused batch-norm double-grad kernel costs ~100 ms on a 5-image CPU batch; these ops
-    have exact, cheap double-grads. Running averages are never used (batch statistics everywhere).
+    have exact, cheap double-grads. The work is done on an [N, C, H·W] view with [C, 1]
+    statistics: Paddle's CPU kernels broadcast that shape ~10x faster than [1, C, 1, 1] over
+    [N, C, H, W]. Running averages are never used (batch statistics everywhere).
     """
-    mean = x.mean(axis=[0, 2, 3], keepdim=True)
-    centred = x - mean
-    var = (centred * centred).mean(axis=[0, 2, 3], keepdim=True)
-    normalised = centred * paddle.rsqrt(var + eps)
-    return normalised * scale.reshape([1, -1, 1, 1]) + shift.reshape([1, -1, 1, 1])
+    n, c, h, w = x.shape
+    rows = x.reshape([n, c, h * w])
+    mean = rows.mean(axis=[0, 2], keepdim=True).squeeze(0)
+    centred = rows - mean
+    var = (centred * centred).mean(axis=[0, 2], keepdim=True).squeeze(0)
+    normalised = centred * (paddle.rsqrt(var + eps) * scale.reshape([c, 1]))
+    return (normalised + shift.reshape([c, 1])).reshape([n, c, h, w])
 
 
 def build_network(config: dict):

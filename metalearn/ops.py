@@ -19,19 +19,45 @@ from paddle import _C_ops
 from paddle.autograd import PyLayer
 
 
-def _conv_forward(x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int):
-    return _C_ops.conv2d(
-        x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
-    )
+class NativeKernels:
+    """Paddle's own first-order convolution kernels (NCHW, no bias): any device, any dtype."""
+
+    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int):
+        return _C_ops.conv2d(
+            x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
+        )
+
+    def backward(self, x, weight, grad_out, stride: int, padding: int):
+        """(dL/dx, dL/dweight) for ``y = conv(x, weight)`` given ``grad_out = dL/dy``."""
+        return _C_ops.conv2d_grad(
+            x, weight, grad_out, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
+        )
+
+    def backward_data(self, x, weight, grad_out, stride: int, padding: int):
+        return self.backward(x, weight, grad_out, stride, padding)[0]
+
+    def backward_weights(self, x, weight, grad_out, stride: int, padding: int):
+        return self.backward(x, weight, grad_out, stride, padding)[1]
 
 
-def _conv_backward(
-    x: paddle.Tensor, weight: paddle.Tensor, grad_out: paddle.Tensor, stride: int, padding: int
-):
-    """Return (d loss/d x, d loss/d weight) for ``y = conv(x, weight)`` given ``grad_out = dL/dy``."""
-    return _C_ops.conv2d_grad(
-        x, weight, grad_out, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
-    )
+_kernels: NativeKernels = NativeKernels()
+
+
+def use_kernels(kind: str) -> str:
+    """Pick the convolution kernels: ``"fast"`` (oneDNN, CPU float32; built on first use, see
+    metalearn/fastconv.py) or ``"native"`` (Paddle's). Returns the kind actually in use: fast
+    falls back to native on a GPU or where oneDNN cannot be built. Both compute the same function.
+    """
+    global _kernels
+    if kind == "fast" and paddle.get_device() == "cpu":
+        from metalearn import fastconv
+
+        fast = fastconv.load_kernels()
+        if fast is not None:
+            _kernels = fast
+            return "fast"
+    _kernels = NativeKernels()
+    return "native"
 
 
 class _ConvGrad(PyLayer):
@@ -41,7 +67,7 @@ class _ConvGrad(PyLayer):
     def forward(ctx, x, weight, grad_out, stride, padding):
         ctx.save_for_backward(x, weight, grad_out)
         ctx.stride, ctx.padding = stride, padding
-        return _conv_backward(x, weight, grad_out, stride, padding)
+        return _kernels.backward(x, weight, grad_out, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw):
@@ -54,11 +80,11 @@ class _ConvGrad(PyLayer):
         d_grad_out = paddle.zeros_like(grad_out)
         d_x = d_weight = None
         if grad_dx is not None:
-            d_grad_out = d_grad_out + _conv_forward(grad_dx, weight, stride, padding)
-            d_weight = _conv_backward(grad_dx, weight, grad_out, stride, padding)[1]
+            d_grad_out = d_grad_out + _kernels.forward(grad_dx, weight, stride, padding)
+            d_weight = _kernels.backward_weights(grad_dx, weight, grad_out, stride, padding)
         if grad_dw is not None:
-            d_grad_out = d_grad_out + _conv_forward(x, grad_dw, stride, padding)
-            d_x = _conv_backward(x, grad_dw, grad_out, stride, padding)[0]
+            d_grad_out = d_grad_out + _kernels.forward(x, grad_dw, stride, padding)
+            d_x = _kernels.backward_data(x, grad_dw, grad_out, stride, padding)
         return (
             _as_input_grad(d_x, x),
             _as_input_grad(d_weight, weight),
@@ -78,7 +104,7 @@ class _Conv(PyLayer):
     def forward(ctx, x, weight, stride, padding):
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding = stride, padding
-        return _conv_forward(x, weight, stride, padding)
+        return _kernels.forward(x, weight, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):

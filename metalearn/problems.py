@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metalearn import omniglot
+from metalearn import omniglot, ops
 from metalearn.nets import MLP, ConvNet
 from metalearn.tasks import ImageTasks, SinusoidTasks
 
@@ -31,4 +31,5 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
         samplers[split] = ImageTasks(
             images, config["n_way"], config["k_spt"], config["k_query"], augment
         )
+    config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
     return Problem(ConvNet(n_way=config["n_way"]), samplers, higher_is_better=True)

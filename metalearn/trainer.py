@@ -70,7 +70,7 @@ def prepare_config(given: dict) -> dict:
         if not config_path.is_file():
             raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
         config = json.loads(config_path.read_text())
-        for key in ("epochs", "use_gpu", "max_minutes"):
+        for key in ("epochs", "use_gpu", "max_minutes", "kernels"):
             if given.get(key) is not None:
                 config[key] = given[key]
         config["resume"] = str(run_dir)

@@ -261,7 +261,7 @@ def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> 
         trainer.run()
     run = RunRecords(tmp_path).get_run("nan")
     assert run["status"] == "failed"
-    assert run["error"].startswith("meta-loss became") and "at iteration 3" in run["error"]
+    assert run["error"].startswith("non-finite meta-update") and "at iteration 3" in run["error"]
     assert run["completed_iterations"] == 2 and run["metric"] == "mse"
 
     def broken(self, tasks, track_steps=False):

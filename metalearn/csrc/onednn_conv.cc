@@ -1,0 +1,831 @@
+// oneDNN fast path for the first-order convolution kernels used by metalearn/ops.py.
+//
+// Semantics are those of Paddle's `_C_ops.conv2d` / `_C_ops.conv2d_grad` with
+// padding_algorithm="EXPLICIT", dilation 1, groups 1, data_format "NCHW", no bias, square stride
+// and padding, float32 only. Inputs and outputs are plain contiguous NCHW / OIHW Paddle tensors.
+//
+// Operators (built as a Paddle custom operator library, see metalearn/fastconv.py):
+//   fastconv_forward(x, w)                  -> y
+//   fastconv_backward(x, w, dy)             -> dx, dw
+//   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
+//   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
+// each with int attributes stride and padding.
+//
+// The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
+// only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
+// this file declares the handful of oneDNN v3 C API functions and constants it uses itself and
+// binds the functions with dlsym at first use. Those entry points and values belong to the stable
+// oneDNN v3 C ABI; a library whose major version is not 3 is refused.
+//
+// Threads: the wheel's oneDNN uses the OpenMP runtime, and in a Paddle process its OpenMP calls
+// bind to Intel's libiomp5, whose thread count Paddle sets to 1 (FLAGS_paddle_num_threads). Each
+// plan records its own thread count; a call sets libiomp5's count to it for its duration and then
+// restores Paddle's. PADDLE_MAML_FASTCONV_THREADS=N fixes the count; by default it is up to the
+// number of CPUs this process may run on (see the tuning below).
+//
+// Primitives are cached per (kind, shape). At the first call of a shape, the implementations
+// oneDNN offers (up to kMaxImpls, reference ones excluded) on plain NCHW/OIHW memory and on the
+// blocked layouts it prefers (with reorders in and out) are timed on scratch buffers with all
+// threads, and the fastest is kept; unless the thread count is fixed, that one is then also timed
+// on a single thread, which wins for small shapes and whenever the other core is busy.
+// PADDLE_MAML_FASTCONV_LAYOUT=plain|blocked restricts the layouts; PADDLE_MAML_FASTCONV_TUNE=0
+// skips the timing and takes oneDNN's first choice, blocked layout, all threads (deterministic
+// choice, no start-up cost). PADDLE_MAML_FASTCONV_VERBOSE=1 prints the choices to stderr.
+
+#include <dlfcn.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "paddle/extension.h"
+
+namespace fastconv {
+
+// ---------------------------------------------------------------------------------------------
+// Minimal oneDNN v3 C API (see the comment at the top of the file).
+
+using dnnl_status = int;
+using dnnl_dims = int64_t[12];  // DNNL_MAX_NDIMS
+using handle = void*;           // every oneDNN object is an opaque pointer
+using chandle = const void*;
+
+struct dnnl_exec_arg {
+  int arg;
+  handle memory;
+};
+
+struct dnnl_version_info {
+  int major, minor, patch;
+  const char* hash;
+  unsigned cpu_runtime, gpu_runtime;
+};
+
+constexpr dnnl_status kSuccess = 0;
+constexpr int kEngineCpu = 1;                 // dnnl_cpu
+constexpr unsigned kStreamDefault = 1;        // dnnl_stream_default_flags (in order)
+constexpr int kF32 = 3;                       // dnnl_f32
+constexpr int kTagAny = 1;                    // dnnl_format_tag_any
+constexpr int kTagAbcd = 5;                   // dnnl_abcd == dnnl_nchw == dnnl_oihw
+constexpr int kForwardTraining = 64;          // dnnl_forward_training
+constexpr int kConvolutionDirect = 1;         // dnnl_convolution_direct
+constexpr int kQueryImplInfoStr = 8;          // dnnl_query_impl_info_str
+constexpr int kQuerySrcMd = 129;              // dnnl_query_src_md
+constexpr int kQueryDiffSrcMd = 130;          // dnnl_query_diff_src_md
+constexpr int kQueryWeightsMd = 131;          // dnnl_query_weights_md
+constexpr int kQueryDiffWeightsMd = 132;      // dnnl_query_diff_weights_md
+constexpr int kQueryDstMd = 133;              // dnnl_query_dst_md
+constexpr int kQueryDiffDstMd = 134;          // dnnl_query_diff_dst_md
+constexpr int kArgSrc = 1;                    // DNNL_ARG_SRC == DNNL_ARG_FROM
+constexpr int kArgDst = 17;                   // DNNL_ARG_DST == DNNL_ARG_TO
+constexpr int kArgWeights = 33;               // DNNL_ARG_WEIGHTS
+constexpr int kArgDiffSrc = 129;              // DNNL_ARG_DIFF_SRC
+constexpr int kArgDiffDst = 145;              // DNNL_ARG_DIFF_DST
+constexpr int kArgDiffWeights = 161;          // DNNL_ARG_DIFF_WEIGHTS
+static void* const kMemoryAllocate = reinterpret_cast<void*>(static_cast<size_t>(-1));
+
+struct Api {
+  const dnnl_version_info* (*version)();
+  dnnl_status (*engine_create)(handle*, int, size_t);
+  dnnl_status (*stream_create)(handle*, handle, unsigned);
+  dnnl_status (*stream_wait)(handle);
+  dnnl_status (*memory_desc_create_with_tag)(handle*, int, const dnnl_dims, int, int);
+  dnnl_status (*memory_desc_destroy)(handle);
+  int (*memory_desc_equal)(chandle, chandle);
+  dnnl_status (*memory_create)(handle*, chandle, handle, void*);
+  dnnl_status (*memory_set_data_handle)(handle, void*);
+  dnnl_status (*memory_destroy)(handle);
+  chandle (*primitive_desc_query_md)(chandle, int, int);
+  dnnl_status (*primitive_desc_query)(chandle, int, int, void*);
+  dnnl_status (*primitive_desc_next_impl)(handle);
+  dnnl_status (*primitive_desc_clone)(handle*, chandle);
+  dnnl_status (*primitive_desc_destroy)(handle);
+  dnnl_status (*primitive_create)(handle*, chandle);
+  dnnl_status (*primitive_execute)(chandle, handle, int, const dnnl_exec_arg*);
+  dnnl_status (*primitive_destroy)(handle);
+  dnnl_status (*reorder_primitive_desc_create)(handle*, chandle, handle, chandle, handle, chandle);
+  dnnl_status (*conv_fwd_pd_create)(handle*, handle, int, int, chandle, chandle, chandle, chandle,
+                                    const dnnl_dims, const dnnl_dims, const dnnl_dims,
+                                    const dnnl_dims, chandle);
+  dnnl_status (*conv_bwd_data_pd_create)(handle*, handle, int, chandle, chandle, chandle,
+                                         const dnnl_dims, const dnnl_dims, const dnnl_dims,
+                                         const dnnl_dims, chandle, chandle);
+  dnnl_status (*conv_bwd_weights_pd_create)(handle*, handle, int, chandle, chandle, chandle,
+                                            chandle, const dnnl_dims, const dnnl_dims,
+                                            const dnnl_dims, const dnnl_dims, chandle, chandle);
+};
+
+// OpenMP entry points of the runtime oneDNN's parallel regions bind to.
+struct Omp {
+  int (*get_max_threads)() = nullptr;
+  void (*set_num_threads)(int) = nullptr;
+  const char* name = "none";
+};
+
+template <typename F>
+static void bind(void* lib, const char* name, F* fn) {
+  void* sym = dlsym(lib, name);
+  if (sym == nullptr) PD_THROW("fastconv: oneDNN symbol ", name, " not found");
+  *fn = reinterpret_cast<F>(sym);
+}
+
+static void check(dnnl_status status, const char* what) {
+  if (status != kSuccess) PD_THROW("fastconv: ", what, " failed with oneDNN status ", status);
+}
+
+static int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  return std::atoi(value);
+}
+
+static bool verbose() {
+  static const bool on = env_int("PADDLE_MAML_FASTCONV_VERBOSE", 0) != 0;
+  return on;
+}
+
+constexpr int kMaxImpls = 6;  // implementations tried per layout when tuning
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide state.
+
+struct Runtime {
+  Api api{};
+  Omp omp{};
+  handle engine = nullptr;
+  handle stream = nullptr;
+  int threads = 1;           // most threads a primitive may use
+  bool threads_fixed = false;  // PADDLE_MAML_FASTCONV_THREADS given: use exactly that many
+  bool try_plain = true, try_blocked = true, tune = true;
+
+  Runtime() {
+    void* lib = dlopen("libdnnl.so.3", RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) lib = dlopen("libdnnl.so.3", RTLD_LAZY);
+    if (lib == nullptr) PD_THROW("fastconv: libdnnl.so.3 is not loaded in this process");
+    bind(lib, "dnnl_version", &api.version);
+    const dnnl_version_info* v = api.version();
+    if (v == nullptr || v->major != 3)
+      PD_THROW("fastconv: needs oneDNN 3.x, found ", v ? v->major : -1);
+    bind(lib, "dnnl_engine_create", &api.engine_create);
+    bind(lib, "dnnl_stream_create", &api.stream_create);
+    bind(lib, "dnnl_stream_wait", &api.stream_wait);
+    bind(lib, "dnnl_memory_desc_create_with_tag", &api.memory_desc_create_with_tag);
+    bind(lib, "dnnl_memory_desc_destroy", &api.memory_desc_destroy);
+    bind(lib, "dnnl_memory_desc_equal", &api.memory_desc_equal);
+    bind(lib, "dnnl_memory_create", &api.memory_create);
+    bind(lib, "dnnl_memory_set_data_handle", &api.memory_set_data_handle);
+    bind(lib, "dnnl_memory_destroy", &api.memory_destroy);
+    bind(lib, "dnnl_primitive_desc_query_md", &api.primitive_desc_query_md);
+    bind(lib, "dnnl_primitive_desc_query", &api.primitive_desc_query);
+    bind(lib, "dnnl_primitive_desc_next_impl", &api.primitive_desc_next_impl);
+    bind(lib, "dnnl_primitive_desc_clone", &api.primitive_desc_clone);
+    bind(lib, "dnnl_primitive_desc_destroy", &api.primitive_desc_destroy);
+    bind(lib, "dnnl_primitive_create", &api.primitive_create);
+    bind(lib, "dnnl_primitive_execute", &api.primitive_execute);
+    bind(lib, "dnnl_primitive_destroy", &api.primitive_destroy);
+    bind(lib, "dnnl_reorder_primitive_desc_create", &api.reorder_primitive_desc_create);
+    bind(lib, "dnnl_convolution_forward_primitive_desc_create", &api.conv_fwd_pd_create);
+    bind(lib, "dnnl_convolution_backward_data_primitive_desc_create",
+         &api.conv_bwd_data_pd_create);
+    bind(lib, "dnnl_convolution_backward_weights_primitive_desc_create",
+         &api.conv_bwd_weights_pd_create);
+
+    // Paddle links Intel's OpenMP (libiomp5) ahead of libgomp, so oneDNN's GOMP_* / omp_* calls
+    // resolve to libiomp5 when it is loaded; otherwise they go to libgomp.
+    for (const char* name : {"libiomp5.so", "libgomp.so.1"}) {
+      void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+      if (h == nullptr) continue;
+      void* get = dlsym(h, "omp_get_max_threads");
+      void* set = dlsym(h, "omp_set_num_threads");
+      if (get != nullptr && set != nullptr) {
+        omp.get_max_threads = reinterpret_cast<int (*)()>(get);
+        omp.set_num_threads = reinterpret_cast<void (*)(int)>(set);
+        omp.name = name;
+        break;
+      }
+    }
+    cpu_set_t cpus;
+    int available = 1;
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) available = std::max(1, CPU_COUNT(&cpus));
+    threads = std::max(1, env_int("PADDLE_MAML_FASTCONV_THREADS", available));
+    threads_fixed = env_int("PADDLE_MAML_FASTCONV_THREADS", 0) > 0;
+    const char* layout_env = std::getenv("PADDLE_MAML_FASTCONV_LAYOUT");
+    std::string layout = layout_env ? layout_env : "auto";
+    try_plain = layout != "blocked";
+    try_blocked = layout != "plain";
+    tune = env_int("PADDLE_MAML_FASTCONV_TUNE", 1) != 0;
+
+    check(api.engine_create(&engine, kEngineCpu, 0), "dnnl_engine_create");
+    check(api.stream_create(&stream, engine, kStreamDefault), "dnnl_stream_create");
+    if (verbose())
+      std::fprintf(stderr,
+                   "fastconv: oneDNN %d.%d.%d cpu_runtime=%u omp=%s threads=%d layout=%s tune=%d\n",
+                   v->major, v->minor, v->patch, v->cpu_runtime, omp.name, threads,
+                   layout.c_str(), int(tune));
+  }
+};
+
+static Runtime& runtime() {
+  static Runtime* rt = new Runtime();  // never destroyed: avoids teardown-order problems at exit
+  return *rt;
+}
+
+// Sets oneDNN's OpenMP thread count for the lifetime of the object, then restores it. oneDNN
+// fixes a primitive's thread count when its descriptor is created, so creation and execution of a
+// plan both run inside a scope with the plan's count.
+class ThreadScope {
+ public:
+  ThreadScope(const Runtime& rt, int threads) : omp_(rt.omp) {
+    if (omp_.get_max_threads == nullptr) return;
+    int current = omp_.get_max_threads();
+    if (current != threads) {
+      previous_ = current;
+      omp_.set_num_threads(threads);
+    }
+  }
+  ~ThreadScope() {
+    if (previous_ > 0) omp_.set_num_threads(previous_);
+  }
+
+ private:
+  const Omp& omp_;
+  int previous_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Execution plans: one convolution primitive plus the reorders between Paddle's plain layout and
+// the layout the primitive computes in.
+
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+const char* const kKindName[] = {"fwd", "bwd_data", "bwd_weights"};
+
+struct Shape {
+  int64_t n, c, h, w, o, k, oh, ow;
+  int stride, pad;
+  std::array<int64_t, 4> x() const { return {n, c, h, w}; }
+  std::array<int64_t, 4> wei() const { return {o, c, k, k}; }
+  std::array<int64_t, 4> y() const { return {n, o, oh, ow}; }
+};
+
+struct Step {
+  handle primitive;
+  std::vector<dnnl_exec_arg> args;
+};
+
+// User slots (wrapping Paddle tensors; data handles set per run):
+//   forward:          0 = x,  1 = w, 2 = y (output)
+//   backward data:    0 = dy, 1 = w, 2 = dx (output)
+//   backward weights: 0 = x,  1 = dy, 2 = dw (output)
+class Plan {
+ public:
+  Plan(Runtime& rt, Kind kind, const Shape& s, int threads, bool blocked)
+      : threads(threads), blocked(blocked), rt_(rt) {
+    if (kind == kForward) add_user(s.x()), add_user(s.wei()), add_user(s.y());
+    if (kind == kBackwardData) add_user(s.y()), add_user(s.wei()), add_user(s.x());
+    if (kind == kBackwardWeights) add_user(s.x()), add_user(s.y()), add_user(s.wei());
+  }
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+
+  ~Plan() {
+    auto& api = rt_.api;
+    for (auto* steps : {&pre_, &main_, &post_})
+      for (auto& step : *steps) api.primitive_destroy(step.primitive);
+    for (handle mem : internal_mem_) api.memory_destroy(mem);
+    for (handle mem : user_mem_) api.memory_destroy(mem);
+    for (handle pd : pds_) api.primitive_desc_destroy(pd);
+    for (handle md : mds_) api.memory_desc_destroy(md);
+  }
+
+  // Takes ownership of a primitive descriptor.
+  handle own(handle pd) {
+    pds_.push_back(pd);
+    return pd;
+  }
+
+  // Memory to feed the primitive where it wants `want` for user input `slot`.
+  handle input(int slot, chandle want) {
+    if (rt_.api.memory_desc_equal(want, user_md_[slot])) return user_mem_[slot];
+    handle mem = internal(want);
+    pre_.push_back(reorder(user_mem_[slot], user_md_[slot], mem, want));
+    return mem;
+  }
+
+  // Memory for the primitive to write user output `slot` into, in layout `want`.
+  handle output(int slot, chandle want) {
+    if (rt_.api.memory_desc_equal(want, user_md_[slot])) return user_mem_[slot];
+    handle mem = internal(want);
+    post_.push_back(reorder(mem, want, user_mem_[slot], user_md_[slot]));
+    return mem;
+  }
+
+  void set_compute(handle pd, std::vector<dnnl_exec_arg> args) {
+    handle primitive = nullptr;
+    check(rt_.api.primitive_create(&primitive, pd), "primitive_create");
+    const char* impl = nullptr;
+    if (rt_.api.primitive_desc_query(pd, kQueryImplInfoStr, 0, &impl) == kSuccess && impl)
+      impl_ = impl;
+    main_.push_back(Step{primitive, std::move(args)});
+  }
+
+  void run(void* in0, void* in1, void* out) {
+    ThreadScope scope(rt_, threads);
+    void* pointers[3] = {in0, in1, out};
+    for (int i = 0; i < 3; ++i)
+      check(rt_.api.memory_set_data_handle(user_mem_[i], pointers[i]), "memory_set_data_handle");
+    for (auto* steps : {&pre_, &main_, &post_})
+      for (auto& step : *steps)
+        check(rt_.api.primitive_execute(step.primitive, rt_.stream,
+                                        static_cast<int>(step.args.size()), step.args.data()),
+              "primitive_execute");
+    check(rt_.api.stream_wait(rt_.stream), "stream_wait");
+  }
+
+  std::string description() const {
+    return std::string(blocked ? "blocked " : "plain   ") + impl_ + " +" +
+           std::to_string(pre_.size() + post_.size()) + " reorders, " + std::to_string(threads) +
+           (threads == 1 ? " thread" : " threads");
+  }
+
+  const std::string& impl() const { return impl_; }
+
+  // Same implementation and same reorders means the same computation, whatever layout was asked.
+  std::string signature() const {
+    return impl_ + "|" + std::to_string(pre_.size()) + "|" + std::to_string(post_.size());
+  }
+
+  const int threads;
+  const bool blocked;
+
+ private:
+  void add_user(const std::array<int64_t, 4>& dims) {
+    dnnl_dims d = {dims[0], dims[1], dims[2], dims[3]};
+    handle desc = nullptr;
+    check(rt_.api.memory_desc_create_with_tag(&desc, 4, d, kF32, kTagAbcd), "memory_desc_create");
+    mds_.push_back(desc);
+    handle mem = nullptr;
+    check(rt_.api.memory_create(&mem, desc, rt_.engine, nullptr), "memory_create");
+    user_md_.push_back(desc);
+    user_mem_.push_back(mem);
+  }
+
+  handle internal(chandle desc) {
+    handle mem = nullptr;
+    check(rt_.api.memory_create(&mem, desc, rt_.engine, kMemoryAllocate), "memory_create");
+    internal_mem_.push_back(mem);
+    return mem;
+  }
+
+  Step reorder(handle from, chandle from_md, handle to, chandle to_md) {
+    handle pd = nullptr;
+    check(rt_.api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine,
+                                                nullptr),
+          "reorder_primitive_desc_create");
+    handle primitive = nullptr;
+    dnnl_status status = rt_.api.primitive_create(&primitive, pd);
+    rt_.api.primitive_desc_destroy(pd);
+    check(status, "reorder primitive_create");
+    return Step{primitive, {{kArgSrc, from}, {kArgDst, to}}};
+  }
+
+  Runtime& rt_;
+  std::vector<handle> user_md_, user_mem_, internal_mem_, pds_, mds_;
+  std::vector<Step> pre_, main_, post_;
+  std::string impl_;
+};
+
+struct Geometry {
+  dnnl_dims strides = {}, dilates = {}, pad_l = {}, pad_r = {};
+  explicit Geometry(const Shape& s) {
+    strides[0] = strides[1] = s.stride;
+    pad_l[0] = pad_l[1] = s.pad;
+    // oneDNN wants the right padding for which (h + pad_l + pad_r - k) / stride + 1 == oh holds
+    // exactly; Paddle's floor rule instead leaves trailing rows/columns unused.
+    pad_r[0] = (s.oh - 1) * s.stride + s.k - s.h - s.pad;
+    pad_r[1] = (s.ow - 1) * s.stride + s.k - s.w - s.pad;
+  }
+};
+
+static const char* impl_name(Runtime& rt, chandle pd) {
+  const char* impl = nullptr;
+  if (rt.api.primitive_desc_query(pd, kQueryImplInfoStr, 0, &impl) != kSuccess || !impl)
+    return "?";
+  return impl;
+}
+
+// Primitive descriptors of the implementations oneDNN offers for `kind` on shape `s`, best first
+// by oneDNN's own ranking, at most `limit`, each one a separate clone that the caller owns. Empty
+// when the layout has none.
+//
+// All candidates are enumerated before any primitive of this shape is created: oneDNN's
+// implementation iterator consults the primitive cache by position, so iterating after a
+// primitive was created for the same descriptor can hand back the same implementation again.
+static std::vector<handle> candidates(Runtime& rt, Kind kind, const Shape& s, bool any,
+                                      int limit) {
+  auto& api = rt.api;
+  Geometry g(s);
+  std::vector<handle> mds, pds, out;
+  auto md = [&](const std::array<int64_t, 4>& dims) {
+    dnnl_dims d = {dims[0], dims[1], dims[2], dims[3]};
+    handle desc = nullptr;
+    if (api.memory_desc_create_with_tag(&desc, 4, d, kF32, any ? kTagAny : kTagAbcd) == kSuccess)
+      mds.push_back(desc);
+    return desc;
+  };
+  handle x_md = md(s.x()), w_md = md(s.wei()), y_md = md(s.y());
+  handle pd = nullptr;
+  if (mds.size() == 3 &&
+      api.conv_fwd_pd_create(&pd, rt.engine, kForwardTraining, kConvolutionDirect, x_md, w_md,
+                             nullptr, y_md, g.strides, g.dilates, g.pad_l, g.pad_r,
+                             nullptr) == kSuccess) {
+    pds.push_back(pd);
+    if (kind != kForward) {
+      handle hint = pd;
+      pd = nullptr;
+      dnnl_status status =
+          kind == kBackwardData
+              ? api.conv_bwd_data_pd_create(&pd, rt.engine, kConvolutionDirect, x_md, w_md, y_md,
+                                            g.strides, g.dilates, g.pad_l, g.pad_r, hint, nullptr)
+              : api.conv_bwd_weights_pd_create(&pd, rt.engine, kConvolutionDirect, x_md, w_md,
+                                               nullptr, y_md, g.strides, g.dilates, g.pad_l,
+                                               g.pad_r, hint, nullptr);
+      if (status == kSuccess) pds.push_back(pd);
+      else pd = nullptr;
+    }
+  } else {
+    pd = nullptr;
+  }
+  std::vector<std::string> seen;
+  handle reference = nullptr;  // the reference implementation, kept only if nothing else exists
+  while (pd != nullptr && static_cast<int>(out.size()) < limit) {
+    std::string name = impl_name(rt, pd);
+    bool is_reference = name.compare(0, 4, "ref:") == 0;
+    if (std::find(seen.begin(), seen.end(), name) == seen.end() &&
+        !(is_reference && reference != nullptr)) {
+      handle clone = nullptr;
+      if (api.primitive_desc_clone(&clone, pd) == kSuccess) {
+        if (is_reference) reference = clone;
+        else out.push_back(clone);
+      }
+      seen.push_back(name);
+    }
+    if (api.primitive_desc_next_impl(pd) != kSuccess) break;
+  }
+  if (reference != nullptr) {
+    if (out.empty()) out.push_back(reference);
+    else api.primitive_desc_destroy(reference);
+  }
+  for (handle p : pds) api.primitive_desc_destroy(p);
+  for (handle d : mds) api.memory_desc_destroy(d);
+  return out;
+}
+
+// The plan running the convolution of primitive descriptor `pd` (which it takes over).
+// Must run inside a ThreadScope with `threads`, the count `pd` was created with.
+static std::unique_ptr<Plan> build(Runtime& rt, Kind kind, const Shape& s, handle pd, int threads,
+                                   bool blocked) {
+  auto& api = rt.api;
+  std::unique_ptr<Plan> plan;
+  try {
+    plan = std::make_unique<Plan>(rt, kind, s, threads, blocked);
+  } catch (...) {
+    api.primitive_desc_destroy(pd);
+    throw;
+  }
+  plan->own(pd);
+  auto md = [&](int query) { return api.primitive_desc_query_md(pd, query, 0); };
+  if (kind == kForward) {
+    handle x = plan->input(0, md(kQuerySrcMd));
+    handle w = plan->input(1, md(kQueryWeightsMd));
+    handle y = plan->output(2, md(kQueryDstMd));
+    plan->set_compute(pd, {{kArgSrc, x}, {kArgWeights, w}, {kArgDst, y}});
+  } else if (kind == kBackwardData) {
+    handle dy = plan->input(0, md(kQueryDiffDstMd));
+    handle w = plan->input(1, md(kQueryWeightsMd));
+    handle dx = plan->output(2, md(kQueryDiffSrcMd));
+    plan->set_compute(pd, {{kArgDiffDst, dy}, {kArgWeights, w}, {kArgDiffSrc, dx}});
+  } else {
+    handle x = plan->input(0, md(kQuerySrcMd));
+    handle dy = plan->input(1, md(kQueryDiffDstMd));
+    handle dw = plan->output(2, md(kQueryDiffWeightsMd));
+    plan->set_compute(pd, {{kArgSrc, x}, {kArgDiffDst, dy}, {kArgDiffWeights, dw}});
+  }
+  return plan;
+}
+
+// Typical time in seconds of `plan` on scratch buffers; gives up early on clearly slower plans.
+static double time_plan(Plan& plan, const Shape& s, Kind kind, double best_so_far) {
+  auto count = [](const std::array<int64_t, 4>& d) { return size_t(d[0] * d[1] * d[2] * d[3]); };
+  std::array<std::array<int64_t, 4>, 3> dims;
+  if (kind == kForward) dims = {s.x(), s.wei(), s.y()};
+  if (kind == kBackwardData) dims = {s.y(), s.wei(), s.x()};
+  if (kind == kBackwardWeights) dims = {s.x(), s.y(), s.wei()};
+  std::vector<float> a(count(dims[0]), 0.5f), b(count(dims[1]), 0.25f), c(count(dims[2]));
+  auto t0 = std::chrono::steady_clock::now();
+  plan.run(a.data(), b.data(), c.data());  // warm-up: page faults, JIT caches
+  double warm = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (warm > 4 * best_so_far) return warm;
+  std::vector<double> times;
+  for (int i = 0; i < 3; ++i) {
+    t0 = std::chrono::steady_clock::now();
+    plan.run(a.data(), b.data(), c.data());
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (times.back() > 3 * best_so_far) return times.back();
+  }
+  std::sort(times.begin(), times.end());
+  return times[1];  // median: robust to a run that waited for a busy core
+}
+
+static void log_choice(Kind kind, const Shape& s, const Plan& plan, const std::string& report) {
+  std::fprintf(stderr, "fastconv: %s x=[%ld,%ld,%ld,%ld] w=[%ld,%ld,%ld,%ld] s%d p%d -> %s%s\n",
+               kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o), long(s.c),
+               long(s.k), long(s.k), s.stride, s.pad, plan.description().c_str(), report.c_str());
+}
+
+// Without tuning: oneDNN's first choice on the preferred layout, with all threads.
+static std::unique_ptr<Plan> first_choice(Runtime& rt, Kind kind, const Shape& s) {
+  ThreadScope scope(rt, rt.threads);
+  for (bool any : {true, false}) {
+    if (any ? !rt.try_blocked : !rt.try_plain) continue;
+    std::vector<handle> pds = candidates(rt, kind, s, any, 1);
+    if (!pds.empty()) return build(rt, kind, s, pds[0], rt.threads, any);
+  }
+  PD_THROW("fastconv: oneDNN has no implementation of this ", kKindName[kind]);
+}
+
+// Times the implementations of both layouts with all threads and keeps the fastest; then, unless
+// the thread count is fixed, times that implementation on one thread too (on a busy machine, or
+// for small shapes, one thread is often faster than waiting for a second).
+static std::unique_ptr<Plan> tuned_choice(Runtime& rt, Kind kind, const Shape& s) {
+  std::unique_ptr<Plan> best;
+  double best_time = 1e30;
+  std::string report;
+  auto consider = [&](std::unique_ptr<Plan> plan) {
+    double t = time_plan(*plan, s, kind, best_time);
+    if (verbose()) {
+      char line[32];
+      std::snprintf(line, sizeof(line), "%9.3f ms  ", t * 1e3);
+      report += std::string("\n    ") + line + plan->description();
+    }
+    if (t < best_time) best_time = t, best = std::move(plan);
+  };
+  {
+    ThreadScope scope(rt, rt.threads);
+    std::vector<std::pair<bool, handle>> pds;  // (blocked layout, primitive descriptor)
+    // Blocked first: usually faster, so that slower plans are abandoned early.
+    for (bool any : {true, false}) {
+      if (any ? !rt.try_blocked : !rt.try_plain) continue;
+      for (handle pd : candidates(rt, kind, s, any, kMaxImpls)) pds.emplace_back(any, pd);
+    }
+    std::vector<std::string> seen;
+    for (size_t i = 0; i < pds.size(); ++i) {
+      std::unique_ptr<Plan> plan;
+      try {
+        plan = build(rt, kind, s, pds[i].second, rt.threads, pds[i].first);
+      } catch (const std::exception& error) {
+        if (verbose()) report += std::string("\n    failed: ") + error.what();
+        continue;
+      }
+      std::string signature = plan->signature();  // e.g. gemm computes on plain either way
+      if (std::find(seen.begin(), seen.end(), signature) != seen.end()) continue;
+      seen.push_back(signature);
+      consider(std::move(plan));
+    }
+  }
+  if (!best) return first_choice(rt, kind, s);  // surfaces the error
+  if (rt.threads > 1 && !rt.threads_fixed) {
+    ThreadScope scope(rt, 1);
+    std::string impl = best->impl();
+    for (handle pd : candidates(rt, kind, s, best->blocked, kMaxImpls)) {
+      if (impl_name(rt, pd) != impl) {
+        rt.api.primitive_desc_destroy(pd);
+        continue;
+      }
+      try {
+        auto single = build(rt, kind, s, pd, 1, best->blocked);
+        best_time = time_plan(*best, s, kind, 1e30);  // re-time now, under the same load
+        consider(std::move(single));
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  if (verbose()) log_choice(kind, s, *best, report);
+  return best;
+}
+
+static std::unique_ptr<Plan> choose(Runtime& rt, Kind kind, const Shape& s) {
+  if (!rt.tune) {
+    auto plan = first_choice(rt, kind, s);
+    if (verbose()) log_choice(kind, s, *plan, "");
+    return plan;
+  }
+  return tuned_choice(rt, kind, s);
+}
+
+static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
+  using Key = std::array<int64_t, 9>;
+  static std::map<Key, std::unique_ptr<Plan>> cache;
+  Key key = {kind, s.n, s.c, s.h, s.w, s.o, s.k, s.stride, s.pad};
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  return *(cache[key] = choose(rt, kind, s));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paddle operators.
+
+static std::mutex& lock() {
+  static std::mutex m;
+  return m;
+}
+
+static paddle::Tensor dense(const paddle::Tensor& t, const char* name) {
+  PD_CHECK(t.is_cpu(), "fastconv: ", name, " must be a CPU tensor");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "fastconv: ", name, " must be float32");
+  PD_CHECK(t.shape().size() == 4, "fastconv: ", name, " must be 4-D");
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad) {
+  auto xs = x.shape(), ws = w.shape();
+  PD_CHECK(ws[1] == xs[1], "fastconv: input has ", xs[1], " channels, weight expects ", ws[1]);
+  PD_CHECK(ws[2] == ws[3], "fastconv: only square kernels are supported");
+  PD_CHECK(stride >= 1 && pad >= 0, "fastconv: bad stride/padding");
+  Shape s{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], 0, 0, stride, pad};
+  s.oh = (s.h + 2 * pad - s.k) / stride + 1;
+  s.ow = (s.w + 2 * pad - s.k) / stride + 1;
+  PD_CHECK(s.oh > 0 && s.ow > 0, "fastconv: empty output");
+  return s;
+}
+
+static void check_grad_out(const paddle::Tensor& dy, const Shape& s) {
+  auto d = dy.shape();
+  PD_CHECK(d[0] == s.n && d[1] == s.o && d[2] == s.oh && d[3] == s.ow,
+           "fastconv: grad_out has the wrong shape");
+}
+
+static paddle::Tensor zeros(const std::vector<int64_t>& shape) {
+  return paddle::full(shape, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace());
+}
+
+static paddle::Tensor empty(const std::vector<int64_t>& shape) {
+  return paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
+}
+
+static float* ptr(const paddle::Tensor& t) { return const_cast<float*>(t.data<float>()); }
+
+static void execute(Kind kind, const Shape& s, void* in0, void* in1, void* out) {
+  std::lock_guard<std::mutex> guard(lock());
+  Runtime& rt = runtime();
+  get_plan(rt, kind, s).run(in0, in1, out);
+}
+
+static bool degenerate(const Shape& s) { return s.n == 0 || s.c == 0 || s.o == 0; }
+
+std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                        int stride, int padding) {
+  paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight");
+  Shape s = shape_of(x, w, stride, padding);
+  if (degenerate(s)) return {zeros({s.n, s.o, s.oh, s.ow})};
+  auto y = empty({s.n, s.o, s.oh, s.ow});
+  execute(kForward, s, ptr(x), ptr(w), ptr(y));
+  return {y};
+}
+
+std::vector<paddle::Tensor> ConvBackwardData(const paddle::Tensor& x_in,
+                                             const paddle::Tensor& w_in,
+                                             const paddle::Tensor& dy_in, int stride,
+                                             int padding) {
+  // x is used for its shape only.
+  paddle::Tensor w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
+  PD_CHECK(x_in.shape().size() == 4, "fastconv: x must be 4-D");
+  Shape s = shape_of(x_in, w, stride, padding);
+  check_grad_out(dy, s);
+  if (degenerate(s)) return {zeros(x_in.shape())};
+  auto dx = empty(x_in.shape());
+  execute(kBackwardData, s, ptr(dy), ptr(w), ptr(dx));
+  return {dx};
+}
+
+std::vector<paddle::Tensor> ConvBackwardWeights(const paddle::Tensor& x_in,
+                                                const paddle::Tensor& w_in,
+                                                const paddle::Tensor& dy_in, int stride,
+                                                int padding) {
+  // w is used for its shape only.
+  paddle::Tensor x = dense(x_in, "x"), dy = dense(dy_in, "grad_out");
+  PD_CHECK(w_in.shape().size() == 4, "fastconv: weight must be 4-D");
+  Shape s = shape_of(x, w_in, stride, padding);
+  check_grad_out(dy, s);
+  if (degenerate(s)) return {zeros(w_in.shape())};
+  auto dw = empty(w_in.shape());
+  execute(kBackwardWeights, s, ptr(x), ptr(dy), ptr(dw));
+  return {dw};
+}
+
+std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                         const paddle::Tensor& dy_in, int stride, int padding) {
+  paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
+  Shape s = shape_of(x, w, stride, padding);
+  check_grad_out(dy, s);
+  if (degenerate(s)) return {zeros(x.shape()), zeros(w.shape())};
+  auto dx = empty(x.shape());
+  auto dw = empty(w.shape());
+  std::lock_guard<std::mutex> guard(lock());
+  Runtime& rt = runtime();
+  get_plan(rt, kBackwardData, s).run(ptr(dy), ptr(w), ptr(dx));
+  get_plan(rt, kBackwardWeights, s).run(ptr(x), ptr(dy), ptr(dw));
+  return {dx, dw};
+}
+
+std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
+                                               const std::vector<int64_t>& w, int stride,
+                                               int padding) {
+  return {{x[0], w[0], (x[2] + 2 * padding - w[2]) / stride + 1,
+           (x[3] + 2 * padding - w[3]) / stride + 1}};
+}
+
+std::vector<std::vector<int64_t>> BackwardShape(const std::vector<int64_t>& x,
+                                                const std::vector<int64_t>& w,
+                                                const std::vector<int64_t>& dy, int stride,
+                                                int padding) {
+  return {x, w};
+}
+
+std::vector<std::vector<int64_t>> BackwardDataShape(const std::vector<int64_t>& x,
+                                                    const std::vector<int64_t>& w,
+                                                    const std::vector<int64_t>& dy, int stride,
+                                                    int padding) {
+  return {x};
+}
+
+std::vector<std::vector<int64_t>> BackwardWeightsShape(const std::vector<int64_t>& x,
+                                                       const std::vector<int64_t>& w,
+                                                       const std::vector<int64_t>& dy,
+                                                       int stride, int padding) {
+  return {w};
+}
+
+std::vector<paddle::DataType> ForwardDtype(const paddle::DataType& x, const paddle::DataType& w) {
+  return {x};
+}
+
+std::vector<paddle::DataType> BackwardDtype(const paddle::DataType& x, const paddle::DataType& w,
+                                            const paddle::DataType& dy) {
+  return {x, w};
+}
+
+std::vector<paddle::DataType> BackwardDataDtype(const paddle::DataType& x,
+                                                const paddle::DataType& w,
+                                                const paddle::DataType& dy) {
+  return {x};
+}
+
+std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
+                                                   const paddle::DataType& w,
+                                                   const paddle::DataType& dy) {
+  return {w};
+}
+
+}  // namespace fastconv
+
+PD_BUILD_OP(fastconv_forward)
+    .Inputs({"X", "W"})
+    .Outputs({"Out"})
+    .Attrs({"stride: int", "padding: int"})
+    .SetKernelFn(PD_KERNEL(fastconv::ConvForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::ForwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::ForwardDtype));
+
+PD_BUILD_OP(fastconv_backward)
+    .Inputs({"X", "W", "DOut"})
+    .Outputs({"DX", "DW"})
+    .Attrs({"stride: int", "padding: int"})
+    .SetKernelFn(PD_KERNEL(fastconv::ConvBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDtype));
+
+PD_BUILD_OP(fastconv_backward_data)
+    .Inputs({"X", "W", "DOut"})
+    .Outputs({"DX"})
+    .Attrs({"stride: int", "padding: int"})
+    .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardData))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardDataShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDataDtype));
+
+PD_BUILD_OP(fastconv_backward_weights)
+    .Inputs({"X", "W", "DOut"})
+    .Outputs({"DW"})
+    .Attrs({"stride: int", "padding: int"})
+    .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardWeights))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardWeightsShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardWeightsDtype));

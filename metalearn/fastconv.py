@@ -1,0 +1,303 @@
+"""oneDNN fast path for the first-order convolution kernels behind :mod:`metalearn.ops`.
+
+Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
+of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
+directly from a Paddle custom C++ operator. :func:`load_kernels` compiles that operator once per
+machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
+and registers it in this process (well under a second on later starts).
+
+Cache folder: ``$PADDLE_MAML_CACHE_DIR/fastconv`` if set, else
+``$XDG_CACHE_HOME/paddle-maml/fastconv`` (default ``~/.cache/paddle-maml/fastconv``), one
+sub-folder per (source, Paddle build, Python, flags) so an edited source or a new Paddle
+rebuilds. Delete it to force a rebuild; a failed build leaves its log there.
+
+At the first call of each shape the operator times oneDNN's candidate implementations (both memory
+layouts, all threads vs one thread) and keeps the fastest: about 2-3 s in all for the 12 shapes of
+the Omniglot net at batches 5/25/75, once per process.
+
+Environment:
+
+* ``PADDLE_MAML_NO_FASTCONV=1``: disable; :func:`load_kernels` returns None.
+* ``PADDLE_MAML_FASTCONV_THREADS=N``: use exactly N oneDNN threads. Default: per shape, all the
+  CPUs this process may use or one thread, whichever timed faster (one wins on a busy machine).
+  Paddle keeps its OpenMP runtime at one thread; the operator changes that only during its calls.
+* ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in.
+* ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads.
+* ``PADDLE_MAML_FASTCONV_VERBOSE=1``: print the candidates, their times and the choice to stderr.
+
+Only float32 CPU tensors go to oneDNN; :class:`Kernels` sends anything else (float64 for the
+gradient checks, say) to Paddle's native kernels, so callers may use it unconditionally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import paddle
+from paddle import _C_ops
+
+from metalearn.ops import NativeKernels
+
+__all__ = ["Kernels", "load_kernels"]
+
+DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "onednn_conv.cc"
+_NAME = "paddle_maml_fastconv"
+_CXX_FLAGS = ["-O2", "-g0", "-w"]
+_LD_FLAGS = ["-ldl"]
+_BUILD_TIMEOUT_S = 900
+_OPS = (
+    "fastconv_forward",
+    "fastconv_backward",
+    "fastconv_backward_data",
+    "fastconv_backward_weights",
+)
+_BUILD_SCRIPT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from paddle.utils.cpp_extension import load
+name, source, build_dir = sys.argv[1:4]
+load(name=name, sources=[source], extra_cxx_cflags={cxx!r}, extra_ldflags={ld!r},
+     build_directory=build_dir, verbose=False)
+"""
+
+
+class Kernels(NativeKernels):
+    """The three first-order convolution kernels (NCHW, no bias, dilation 1, groups 1).
+
+    ``forward(x, w, stride, padding)`` equals ``_C_ops.conv2d`` and ``backward(x, w, dy, stride,
+    padding) -> (dx, dw)`` equals ``_C_ops.conv2d_grad``, both with explicit symmetric padding.
+    ``backward_data`` / ``backward_weights`` return just dx / dw and skip the other half of the
+    work. Outputs are new tensors that record no autograd history: call these from inside a
+    PyLayer (as metalearn.ops does), not on tensors that need gradients through them.
+    """
+
+    def __init__(self, library: Path):
+        self.library = library
+        self._float32 = paddle.float32
+        # Only a build with another device can hand us a non-CPU tensor; skip the check otherwise.
+        self._check_place = paddle.is_compiled_with_cuda() or paddle.is_compiled_with_xpu()
+
+    def _fast(self, *tensors) -> bool:
+        for t in tensors:
+            if t.dtype != self._float32 or (self._check_place and not t.place.is_cpu_place()):
+                return False
+        return True
+
+    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int):
+        if self._fast(x, weight):
+            return _C_ops._run_custom_op("fastconv_forward", x, weight, stride, padding)[0]
+        return super().forward(x, weight, stride, padding)
+
+    def backward(
+        self,
+        x: paddle.Tensor,
+        weight: paddle.Tensor,
+        grad_out: paddle.Tensor,
+        stride: int,
+        padding: int,
+    ):
+        if self._fast(x, weight, grad_out):
+            dx, dw = _C_ops._run_custom_op(
+                "fastconv_backward", x, weight, grad_out, stride, padding
+            )
+            return dx, dw
+        return super().backward(x, weight, grad_out, stride, padding)
+
+    def backward_data(
+        self,
+        x: paddle.Tensor,
+        weight: paddle.Tensor,
+        grad_out: paddle.Tensor,
+        stride: int,
+        padding: int,
+    ) -> paddle.Tensor:
+        """``backward(...)[0]`` without computing the weight gradient (x gives the shape only)."""
+        if self._fast(weight, grad_out) and x.dtype == self._float32:
+            return _C_ops._run_custom_op(
+                "fastconv_backward_data", x, weight, grad_out, stride, padding
+            )[0]
+        return super().backward_data(x, weight, grad_out, stride, padding)
+
+    def backward_weights(
+        self,
+        x: paddle.Tensor,
+        weight: paddle.Tensor,
+        grad_out: paddle.Tensor,
+        stride: int,
+        padding: int,
+    ) -> paddle.Tensor:
+        """``backward(...)[1]`` without computing the input gradient (weight gives the shape only)."""
+        if self._fast(x, grad_out) and weight.dtype == self._float32:
+            return _C_ops._run_custom_op(
+                "fastconv_backward_weights", x, weight, grad_out, stride, padding
+            )[0]
+        return super().backward_weights(x, weight, grad_out, stride, padding)
+
+
+_lock = threading.Lock()
+_loaded = False
+_kernels: Kernels | None = None
+
+
+def load_kernels() -> Kernels | None:
+    """The oneDNN kernels, built on first use; None (with one warning line) if unavailable.
+
+    The result is cached for the process: the build, registration and self-check run once.
+    """
+    global _loaded, _kernels
+    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+        return None
+    with _lock:
+        if not _loaded:
+            _loaded = True
+            try:
+                library = _build()
+                _register(library)
+                kernels = Kernels(library)
+                _self_check(kernels)
+                _kernels = kernels
+            except Exception as error:  # any failure means: use the native kernels
+                reason = " ".join(str(error).split()) or type(error).__name__
+                if len(reason) > 300:
+                    reason = reason[:300] + "..."
+                print(
+                    f"metalearn.fastconv: oneDNN convolution unavailable, using Paddle's native "
+                    f"kernels ({reason})",
+                    file=sys.stderr,
+                )
+        return _kernels
+
+
+def cache_root() -> Path:
+    """Folder that holds the compiled operators (see the module docstring)."""
+    if os.environ.get("PADDLE_MAML_CACHE_DIR"):
+        return Path(os.environ["PADDLE_MAML_CACHE_DIR"]).expanduser() / "fastconv"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "paddle-maml" / "fastconv"
+
+
+def _build_key(source: bytes) -> str:
+    digest = hashlib.sha256(source)
+    for part in (
+        paddle.__version__,
+        getattr(paddle.version, "commit", ""),
+        sys.version,
+        platform.machine(),
+        repr(_CXX_FLAGS),
+        repr(_LD_FLAGS),
+        _BUILD_SCRIPT,
+    ):
+        digest.update(b"\0" + str(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def _build() -> Path:
+    """Path of the compiled operator library, compiling it first if the cache has none."""
+    if not SOURCE.is_file():
+        raise RuntimeError(f"source {SOURCE} missing")
+    source = SOURCE.read_bytes()
+    build_dir = cache_root() / f"{_NAME}-{_build_key(source)}"
+    library = build_dir / _NAME / f"{_NAME}.so"
+    done = build_dir / "BUILD_OK"
+    if done.is_file() and library.is_file():
+        return library
+
+    header = Path(os.path.dirname(paddle.__file__)) / "include" / "paddle" / "extension.h"
+    if not header.is_file():
+        raise RuntimeError(f"Paddle C++ headers not found ({header})")
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise RuntimeError("no C++ compiler found")
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir.parent / f"{build_dir.name}.lock"):
+        if done.is_file() and library.is_file():  # another process built it meanwhile
+            return library
+        src_copy = build_dir / SOURCE.name
+        src_copy.write_bytes(source)
+        log = build_dir / "build.log"
+        script = _BUILD_SCRIPT.format(cxx=_CXX_FLAGS, ld=_LD_FLAGS)
+        with open(log, "w") as out:
+            result = subprocess.run(
+                [sys.executable, "-c", script, _NAME, str(src_copy), str(build_dir)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=build_dir,
+                timeout=_BUILD_TIMEOUT_S,
+                check=False,
+            )
+        if result.returncode != 0 or not library.is_file():
+            raise RuntimeError(f"compilation failed, see {log}")
+        done.write_text(f"{_NAME}\n")
+    return library
+
+
+class _file_lock:
+    """Exclusive advisory lock on a file (no-op where fcntl is missing), for concurrent builds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.handle = open(self.path, "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
+
+
+def _register(library: Path) -> None:
+    from paddle.utils import cpp_extension
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = cpp_extension.load_op_meta_info_and_register_op(str(library))
+    missing = set(_OPS) - set(ops or ())
+    if ops and missing:  # (an empty answer is left to the self-check)
+        raise RuntimeError(f"operators {sorted(missing)} not registered by {library}")
+
+
+def _self_check(kernels: Kernels) -> None:
+    """Compare with the native kernels on a small case; refuse the fast path on any mismatch."""
+    with paddle.no_grad():
+        rng = np.random.default_rng(1234)  # leaves Paddle's generator alone
+        x = paddle.to_tensor(rng.standard_normal([2, 3, 7, 6]).astype("float32"))
+        w = paddle.to_tensor(rng.standard_normal([4, 3, 3, 3]).astype("float32"))
+        y = kernels.forward(x, w, 2, 1)
+        dy = paddle.ones_like(y) * 0.5
+        dx, dw = kernels.backward(x, w, dy, 2, 1)
+        dx_only = kernels.backward_data(x, w, dy, 2, 1)
+        dw_only = kernels.backward_weights(x, w, dy, 2, 1)
+        y_ref = _C_ops.conv2d(x, w, [2, 2], [1, 1], "EXPLICIT", [1, 1], 1, "NCHW")
+        dx_ref, dw_ref = _C_ops.conv2d_grad(x, w, dy, [2, 2], [1, 1], "EXPLICIT", [1, 1], 1, "NCHW")
+        checks = (
+            ("forward", y, y_ref),
+            ("dx", dx, dx_ref),
+            ("dw", dw, dw_ref),
+            ("backward_data", dx_only, dx_ref),
+            ("backward_weights", dw_only, dw_ref),
+        )
+        for name, got, want in checks:
+            if got.shape != want.shape:
+                raise RuntimeError(f"self-check: {name} shape {got.shape} != {want.shape}")
+            scale = float(want.abs().max()) + 1e-6
+            err = float((got - want).abs().max())
+            if not err <= 1e-4 * scale:
+                raise RuntimeError(f"self-check: {name} differs from Paddle by {err:.3g}")

@@ -1,0 +1,214 @@
+"""The oneDNN convolution kernels (metalearn.fastconv) against Paddle's native conv2d / conv2d_grad.
+
+Shapes are those of the Omniglot conv net at the batch sizes MAML uses, plus a stride-1 / no-padding
+case and a few odd sizes. Skipped where the fast path cannot be built (no compiler, say).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from paddle import _C_ops
+
+from metalearn import fastconv
+
+# (x shape, out channels, stride, padding)
+NETWORK_CASES = [
+    ([batch, channels, size, size], 64, 2, 1)
+    for batch in (5, 25, 75)
+    for channels, size in ((1, 28), (64, 14), (64, 7), (64, 4))
+]
+OTHER_CASES = [
+    ([5, 64, 7, 7], 64, 1, 0),  # stride 1, no padding
+    ([3, 5, 9, 6], 7, 1, 1),  # odd channel counts, non-square input
+    ([2, 3, 8, 8], 4, 3, 2),  # stride 3: last rows/columns unused
+    ([2, 3, 8, 8], 4, 2, 0),  # last input row/column unused without padding
+]
+CASES = NETWORK_CASES + OTHER_CASES
+
+
+def _case_id(case) -> str:
+    shape, out_channels, stride, padding = case
+    return f"{'x'.join(map(str, shape))}-o{out_channels}-s{stride}p{padding}"
+
+
+@pytest.fixture(scope="module")
+def kernels() -> fastconv.Kernels:
+    found = fastconv.load_kernels()
+    if found is None:
+        pytest.skip("oneDNN fast path unavailable (see the warning on stderr)")
+    return found
+
+
+def _native_forward(x, w, stride, padding):
+    return _C_ops.conv2d(x, w, [stride] * 2, [padding] * 2, "EXPLICIT", [1, 1], 1, "NCHW")
+
+
+def _native_backward(x, w, dy, stride, padding):
+    return _C_ops.conv2d_grad(x, w, dy, [stride] * 2, [padding] * 2, "EXPLICIT", [1, 1], 1, "NCHW")
+
+
+def _assert_close(got: paddle.Tensor, want: paddle.Tensor, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    got_np, want_np = got.numpy(), want.numpy()
+    scale = float(np.abs(want_np).max()) or 1.0
+    err = float(np.abs(got_np - want_np).max())
+    assert err <= 1e-4 * scale, f"{what}: max abs error {err:.3g} vs max magnitude {scale:.3g}"
+
+
+def _random_case(case, seed: int = 0):
+    shape, out_channels, stride, padding = case
+    rng = np.random.default_rng(seed)
+    x = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+    w = paddle.to_tensor(
+        rng.standard_normal([out_channels, shape[1], 3, 3]).astype("float32") / 3.0
+    )
+    y = _native_forward(x, w, stride, padding)
+    dy = paddle.to_tensor(rng.standard_normal(y.shape).astype("float32"))
+    return x, w, dy, stride, padding
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_matches_native(kernels, case):
+    x, w, _, stride, padding = _random_case(case)
+    _assert_close(
+        kernels.forward(x, w, stride, padding), _native_forward(x, w, stride, padding), "y"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_backward_matches_native(kernels, case):
+    x, w, dy, stride, padding = _random_case(case)
+    dx_ref, dw_ref = _native_backward(x, w, dy, stride, padding)
+    dx, dw = kernels.backward(x, w, dy, stride, padding)
+    _assert_close(dx, dx_ref, "dx")
+    _assert_close(dw, dw_ref, "dw")
+    _assert_close(kernels.backward_data(x, w, dy, stride, padding), dx_ref, "backward_data")
+    _assert_close(kernels.backward_weights(x, w, dy, stride, padding), dw_ref, "backward_weights")
+
+
+def test_repeated_calls_use_new_data(kernels):
+    """Cached primitives must read the tensors of each call, not those of the first."""
+    case = ([5, 64, 7, 7], 64, 2, 1)
+    for seed in (1, 2):
+        x, w, dy, stride, padding = _random_case(case, seed)
+        _assert_close(
+            kernels.forward(x, w, stride, padding), _native_forward(x, w, stride, padding), "y"
+        )
+        dx_ref, dw_ref = _native_backward(x, w, dy, stride, padding)
+        dx, dw = kernels.backward(x, w, dy, stride, padding)
+        _assert_close(dx, dx_ref, "dx")
+        _assert_close(dw, dw_ref, "dw")
+
+
+def test_non_contiguous_input(kernels):
+    x, w, _, stride, padding = _random_case(([5, 64, 7, 7], 64, 2, 1))
+    x_t = x.transpose([0, 1, 3, 2])  # a strided view where Paddle allows it
+    want = _native_forward(x_t.contiguous(), w, stride, padding)
+    _assert_close(kernels.forward(x_t, w, stride, padding), want, "y")
+
+
+def test_float64_falls_back_to_native(kernels):
+    x, w, dy, stride, padding = _random_case(([2, 3, 8, 8], 4, 2, 1))
+    x, w, dy = x.astype("float64"), w.astype("float64"), dy.astype("float64")
+    y = kernels.forward(x, w, stride, padding)
+    assert y.dtype == paddle.float64
+    _assert_close(y, _native_forward(x, w, stride, padding), "y")
+    dx, dw = kernels.backward(x, w, dy, stride, padding)
+    dx_ref, dw_ref = _native_backward(x, w, dy, stride, padding)
+    _assert_close(dx, dx_ref, "dx")
+    _assert_close(dw, dw_ref, "dw")
+
+
+def test_channel_mismatch_raises(kernels):
+    x = paddle.ones([2, 3, 8, 8])
+    w = paddle.ones([4, 5, 3, 3])
+    with pytest.raises(Exception, match="channels"):
+        kernels.forward(x, w, 1, 1)
+
+
+def test_openmp_thread_count_restored(kernels):
+    """Paddle keeps its OpenMP runtime at one thread; the kernels must leave it that way."""
+    import ctypes
+
+    library = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
+    if not os.path.isfile(library):
+        pytest.skip("this Paddle build has no libiomp5")
+    iomp = ctypes.CDLL(library)
+    before = iomp.omp_get_max_threads()
+    x, w, dy, stride, padding = _random_case(([25, 64, 14, 14], 64, 2, 1))
+    kernels.forward(x, w, stride, padding)
+    kernels.backward(x, w, dy, stride, padding)
+    assert iomp.omp_get_max_threads() == before
+
+
+def test_second_order_gradients_through_ops(kernels, monkeypatch):
+    """MAML-style meta-gradient through metalearn.ops with the fast kernels equals the native one."""
+    from metalearn import ops
+
+    def meta_gradient(seed):
+        rng = np.random.default_rng(seed)
+        x = paddle.to_tensor(rng.standard_normal([5, 3, 9, 9]).astype("float32"))
+        w1 = paddle.to_tensor(rng.standard_normal([4, 3, 3, 3]).astype("float32"))
+        w2 = paddle.to_tensor(rng.standard_normal([6, 4, 3, 3]).astype("float32"))
+        w1.stop_gradient = w2.stop_gradient = False
+
+        def loss(a, b):
+            hidden = paddle.nn.functional.relu(ops.conv2d(x, a, 2, 1))
+            out = ops.conv2d(hidden, b, 1, 0)
+            return (out * out).mean()
+
+        g1, g2 = paddle.grad(loss(w1, w2), [w1, w2], create_graph=True)
+        return [g.numpy() for g in paddle.grad(loss(w1 - 0.1 * g1, w2 - 0.1 * g2), [w1, w2])]
+
+    native = meta_gradient(3)
+    monkeypatch.setattr(ops, "_kernels", kernels)
+    fast = meta_gradient(3)
+    for got, want in zip(fast, native):
+        _assert_close(paddle.to_tensor(got), paddle.to_tensor(want), "meta-gradient")
+
+
+def test_disabled_by_environment():
+    code = (
+        "import sys; from metalearn import fastconv; sys.exit(fastconv.load_kernels() is not None)"
+    )
+    env = dict(os.environ, PADDLE_MAML_NO_FASTCONV="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fastconv" not in result.stderr
+
+
+def test_build_failure_returns_none_with_one_line(tmp_path):
+    """A broken source gives None and a single warning line, no traceback."""
+    broken = tmp_path / "onednn_conv.cc"
+    broken.write_text("this is not C++\n")
+    code = (
+        "import pathlib, sys; from metalearn import fastconv; "
+        f"fastconv.SOURCE = pathlib.Path({str(broken)!r}); "
+        "sys.exit(fastconv.load_kernels() is not None)"
+    )
+    env = dict(os.environ, PADDLE_MAML_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("PADDLE_MAML_NO_FASTCONV", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "metalearn.fastconv" in line]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "compilation failed" in lines[0]
