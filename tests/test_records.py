@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, assert_one_line_error, run_script
 from PIL import Image
 
 from metalearn import algorithms, plots
@@ -20,7 +21,6 @@ from metalearn.evaluation import evaluate
 from metalearn.records import RecordsError, RunConflict, RunRecords, db_path
 from metalearn.trainer import Trainer, prepare_config, train
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = {
     "n_way": 5,
     "k_spt": 1,
@@ -57,21 +57,7 @@ def sine(work: Path, **overrides) -> dict:
 
 
 def runs_py(work: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "runs.py"), *args, "--work_dir", str(work)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert fragment in errors[0], errors[0]
+    return run_script("runs.py", *args, "--work_dir", str(work), stdin=stdin, timeout=60)
 
 
 def assert_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:

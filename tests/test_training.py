@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, assert_one_line_error, run_script
 
 from metalearn import algorithms
 from metalearn.checkpoint import load_checkpoint
@@ -19,7 +20,6 @@ from metalearn.errors import UserError
 from metalearn.evaluation import evaluate, evaluate_tasks
 from metalearn.trainer import Trainer, prepare_config, train
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = {
     "n_way": 5,
     "k_spt": 1,
@@ -47,24 +47,6 @@ def assert_same_theta(a: Path, b: Path) -> None:
     assert list(left) == list(right)
     for name in left:
         np.testing.assert_allclose(left[name], right[name], rtol=0, atol=1e-6, err_msg=name)
-
-
-def run_script(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert fragment in errors[0]
 
 
 def test_resume_ends_with_the_same_theta(omniglot_dir, tmp_path) -> None:
