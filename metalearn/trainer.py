@@ -76,6 +76,7 @@ def prepare_config(given: dict) -> dict:
         config["resume"] = str(run_dir)
         config["run_name"] = run_dir.name
         config["work_dir"] = str(run_dir.parent)
+        validate_config(config)
         return config
     config = resolve_defaults(given)
     validate_config(config)
@@ -196,6 +197,8 @@ class Trainer:
                 break
         progress.close()
         metric = self.problem.net.metric_name
+        if self.state.best_score is None:  # resumed at its last iteration: nothing was run
+            return self.state
         self._say(
             f"best validation {metric}: {self.state.best_score:.4f} "
             f"(iteration {self.state.best_iteration}); run folder: {self.run_dir}"
