@@ -81,3 +81,12 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path, monkeypatch) -> None:
     with pytest.raises(UserError, match="refusing"):
         load_legacy_pkl(path)
     assert not (tmp_path / "should_not_exist").exists()
+
+
+def test_atomic_writes_give_ordinary_file_permissions(tmp_path) -> None:
+    net = ConvNet(n_way=5)
+    path = tmp_path / "best.npz"
+    save_checkpoint(path, Checkpoint(net.init_params(0), {"network": net.config()}))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
