@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 warnings.simplefilter("ignore")
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from paddle import _C_ops  # noqa: E402
+import numpy as np
+import paddle
+from paddle import _C_ops
 
-from metalearn.fastconv import load_kernels  # noqa: E402
+from metalearn.fastconv import load_kernels
 
 # (input channels, spatial size) of each conv layer's input; 64 output channels, 3x3, s2, p1.
 LAYERS = [(1, 28), (64, 14), (64, 7), (64, 4)]

@@ -8,8 +8,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 flags=(--n_way 5 --k_spt 1 --glob_update_step 1 --glob_base_lr 0.4 --task_num 32 --epochs 30
        --val_every 100000 --val_tasks 1 --log_every 100000 --ckpt_every 100000 --work_dir "$work" "$@")
-python train.py "${flags[@]}" --run_name one > "$work/one.log" 2>&1
-python -m paddle.distributed.launch --nproc_per_node 2 --log_dir "$work/logs" train.py "${flags[@]}" --run_name two > "$work/two.log" 2>&1
+python train.py "${flags[@]}" --run_name one > "$work/one.log" 2>&1 || { tail -5 "$work/one.log"; exit 1; }
+python -m paddle.distributed.launch --nproc_per_node 2 --log_dir "$work/logs" train.py "${flags[@]}" \
+  --run_name two > "$work/two.log" 2>&1 || { tail -5 "$work/logs/workerlog.0"; exit 1; }
 for run in one two; do
   python - "$work/$run/last.npz" "$run" <<'PY'
 import json, sys

@@ -26,8 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from metalearn.runtime import tune_allocator
+
+tune_allocator()  # as train.py does, before Paddle loads (re-executes this script once)
+
 import paddle
 
+from metalearn import ops
 from metalearn.algorithms import MetaLearner, make_parameters
 from metalearn.nets import MLP, ConvNet
 from metalearn.tasks import ImageTasks, SinusoidTasks
@@ -278,11 +283,18 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table here as a JSON list")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", nargs="*", help="substrings selecting configurations")
+    parser.add_argument(
+        "--kernels",
+        choices=("fast", "native"),
+        default="fast",
+        help="our convolution kernels, as train.py's flag (default fast)",
+    )
     args = parser.parse_args()
     if torch is None:
         print("torch is not installed (pip install -r requirements-bench.txt): ours only")
     else:
         torch.set_num_threads(os.cpu_count() or 1)
+    print(f"convolution kernels: {ops.use_kernels(args.kernels)}")
     rss = PeakRSS()
     rows = []
     for config in CONFIGS:

@@ -233,7 +233,7 @@ class MetaLearner:
             x_s, y_s, x_q, y_q = to_tensors(chunk)
             trajectory = self.adapt(self._start(len(chunk), False), x_s, y_s, steps, False)
             rows.extend(self._query_metrics(trajectory, x_q, y_q))
-        return np.array(rows, dtype=np.float64)
+        return np.array(rows, dtype=np.float64).reshape(len(rows), steps + 1)
 
     def predict_after_steps(
         self, task: Task, x: np.ndarray, steps: Sequence[int]

@@ -63,18 +63,23 @@ def launch(args: list[str], log_dir: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("algo", ["maml", "reptile"])
 def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, algo) -> None:
-    args = [*flags(omniglot_dir, tmp_path, algo), "--epochs", "3"]
+    """One process for 3 iterations == two processes for 2, then resumed under the launcher."""
+    args = flags(omniglot_dir, tmp_path, algo)
     single = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args, "--run_name", "one"],
+        [sys.executable, str(REPO / "train.py"), *args, "--epochs", "3", "--run_name", "one"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert single.returncode == 0, single.stderr
-    job = launch([*args, "--run_name", "two"], tmp_path / "logs")
-    output, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, output
+    for step in (
+        ["--epochs", "2", *args, "--run_name", "two"],
+        ["--resume", str(tmp_path / "two"), "--epochs", "3"],
+    ):
+        job = launch(step, tmp_path / "logs")
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, output
     one = load_checkpoint(tmp_path / "one" / "last.npz").params
     two = load_checkpoint(tmp_path / "two" / "last.npz").params
     for name in one:

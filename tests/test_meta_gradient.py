@@ -104,3 +104,11 @@ def test_maml_differs_from_fomaml_on_the_real_network() -> None:
     fomaml = MetaLearner(net, make_parameters(arrays), "fomaml", 0.4, 1).task_direction(task)[0]
     first_conv = "conv0.weight"
     assert not np.allclose(maml[first_conv].numpy(), fomaml[first_conv].numpy(), rtol=1e-3)
+
+
+def test_a_process_without_tasks_evaluates_to_an_empty_table() -> None:
+    """With more processes than validation tasks some get none; their rows must still stack."""
+    net = ConvNet(n_way=5)
+    learner = MetaLearner(net, make_parameters(net.init_params(0)), "maml", 0.4, 1)
+    assert learner.evaluate([], 3).shape == (0, 4)
+    assert learner.evaluate([omniglot_like_task()], 3).shape == (1, 4)
