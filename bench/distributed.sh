@@ -22,6 +22,6 @@ state = meta["state"]
 its = state["iteration"] / state["elapsed_seconds"]
 processes = {"one": 1, "two": 2}[sys.argv[2]]
 print(f"{processes} process(es): {its:.3f} meta-iterations/s over {state['iteration']} iterations; "
-      f"all-reduce per iteration: {size} floats ({size * 4 / 1024:.0f} KiB) + 2 statistics")
+      f"all-reduce per iteration: {size} floats ({size * 4 / 1024:.0f} KiB) + the loss sum")
 PY
 done
