@@ -28,3 +28,28 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert fragment in errors[0], errors[0]
+
+
+# The smallest Omniglot training that still exercises every part of the loop.
+TINY = {
+    "n_way": 5,
+    "k_spt": 1,
+    "k_query": 2,
+    "task_num": 2,
+    "glob_update_step": 1,
+    "glob_update_step_test": 1,
+    "val_tasks": 3,
+    "val_every": 100,
+    "log_every": 2,
+    "glob_base_lr": 0.4,
+}
+
+
+def tiny(omniglot_dir: Path, work: Path, **overrides) -> dict:
+    """TINY as the flags dict ``train()`` takes, with data and work folders."""
+    return {**TINY, "data_dir": str(omniglot_dir), "work_dir": str(work), **overrides}
+
+
+def as_flags(config: dict) -> list[str]:
+    """The same settings as train.py's command line."""
+    return [item for key, value in config.items() for item in (f"--{key}", str(value))]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import as_flags, tiny
 
 from metalearn import distributed
 from metalearn.checkpoint import load_checkpoint
@@ -29,26 +30,7 @@ def deterministic_kernels(monkeypatch) -> None:
 
 def flags(omniglot_dir: Path, work: Path, algo: str) -> list[str]:
     # 3 tasks over 2 processes: an uneven split (2 + 1) that must still average correctly.
-    return [
-        "--data_dir",
-        str(omniglot_dir),
-        "--work_dir",
-        str(work),
-        "--algo",
-        algo,
-        "--task_num",
-        "3",
-        "--k_query",
-        "2",
-        "--glob_update_step",
-        "1",
-        "--glob_update_step_test",
-        "1",
-        "--val_tasks",
-        "3",
-        "--ckpt_every",
-        "1",
-    ]
+    return as_flags(tiny(omniglot_dir, work, algo=algo, task_num=3, ckpt_every=1))
 
 
 def launch(args: list[str], log_dir: Path) -> subprocess.Popen:

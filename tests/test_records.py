@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, assert_one_line_error, run_script
+from helpers import REPO, TINY, as_flags, assert_one_line_error, run_script
+from helpers import tiny as tiny_run
 from PIL import Image
 
 from metalearn import algorithms, plots
@@ -21,18 +22,6 @@ from metalearn.evaluation import evaluate
 from metalearn.records import RecordsError, RunConflict, RunRecords, db_path
 from metalearn.trainer import Trainer, prepare_config, train
 
-TINY = {
-    "n_way": 5,
-    "k_spt": 1,
-    "k_query": 2,
-    "task_num": 2,
-    "glob_update_step": 1,
-    "glob_update_step_test": 1,
-    "val_tasks": 3,
-    "val_every": 3,
-    "log_every": 2,
-    "glob_base_lr": 0.4,
-}
 SINE = {
     "dataset": "sinusoid",
     "task_num": 2,
@@ -41,15 +30,11 @@ SINE = {
     "val_every": 2,
     "log_every": 1,
 }
-TINY_FLAGS = [
-    "--n_way", "5", "--k_spt", "1", "--k_query", "2", "--task_num", "2",
-    "--glob_update_step", "1", "--glob_update_step_test", "1", "--val_tasks", "2",
-    "--log_every", "1", "--val_every", "2",
-]  # fmt: skip
+TINY_FLAGS = as_flags({**TINY, "val_tasks": 2, "log_every": 1, "val_every": 2})
 
 
 def tiny(omniglot_dir: Path, work: Path, **overrides) -> dict:
-    return {**TINY, "data_dir": str(omniglot_dir), "work_dir": str(work), **overrides}
+    return tiny_run(omniglot_dir, work, **{"val_every": 3, **overrides})
 
 
 def sine(work: Path, **overrides) -> dict:

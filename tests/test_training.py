@@ -12,30 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, assert_one_line_error, run_script
+from helpers import REPO, as_flags, assert_one_line_error, run_script, tiny
 
 from metalearn import algorithms
 from metalearn.checkpoint import load_checkpoint
 from metalearn.errors import UserError
 from metalearn.evaluation import evaluate, evaluate_tasks
 from metalearn.trainer import Trainer, prepare_config, train
-
-TINY = {
-    "n_way": 5,
-    "k_spt": 1,
-    "k_query": 2,
-    "task_num": 2,
-    "glob_update_step": 1,
-    "glob_update_step_test": 1,
-    "val_tasks": 3,
-    "val_every": 100,
-    "log_every": 2,
-    "glob_base_lr": 0.4,
-}
-
-
-def tiny(omniglot_dir: Path, work: Path, **overrides) -> dict:
-    return {**TINY, "data_dir": str(omniglot_dir), "work_dir": str(work), **overrides}
 
 
 def theta(path: Path) -> dict[str, np.ndarray]:
@@ -112,30 +95,7 @@ def test_short_training_lifts_accuracy(omniglot_dir, tmp_path) -> None:
 def test_killed_training_resumes_to_the_same_theta(omniglot_dir, tmp_path, monkeypatch) -> None:
     # Fixed oneDNN implementation choices, so that separate processes compute identical bits.
     monkeypatch.setenv("PADDLE_MAML_FASTCONV_TUNE", "0")
-    args = [
-        "--data_dir",
-        str(omniglot_dir),
-        "--work_dir",
-        str(tmp_path),
-        "--n_way",
-        "5",
-        "--k_spt",
-        "1",
-        "--k_query",
-        "2",
-        "--task_num",
-        "2",
-        "--glob_update_step",
-        "1",
-        "--glob_update_step_test",
-        "1",
-        "--val_tasks",
-        "2",
-        "--ckpt_every",
-        "1",
-        "--epochs",
-        "8",
-    ]
+    args = as_flags(tiny(omniglot_dir, tmp_path, val_tasks=2, ckpt_every=1, epochs=8))
     assert run_script("train.py", *args, "--run_name", "whole").returncode == 0
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args, "--run_name", "cut"],
