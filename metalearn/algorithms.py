@@ -131,7 +131,10 @@ class MetaLearner:
         return trajectory
 
     def _chunks(self, tasks: Sequence[Task]) -> list[Sequence[Task]]:
-        return [tasks] if getattr(self.net, "task_batched", False) else [[t] for t in tasks]
+        """How tasks are computed: all stacked at once, or one by one (none: no chunk)."""
+        if getattr(self.net, "task_batched", False):
+            return [tasks] if tasks else []
+        return [[t] for t in tasks]
 
     def _start(self, count: int, differentiable: bool) -> TensorDict:
         """θ, or for a stacked chunk one copy of θ per task; leaves unless ``differentiable``."""

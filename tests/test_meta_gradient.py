@@ -8,7 +8,7 @@ import pytest
 
 from metalearn.algorithms import MetaLearner, apply_direction, make_parameters
 from metalearn.gradcheck import meta_gradient_error, tiny_problem
-from metalearn.nets import ConvNet
+from metalearn.nets import MLP, ConvNet
 from metalearn.tasks import Task
 
 
@@ -112,3 +112,7 @@ def test_a_process_without_tasks_evaluates_to_an_empty_table() -> None:
     learner = MetaLearner(net, make_parameters(net.init_params(0)), "maml", 0.4, 1)
     assert learner.evaluate([], 3).shape == (0, 4)
     assert learner.evaluate([omniglot_like_task()], 3).shape == (1, 4)
+    mlp = MLP()
+    stacked = MetaLearner(mlp, make_parameters(mlp.init_params(0)), "maml", 0.01, 1)
+    assert stacked.evaluate([], 3).shape == (0, 4)
+    assert stacked.batch_direction([]) == ({}, [])
