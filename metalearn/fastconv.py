@@ -13,7 +13,14 @@ rebuilds. Delete it to force a rebuild; a failed build leaves its log there.
 
 At the first call of each shape the operator times oneDNN's candidate implementations (both memory
 layouts, all threads vs one thread) and keeps the fastest: about 2-3 s in all for the 12 shapes of
-the Omniglot net at batches 5/25/75, once per process.
+the Omniglot net at batches 5/25/75. Timing is noisy, and two implementations differ in the last
+bits of their float32 results, so the choice is recorded: the first process that tunes a shape
+writes it to ``<build sub-folder>/choices/`` (one small text file per kind, shape, thread budget
+and layout setting, written atomically; tuning holds a lock on ``choices/.lock``), and every later
+process on this machine rebuilds exactly that implementation without timing. Results are then
+bit-identical between a run and its resumed continuation, or between 1- and 2-process runs. A
+record that cannot be rebuilt (another CPU, say) is replaced by a new tuning. Delete the folder to
+tune afresh (after a change of machine load, say).
 
 Environment:
 
@@ -22,7 +29,12 @@ Environment:
   CPUs this process may use or one thread, whichever timed faster (one wins on a busy machine).
   Paddle keeps its OpenMP runtime at one thread; the operator changes that only during its calls.
 * ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in.
-* ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads.
+* ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads
+  (recorded choices are neither read nor written).
+* ``PADDLE_MAML_FASTCONV_CHOICES``: folder of the recorded choices, read by the operator at its
+  first call. :func:`load_kernels` sets it to ``choices/`` in the build sub-folder (replacing an
+  inherited value, which may belong to another build) unless it is ``0``: no recording, every
+  process tunes for itself.
 * ``PADDLE_MAML_FASTCONV_VERBOSE=1``: print the candidates, their times and the choice to stderr.
 
 Only float32 CPU tensors go to oneDNN; :class:`Kernels` sends anything else (float64 for the
@@ -31,6 +43,7 @@ gradient checks, say) to Paddle's native kernels, so callers may use it uncondit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -55,6 +68,7 @@ _NAME = "paddle_maml_fastconv"
 _CXX_FLAGS = ["-O2", "-g0", "-w"]
 _LD_FLAGS = ["-ldl"]
 _BUILD_TIMEOUT_S = 900
+CHOICES_ENV = "PADDLE_MAML_FASTCONV_CHOICES"
 _OPS = (
     "fastconv_forward",
     "fastconv_backward",
@@ -162,6 +176,7 @@ def load_kernels() -> Kernels | None:
             _loaded = True
             try:
                 library = _build()
+                _use_choices(library)
                 _register(library)
                 kernels = Kernels(library)
                 _self_check(kernels)
@@ -240,6 +255,21 @@ def _build() -> Path:
             raise RuntimeError(f"compilation failed, see {log}")
         done.write_text(f"{_NAME}\n")
     return library
+
+
+def choices_dir(library: Path) -> Path:
+    """Folder of the recorded tuning choices of the operator built at ``library``."""
+    return library.parent.parent / "choices"
+
+
+def _use_choices(library: Path) -> None:
+    """Point the operator at its recorded choices (before its first call reads the variable)."""
+    if os.environ.get(CHOICES_ENV, "").strip() == "0":
+        return
+    folder = choices_dir(library)
+    with contextlib.suppress(OSError):  # read-only cache: each process tunes, records fail quietly
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ[CHOICES_ENV] = str(folder)
 
 
 class _file_lock:

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def deterministic_kernels(monkeypatch) -> None:
-    """The oneDNN kernels pick their implementation by timing, per process; Adam turns last-bit
-    differences of near-zero gradients into visible ones. Fixed choices make processes agree."""
-    monkeypatch.setenv("PADDLE_MAML_FASTCONV_TUNE", "0")
-
-
 def flags(omniglot_dir: Path, work: Path, algo: str) -> list[str]:
     # 3 tasks over 2 processes: an uneven split (2 + 1) that must still average correctly.
     return as_flags(tiny(omniglot_dir, work, algo=algo, task_num=3, ckpt_every=1))

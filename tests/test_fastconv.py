@@ -212,3 +212,126 @@ def test_build_failure_returns_none_with_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "compilation failed" in lines[0]
+
+
+# Run in a fresh process: forward and backward of the cases argv[2] (JSON), saved in folder argv[1].
+_RECORD_SCRIPT = """
+import json, sys
+import numpy as np
+import paddle
+from metalearn import fastconv
+
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+kernels = fastconv.load_kernels()
+assert kernels is not None, "fast path unavailable"
+print("LIBRARY", kernels.library)
+for i, (shape, out_channels, stride, padding) in enumerate(cases):
+    rng = np.random.default_rng(i)
+    x = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+    w = paddle.to_tensor(
+        rng.standard_normal([out_channels, shape[1], 3, 3]).astype("float32") / 3.0
+    )
+    y = kernels.forward(x, w, stride, padding)
+    dy = paddle.to_tensor(rng.standard_normal(y.shape).astype("float32"))
+    dx, dw = kernels.backward(x, w, dy, stride, padding)
+    dx_only = kernels.backward_data(x, w, dy, stride, padding)
+    dw_only = kernels.backward_weights(x, w, dy, stride, padding)
+    outputs = {"y": y, "dx": dx, "dw": dw, "dx_only": dx_only, "dw_only": dw_only}
+    for name, value in outputs.items():
+        np.save(f"{out}/{i}_{name}.npy", value.numpy())
+"""
+
+
+def _cache_with_build(kernels, tmp_path):
+    """A fresh cache folder holding a copy of the compiled operator (no rebuild) and no choices.
+
+    Returns (cache folder, the copy's choices folder).
+    """
+    import shutil
+
+    build_dir = kernels.library.parent.parent
+    choices = fastconv.choices_dir(kernels.library)
+    cache = tmp_path / "cache"
+    copy = cache / "fastconv" / build_dir.name
+    shutil.copytree(build_dir, copy, ignore=shutil.ignore_patterns(choices.name))
+    return cache, copy / choices.relative_to(build_dir)
+
+
+def _run_recording(cache, out, cases):
+    """Runs _RECORD_SCRIPT in a new process on `cache`; returns its stderr (verbose choices)."""
+    import json
+
+    out.mkdir()
+    env = dict(os.environ, PADDLE_MAML_CACHE_DIR=str(cache), PADDLE_MAML_FASTCONV_VERBOSE="1")
+    for name in ("PADDLE_MAML_NO_FASTCONV", "PADDLE_MAML_FASTCONV_TUNE", fastconv.CHOICES_ENV):
+        env.pop(name, None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _RECORD_SCRIPT, str(out), json.dumps(cases)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    library = result.stdout.split("LIBRARY ", 1)[1].split()[0]
+    assert library.startswith(str(cache)), library  # the copied build, not a new one
+    return result.stderr
+
+
+RECORDED_CASES = [
+    ([5, 1, 28, 28], 64, 2, 1),
+    ([25, 64, 14, 14], 64, 2, 1),
+    ([25, 64, 7, 7], 64, 2, 1),
+    ([75, 64, 4, 4], 64, 2, 1),
+    ([5, 64, 7, 7], 64, 1, 0),
+]
+
+
+def test_recorded_choices_give_identical_results_across_processes(kernels, tmp_path):
+    """The first process tunes and records its choices; a second one loads them without timing
+    and computes bit-identical forward and backward results."""
+    cache, choices = _cache_with_build(kernels, tmp_path)
+    first = _run_recording(cache, tmp_path / "first", RECORDED_CASES)
+    records = sorted(choices.glob("*.txt"))
+    # three kinds for each case and for the shape of the self-check
+    assert len(records) == 3 * (len(RECORDED_CASES) + 1), [p.name for p in records]
+    assert all(p.read_text().startswith("impl=") for p in records)
+    assert "recorded in" in first and "(recorded)" not in first, first
+    contents = [p.read_text() for p in records]
+
+    second = _run_recording(cache, tmp_path / "second", RECORDED_CASES)
+    assert "recorded in" not in second and "(recorded)" in second, second
+    assert sorted(choices.glob("*.txt")) == records
+    assert [p.read_text() for p in records] == contents
+
+    names = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert len(names) == 5 * len(RECORDED_CASES)
+    for name in names:
+        a = np.load(tmp_path / "first" / name)
+        b = np.load(tmp_path / "second" / name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), f"{name} differs between the processes"
+
+
+def test_unusable_recorded_choice_is_retuned(kernels, tmp_path):
+    """A record naming an implementation this machine lacks is replaced by a fresh tuning."""
+    cache, choices = _cache_with_build(kernels, tmp_path)
+    case = ([2, 3, 8, 8], 4, 2, 0)
+    _run_recording(cache, tmp_path / "first", [case])
+    record = next(choices.glob("fwd-x2x3x8x8-o4-k3-s2-p0-*.txt"))
+    bogus = "impl=jit:no_such_isa\nblocked=1\nthreads=1\nsignature=jit:no_such_isa|2|1\n"
+    record.write_text(bogus)
+
+    second = _run_recording(cache, tmp_path / "second", [case])
+    assert "cannot rebuild" in second, second
+    assert record.read_text() != bogus and record.read_text().startswith("impl=")
+    rng = np.random.default_rng(0)  # the inputs of _RECORD_SCRIPT's case 0
+    x = paddle.to_tensor(rng.standard_normal(case[0]).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal([4, 3, 3, 3]).astype("float32") / 3.0)
+    _assert_close(
+        paddle.to_tensor(np.load(tmp_path / "second" / "0_y.npy")),
+        _native_forward(x, w, case[2], case[3]),
+        "y after re-tuning",
+    )

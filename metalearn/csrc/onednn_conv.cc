@@ -31,12 +31,26 @@
 // PADDLE_MAML_FASTCONV_LAYOUT=plain|blocked restricts the layouts; PADDLE_MAML_FASTCONV_TUNE=0
 // skips the timing and takes oneDNN's first choice, blocked layout, all threads (deterministic
 // choice, no start-up cost). PADDLE_MAML_FASTCONV_VERBOSE=1 prints the choices to stderr.
+//
+// Recorded choices: timing is noisy, so two processes may pick different implementations for a
+// shape and then differ in the last bits of their results. When PADDLE_MAML_FASTCONV_CHOICES names
+// a folder (metalearn/fastconv.py sets it to one next to the compiled library), the first process
+// that tunes a shape writes its choice there (one small text file per kind, shape, thread budget
+// and layout setting; temporary file + rename), and later processes rebuild exactly that plan
+// without timing. Tuning happens under an advisory lock on <folder>/.lock, re-checked once the
+// lock is held, so processes started together agree too. A record that cannot be rebuilt (another
+// CPU, say) is replaced by a new tuning. With PADDLE_MAML_FASTCONV_TUNE=0 records are not used.
 
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <sched.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -167,6 +181,8 @@ struct Runtime {
   int threads = 1;           // most threads a primitive may use
   bool threads_fixed = false;  // PADDLE_MAML_FASTCONV_THREADS given: use exactly that many
   bool try_plain = true, try_blocked = true, tune = true;
+  std::string layout = "auto";
+  std::string choices;  // folder of recorded choices; empty: none
 
   Runtime() {
     void* lib = dlopen("libdnnl.so.3", RTLD_LAZY | RTLD_NOLOAD);
@@ -220,18 +236,23 @@ struct Runtime {
     threads = std::max(1, env_int("PADDLE_MAML_FASTCONV_THREADS", available));
     threads_fixed = env_int("PADDLE_MAML_FASTCONV_THREADS", 0) > 0;
     const char* layout_env = std::getenv("PADDLE_MAML_FASTCONV_LAYOUT");
-    std::string layout = layout_env ? layout_env : "auto";
+    if (layout_env != nullptr && *layout_env != '\0') layout = layout_env;
     try_plain = layout != "blocked";
     try_blocked = layout != "plain";
     tune = env_int("PADDLE_MAML_FASTCONV_TUNE", 1) != 0;
+    const char* choices_env = std::getenv("PADDLE_MAML_FASTCONV_CHOICES");
+    if (choices_env != nullptr && std::strcmp(choices_env, "0") != 0) choices = choices_env;
+    while (choices.size() > 1 && choices.back() == '/') choices.pop_back();
+    if (!choices.empty()) ::mkdir(choices.c_str(), 0777);  // usually exists already
 
     check(api.engine_create(&engine, kEngineCpu, 0), "dnnl_engine_create");
     check(api.stream_create(&stream, engine, kStreamDefault), "dnnl_stream_create");
     if (verbose())
       std::fprintf(stderr,
-                   "fastconv: oneDNN %d.%d.%d cpu_runtime=%u omp=%s threads=%d layout=%s tune=%d\n",
+                   "fastconv: oneDNN %d.%d.%d cpu_runtime=%u omp=%s threads=%d layout=%s tune=%d "
+                   "choices=%s\n",
                    v->major, v->minor, v->patch, v->cpu_runtime, omp.name, threads,
-                   layout.c_str(), int(tune));
+                   layout.c_str(), int(tune), choices.empty() ? "-" : choices.c_str());
   }
 };
 
@@ -623,13 +644,140 @@ static std::unique_ptr<Plan> tuned_choice(Runtime& rt, Kind kind, const Shape& s
   return best;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Recorded choices (see the comment at the top of the file).
+
+struct Choice {
+  std::string impl, signature;
+  bool blocked = false;
+  int threads = 0;
+};
+
+// File name of the record of (kind, shape) under this process's thread budget and layout setting.
+static std::string choice_file(const Runtime& rt, Kind kind, const Shape& s) {
+  char name[256];
+  std::snprintf(name, sizeof(name), "%s-x%ldx%ldx%ldx%ld-o%ld-k%ld-s%d-p%d-t%d%s-%s.txt",
+                kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o),
+                long(s.k), s.stride, s.pad, rt.threads, rt.threads_fixed ? "fixed" : "",
+                rt.layout.c_str());
+  std::string file = name;
+  for (char& ch : file)  // the layout comes from the environment: keep the name a plain file
+    if (ch == '/' || ch == ' ') ch = '_';
+  return rt.choices + "/" + file;
+}
+
+static bool read_choice(const std::string& path, Choice* choice) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return false;
+  Choice c;
+  char line[1024];
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    std::string text = line;
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    size_t eq = text.find('=');
+    if (eq == std::string::npos) continue;
+    std::string key = text.substr(0, eq), value = text.substr(eq + 1);
+    if (key == "impl") c.impl = value;
+    else if (key == "signature") c.signature = value;
+    else if (key == "blocked") c.blocked = value == "1";
+    else if (key == "threads") c.threads = std::atoi(value.c_str());
+  }
+  std::fclose(f);
+  if (c.impl.empty() || c.signature.empty() || c.threads < 1) return false;
+  *choice = c;
+  return true;
+}
+
+// Writes the record atomically (temporary file in the same folder, then rename).
+static void write_choice(const std::string& path, const Plan& plan) {
+  std::string tmp = path + ".tmp" + std::to_string(long(::getpid()));
+  FILE* f = std::fopen(tmp.c_str(), "w");
+  bool ok = f != nullptr;
+  if (ok) {
+    ok = std::fprintf(f, "impl=%s\nblocked=%d\nthreads=%d\nsignature=%s\n", plan.impl().c_str(),
+                      int(plan.blocked), plan.threads, plan.signature().c_str()) > 0;
+    ok = std::fclose(f) == 0 && ok;
+  }
+  if (ok) ok = std::rename(tmp.c_str(), path.c_str()) == 0;
+  if (!ok) {
+    std::remove(tmp.c_str());
+    if (verbose())
+      std::fprintf(stderr, "fastconv: could not record the choice in %s\n", path.c_str());
+  }
+}
+
+// The plan of a recorded choice, or null when this process cannot build exactly that plan.
+static std::unique_ptr<Plan> rebuild(Runtime& rt, Kind kind, const Shape& s, const Choice& c) {
+  if (c.threads > rt.threads || (rt.threads_fixed && c.threads != rt.threads)) return nullptr;
+  if (c.blocked ? !rt.try_blocked : !rt.try_plain) return nullptr;
+  ThreadScope scope(rt, c.threads);
+  std::unique_ptr<Plan> plan;
+  for (handle pd : candidates(rt, kind, s, c.blocked, kMaxImpls)) {
+    if (plan || c.impl != impl_name(rt, pd)) {
+      rt.api.primitive_desc_destroy(pd);
+      continue;
+    }
+    try {
+      auto built = build(rt, kind, s, pd, c.threads, c.blocked);
+      if (built->signature() == c.signature) plan = std::move(built);
+    } catch (const std::exception&) {
+    }
+  }
+  return plan;
+}
+
+// Exclusive advisory lock on a file for the lifetime of the object (no lock if it cannot be had).
+class FileLock {
+ public:
+  explicit FileLock(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd_ < 0) return;
+    int status;
+    do status = ::flock(fd_, LOCK_EX);
+    while (status != 0 && errno == EINTR);
+    if (status != 0) ::close(fd_), fd_ = -1;
+  }
+  ~FileLock() {
+    if (fd_ >= 0) ::close(fd_);  // closing releases the lock
+  }
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+// The recorded choice of this (kind, shape) if there is one this process can rebuild; otherwise
+// tunes (under the lock, after looking again) and records the result.
+static std::unique_ptr<Plan> recorded_or_tuned(Runtime& rt, Kind kind, const Shape& s) {
+  std::string path = choice_file(rt, kind, s);
+  auto load = [&]() -> std::unique_ptr<Plan> {
+    Choice c;
+    if (!read_choice(path, &c)) return nullptr;
+    auto plan = rebuild(rt, kind, s, c);
+    if (verbose()) {
+      if (plan) log_choice(kind, s, *plan, "  (recorded)");
+      else std::fprintf(stderr, "fastconv: cannot rebuild the choice in %s\n", path.c_str());
+    }
+    return plan;
+  };
+  if (auto plan = load()) return plan;
+  FileLock guard(rt.choices + "/.lock");
+  if (auto plan = load()) return plan;  // recorded meanwhile by another process
+  auto plan = tuned_choice(rt, kind, s);
+  write_choice(path, *plan);
+  if (verbose()) std::fprintf(stderr, "fastconv: recorded in %s\n", path.c_str());
+  return plan;
+}
+
 static std::unique_ptr<Plan> choose(Runtime& rt, Kind kind, const Shape& s) {
   if (!rt.tune) {
     auto plan = first_choice(rt, kind, s);
     if (verbose()) log_choice(kind, s, *plan, "");
     return plan;
   }
-  return tuned_choice(rt, kind, s);
+  if (rt.choices.empty()) return tuned_choice(rt, kind, s);
+  return recorded_or_tuned(rt, kind, s);
 }
 
 static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
