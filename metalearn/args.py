@@ -104,7 +104,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--algo",
         choices=ALGORITHMS,
-        help="maml (second order, default), fomaml (first order) or reptile",
+        help="maml (second order, default), fomaml (first order), reptile, or pretrain "
+        "(the paper's baseline: plain regression on the tasks' points)",
     )
     parser.add_argument("--meta_step", type=float, help="Reptile's outer step ε (default 1.0)")
     parser.add_argument(

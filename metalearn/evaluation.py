@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,7 @@ from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.problems import build_problem
 from metalearn.records import TestSession
-from metalearn.tasks import Task, task_rng
-
-
-def evaluate_tasks(learner: MetaLearner, tasks: Sequence[Task], steps: int) -> np.ndarray:
-    """Metric on each task's query set after 0..steps inner steps: shape [tasks, steps + 1]."""
-    return learner.evaluate(tasks, steps)
+from metalearn.tasks import task_rng
 
 
 def summarise(per_task: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +126,7 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     distributed.init()
     shares = distributed.my_share(given["tasks"])
     tasks = [sampler.sample(given["seed"], "test", 0, index) for index in shares]
-    mean, ci95 = summarise(distributed.gather_rows(evaluate_tasks(learner, tasks, steps)))
+    mean, ci95 = summarise(distributed.gather_rows(learner.evaluate(tasks, steps)))
     metric = problem.net.metric_name
     key = "acc" if metric == "accuracy" else metric
     results = {

@@ -35,7 +35,6 @@ from metalearn.checkpoint import (
 )
 from metalearn.device import select_device
 from metalearn.errors import UserError
-from metalearn.evaluation import evaluate_tasks
 from metalearn.fileio import write_json
 from metalearn.problems import Problem, build_problem
 from metalearn.records import Recorder  # run record: work_dir/runs.sqlite + curves.png
@@ -251,7 +250,7 @@ class Trainer:
             sampler.sample(config["seed"], "val", 0, index)
             for index in distributed.my_share(config["val_tasks"])
         ]
-        per_task = evaluate_tasks(self.learner, tasks, config["glob_update_step_test"])
+        per_task = self.learner.evaluate(tasks, config["glob_update_step_test"])
         per_step = distributed.gather_rows(per_task).mean(axis=0)
         score = float(per_step[-1])
         state = self.state

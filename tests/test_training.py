@@ -17,7 +17,7 @@ from helpers import REPO, as_flags, assert_one_line_error, run_script, tiny
 from metalearn import algorithms
 from metalearn.checkpoint import load_checkpoint
 from metalearn.errors import UserError
-from metalearn.evaluation import evaluate, evaluate_tasks
+from metalearn.evaluation import evaluate
 from metalearn.trainer import Trainer, prepare_config, train
 
 
@@ -85,9 +85,9 @@ def test_short_training_lifts_accuracy(omniglot_dir, tmp_path) -> None:
     )
     trainer = Trainer(config)
     tasks = [trainer.problem.samplers["val"].sample(0, "val", 0, i) for i in range(40)]
-    before = evaluate_tasks(trainer.learner, tasks, 1).mean(axis=0)
+    before = trainer.learner.evaluate(tasks, 1).mean(axis=0)
     trainer.run()
-    after = evaluate_tasks(trainer.learner, tasks, 1).mean(axis=0)
+    after = trainer.learner.evaluate(tasks, 1).mean(axis=0)
     assert after[1] > before[1] + 0.1, (before, after)
 
 
