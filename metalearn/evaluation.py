@@ -15,6 +15,7 @@ from metalearn.checkpoint import check_compatible, load_checkpoint
 from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
+from metalearn.omniglot import check_seed
 from metalearn.problems import build_problem
 from metalearn.records import TestSession
 from metalearn.tasks import task_rng
@@ -107,6 +108,7 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
             config[key] = given[key]
     if given.get("tasks") is not None and given["tasks"] <= 0:
         raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
+    check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, ("test",))
