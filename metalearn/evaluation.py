@@ -61,6 +61,7 @@ def _checkpoint_path(given: dict, request: dict) -> Path:
 def evaluate(given: dict) -> dict:
     """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
     path = _checkpoint_path(given, request)
     # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
     session = TestSession(path)
@@ -108,7 +109,6 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
             config[key] = given[key]
     if given.get("tasks") is not None and given["tasks"] <= 0:
         raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
-    check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, ("test",))
