@@ -116,3 +116,28 @@ def test_cli_negative_seed_one_line(script: str) -> None:
     result = run_script(script, *args)
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result, "--seed must be a non-negative integer, got -1")
+
+
+def test_data_found_where_make_data_puts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without environment variables the fixtures look in the project folder (packed files) and
+    in data/omniglot (source), as the README's first command leaves them."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.delenv("MAML_DATA_DIR", raising=False)
+    monkeypatch.delenv("OMNIGLOT_SOURCE", raising=False)
+    assert conftest.find_packed() == (
+        None,
+        f"no packed {', '.join(conftest.PACKED_FILES)} in {tmp_path / 'repo'}",
+    )
+    assert conftest.find_source()[0] is None
+    source = tmp_path / "repo" / "data" / "omniglot"
+    source.mkdir(parents=True)
+    for name in omniglot.SETS:
+        (source / f"{name}.zip").touch()
+    for name in conftest.PACKED_FILES:
+        (tmp_path / "repo" / name).touch()
+    assert conftest.find_packed() == (tmp_path / "repo", "")
+    assert conftest.find_source() == (source, "")
