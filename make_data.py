@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=1,
-        help="processes decoding images; 1 took ~7 s, 2 gave no gain on a busy 2-core machine "
-        "(default: %(default)s)",
+        help="processes decoding images, at most 2 per CPU; 1 took ~7 s, 2 gave no gain on a busy "
+        "2-core machine (default: %(default)s)",
     )
     preview = parser.add_argument_group("task preview (reads the packed omniglot_train.npy)")
     preview.add_argument(
@@ -75,9 +75,12 @@ def preview(out: Path, n_way: int, k_spt: int, k_query: int, path: Path | None =
     for flag, value in (("n_way", n_way), ("k_spt", k_spt), ("k_query", k_query)):
         if value <= 0:
             raise UserError(f"--{flag} must be a positive integer, got {value}")
+    path = path if path is not None else out / "task_preview.png"
+    if path.is_dir():
+        raise UserError(f"--preview_path {path} is a folder; give the name of a .png file")
+    omniglot.check_writable_folder(path.parent, "--preview_path")
     sampler = ImageTasks(omniglot.load_split(out, "train"), n_way, k_spt, k_query)
     task = sampler.sample(0, "train", 1, 0)
-    path = path if path is not None else out / "task_preview.png"
     return plots.task_preview(
         path,
         task.x_support,
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     counts = omniglot.parse_split(args.split)
     omniglot.check_seed(args.seed)
+    omniglot.check_workers(args.workers)
+    omniglot.check_writable_folder(args.out)  # before a download or minutes of decoding
     source = args.source
     if source is None:
         source = omniglot.DEFAULT_SOURCE

@@ -7,7 +7,9 @@ to the meta-optimiser as if it were a gradient:
 * ``fomaml``:  ∇θ' L_query(θ') at the adapted weights, treated as constants (first order);
 * ``reptile``: θ − θ' so that plain SGD with step ε gives φ ← φ + ε·(mean θ' − φ) (Nichol et al.);
 * ``pretrain``: ∇θ L(θ) on all of the task's points, no inner loop: the paper's "pretrained"
-  baseline, fine-tuned with the same inner steps only at test time.
+  baseline for sinusoid regression, fine-tuned with the same inner steps only at test time.
+  (Classification tasks relabel their classes per task, so there it is meaningless; the flags
+  refuse it for Omniglot.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import math
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.errors import UserError
+from metalearn.omniglot import check_seed
 
 DATASETS = ("omniglot", "sinusoid")
 
@@ -105,7 +106,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--algo",
         choices=ALGORITHMS,
         help="maml (second order, default), fomaml (first order), reptile, or pretrain "
-        "(the paper's baseline: plain regression on the tasks' points)",
+        "(sinusoid only: the paper's baseline, plain regression on the tasks' points)",
     )
     parser.add_argument("--meta_step", type=float, help="Reptile's outer step ε (default 1.0)")
     parser.add_argument(
@@ -178,6 +179,11 @@ _POSITIVE_INTS = (
     "ckpt_every",
 )
 _NON_NEGATIVE_INTS = ("glob_update_step", "glob_update_step_test")
+MAX_TASKS = 10_000
+"""Upper bound of --task_num and --val_tasks: every task of a meta-batch (or of the validation set)
+is held in memory at once, ~250 KB each for 5-way Omniglot, so 10,000 is already ~2.5 GB; the paper
+uses 32 (Omniglot) and 25 (sinusoid)."""
+_BOUNDED_TASK_COUNTS = ("task_num", "val_tasks")
 _POSITIVE_FLOATS = ("glob_meta_lr", "glob_base_lr", "meta_step", "max_minutes")
 
 
@@ -189,6 +195,14 @@ def validate_config(config: dict) -> None:
     for key in _NON_NEGATIVE_INTS:
         if key in config and config[key] is not None and config[key] < 0:
             raise UserError(f"--{key} must be zero or more, got {config[key]}")
+    for key in _BOUNDED_TASK_COUNTS:
+        if config.get(key) is not None and config[key] > MAX_TASKS:
+            raise UserError(
+                f"--{key} {config[key]} is more than {MAX_TASKS:,} tasks, which are all held in "
+                "memory at once; use fewer"
+            )
+    if "seed" in config:
+        check_seed(config["seed"])
     for key in _POSITIVE_FLOATS:
         value = config.get(key)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -196,6 +210,11 @@ def validate_config(config: dict) -> None:
     final = config.get("meta_step_final")
     if final is not None and not (math.isfinite(final) and final >= 0):
         raise UserError(f"--meta_step_final must be zero or more, got {final}")
+    if config.get("algo") == "pretrain" and config.get("dataset") != "sinusoid":
+        raise UserError(
+            "--algo pretrain is the paper's sinusoid baseline (plain regression on the tasks' "
+            "points); for Omniglot use --algo maml, fomaml or reptile"
+        )
     if config.get("dataset") == "sinusoid" and config.get("n_way") != 1:
         raise UserError("sinusoid regression has no classes: leave --n_way out (it is 1)")
     if config.get("dataset") == "omniglot" and config["k_spt"] + config["k_query"] > 20:

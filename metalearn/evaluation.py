@@ -15,6 +15,7 @@ from metalearn.checkpoint import check_compatible, load_checkpoint
 from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
+from metalearn.omniglot import check_seed
 from metalearn.problems import build_problem
 from metalearn.records import TestSession
 from metalearn.tasks import task_rng
@@ -60,6 +61,7 @@ def _checkpoint_path(given: dict, request: dict) -> Path:
 def evaluate(given: dict) -> dict:
     """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
     path = _checkpoint_path(given, request)
     # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
     session = TestSession(path)

@@ -9,7 +9,15 @@ and registers it in this process (well under a second on later starts).
 Cache folder: ``$PADDLE_MAML_CACHE_DIR/fastconv`` if set, else
 ``$XDG_CACHE_HOME/paddle-maml/fastconv`` (default ``~/.cache/paddle-maml/fastconv``), one
 sub-folder per (source, Paddle build, Python, flags) so an edited source or a new Paddle
-rebuilds. Delete it to force a rebuild; a failed build leaves its log there.
+rebuilds. Delete it to force a rebuild. ``BUILD_OK`` records the sha256 of the compiled library, so
+a corrupt library is rebuilt. A failed build leaves its log and a ``BUILD_FAILED`` marker naming the
+compiler: later starts use the native kernels at once (one warning line) until the compiler
+changes or the marker is deleted.
+
+The cache is trusted only if it is private: folders are created 0700, lock and log files are never
+opened through a symlink, other files are written under fresh names and renamed; a cache folder or
+library that is not owned by this user, or that others may write, is refused (native kernels, one
+warning line) rather than loaded.
 
 At the first call of each shape the operator times oneDNN's candidate implementations (both memory
 layouts, all threads vs one thread) and keeps the fastest: about 2-3 s in all for the 12 shapes of
@@ -48,6 +56,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -58,6 +67,8 @@ import numpy as np
 import paddle
 from paddle import _C_ops
 
+from metalearn.errors import UserError
+from metalearn.fileio import atomic_write, file_lock
 from metalearn.ops import NativeKernels
 
 __all__ = ["Kernels", "load_kernels"]
@@ -181,7 +192,9 @@ def load_kernels() -> Kernels | None:
                 kernels = Kernels(library)
                 _self_check(kernels)
                 _kernels = kernels
-            except Exception as error:  # any failure means: use the native kernels
+            except UserError:  # the launcher's SIGTERM (metalearn.distributed): stop, not fall back
+                raise
+            except Exception as error:  # any other failure means: use the native kernels
                 reason = " ".join(str(error).split()) or type(error).__name__
                 if len(reason) > 300:
                     reason = reason[:300] + "..."
@@ -217,44 +230,117 @@ def _build_key(source: bytes) -> str:
 
 
 def _build() -> Path:
-    """Path of the compiled operator library, compiling it first if the cache has none."""
+    """Path of the compiled operator library, compiling it first if the cache has no valid one."""
     if not SOURCE.is_file():
         raise RuntimeError(f"source {SOURCE} missing")
     source = SOURCE.read_bytes()
     build_dir = cache_root() / f"{_NAME}-{_build_key(source)}"
     library = build_dir / _NAME / f"{_NAME}.so"
-    done = build_dir / "BUILD_OK"
-    if done.is_file() and library.is_file():
+    if _built(build_dir, library):
         return library
 
     header = Path(os.path.dirname(paddle.__file__)) / "include" / "paddle" / "extension.h"
     if not header.is_file():
         raise RuntimeError(f"Paddle C++ headers not found ({header})")
-    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    compiler = _compiler_id()
+    if compiler is None:
         raise RuntimeError("no C++ compiler found")
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(build_dir.parent / f"{build_dir.name}.lock"):
-        if done.is_file() and library.is_file():  # another process built it meanwhile
+    cache_root().mkdir(mode=0o700, parents=True, exist_ok=True)
+    build_dir.mkdir(mode=0o700, exist_ok=True)
+    _check_private(cache_root(), build_dir)
+    with file_lock(build_dir.parent / f"{build_dir.name}.lock"):
+        if _built(build_dir, library):  # another process built it meanwhile
             return library
-        src_copy = build_dir / SOURCE.name
-        src_copy.write_bytes(source)
-        log = build_dir / "build.log"
-        script = _BUILD_SCRIPT.format(cxx=_CXX_FLAGS, ld=_LD_FLAGS)
-        with open(log, "w") as out:
-            result = subprocess.run(
-                [sys.executable, "-c", script, _NAME, str(src_copy), str(build_dir)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=build_dir,
-                timeout=_BUILD_TIMEOUT_S,
-                check=False,
+        failed, log = build_dir / "BUILD_FAILED", build_dir / "build.log"
+        if failed.is_file() and failed.read_text() == compiler:
+            raise RuntimeError(
+                f"an earlier build with this compiler failed; delete {failed} to retry "
+                "(build.log beside it says why)"
             )
-        if result.returncode != 0 or not library.is_file():
+        _compile(source, build_dir, library, log)
+        if not library.is_file():
+            atomic_write(failed, lambda handle: handle.write(compiler.encode()))
             raise RuntimeError(f"compilation failed, see {log}")
-        done.write_text(f"{_NAME}\n")
+        failed.unlink(missing_ok=True)
+        record = f"{_NAME}\nsha256={_sha256(library)}\n".encode()
+        atomic_write(build_dir / "BUILD_OK", lambda handle: handle.write(record))
+    _check_private(library.parent, library)
     return library
+
+
+def _compile(source: bytes, build_dir: Path, library: Path, log: Path) -> None:
+    """Run the build script in a quiet subprocess; its output goes to ``log``.
+
+    A library already there (corrupt, or of a failed build) is removed first: Paddle would keep
+    one whose sources did not change.
+    """
+    library.unlink(missing_ok=True)
+    src_copy = build_dir / SOURCE.name
+    atomic_write(src_copy, lambda handle: handle.write(source))
+    script = _BUILD_SCRIPT.format(cxx=_CXX_FLAGS, ld=_LD_FLAGS)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with open(os.open(log, flags, 0o600), "w") as out:
+        result = subprocess.run(
+            [sys.executable, "-c", script, _NAME, str(src_copy), str(build_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=build_dir,
+            timeout=_BUILD_TIMEOUT_S,
+            check=False,
+        )
+    if result.returncode != 0:
+        library.unlink(missing_ok=True)
+
+
+def _built(build_dir: Path, library: Path) -> bool:
+    """True if ``BUILD_OK`` records exactly this library (a corrupt one is rebuilt); the cache
+    must be private before anything in it is trusted."""
+    done = build_dir / "BUILD_OK"
+    if not (done.is_file() and library.is_file()):
+        return False
+    _check_private(cache_root(), build_dir, library.parent, library)
+    return f"sha256={_sha256(library)}" in done.read_text().split()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _compiler_id() -> str | None:
+    """The C++ compiler a build would use and its version line (None if there is none)."""
+    found = [shutil.which(cc) for cc in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if cc]
+    compiler = next((path for path in found if path), None)
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout.partition("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        version = "unknown version"
+    return f"{compiler}: {version}\n"
+
+
+def _check_private(*paths: Path) -> None:
+    """Refuse a cache that someone else could have planted or changed (a shared folder, say)."""
+    if not hasattr(os, "geteuid"):
+        return
+    for path in paths:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise RuntimeError(f"refusing the kernel cache: {path} is a symlink")
+        if info.st_uid != os.geteuid():
+            raise RuntimeError(
+                f"refusing the kernel cache: {path} belongs to user id {info.st_uid}, not you "
+                "(set PADDLE_MAML_CACHE_DIR to a folder of your own)"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RuntimeError(
+                f"refusing the kernel cache: others may write to {path} "
+                f"(mode {stat.filemode(info.st_mode)}); `chmod go-w` it or delete it"
+            )
 
 
 def choices_dir(library: Path) -> Path:
@@ -270,27 +356,6 @@ def _use_choices(library: Path) -> None:
     with contextlib.suppress(OSError):  # read-only cache: each process tunes, records fail quietly
         folder.mkdir(parents=True, exist_ok=True)
     os.environ[CHOICES_ENV] = str(folder)
-
-
-class _file_lock:
-    """Exclusive advisory lock on a file (no-op where fcntl is missing), for concurrent builds."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.handle = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.close()  # closing releases the lock
 
 
 def _register(library: Path) -> None:

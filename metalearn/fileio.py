@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader never sees a half-written file, even if the writer is killed."""
+"""Atomic file writes: a reader never sees a half-written file, even if the writer is killed.
+
+Also the advisory lock that serialises writers of a shared folder (make_data, the kernel cache).
+"""
 
 from __future__ import annotations
 
@@ -51,3 +54,40 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (renames into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str], wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (a no-op where fcntl is missing).
+
+    ``path`` is an existing folder (locked as it is, leaving nothing behind) or a lock file, which
+    is created private (0600) and never opened through a symlink, so a planted link cannot make us
+    create another file. Without ``wait``, a lock held by another process raises
+    :class:`BlockingIOError`.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    if os.path.isdir(path):
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -17,8 +17,13 @@ Packing:
   ``omniglot_manifest.json`` mapping every row to its set/alphabet/character/id, with the sha256 of
   each array. Training stores :func:`manifest_sha256` so every number traces back to characters.
 
-Everything is validated and decoded before the first file is written, and every file is written
-atomically, so a failed run leaves no partial output.
+Everything is validated and decoded before the first file is written. The new set (three arrays
+and the manifest) is written into a hidden staging folder in ``out_dir`` and flushed to disk; renaming
+that folder to ``.omniglot-pack-commit`` commits it, then its files are moved into place, manifest
+last. A kill or a full disk before the commit leaves the old set untouched (the next run removes the
+staging folder); after the commit, :func:`load_split` and the next run finish the move. Readers check
+every array against the manifest's sha256, so whatever happens they see the old complete set or the
+new one, never a mix.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import re
+import shutil
+import tempfile
 import time
 import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 from metalearn.errors import UserError
-from metalearn.fileio import atomic_write, write_json
+from metalearn.fileio import atomic_write, file_lock, fsync_dir
 
 SPLIT_SEED = 0
 """Default seed of ``numpy.random.default_rng`` for the character split (``--seed`` overrides)."""
@@ -66,6 +74,17 @@ OFFICIAL_MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
+MAX_WORKERS_PER_CPU = 2
+"""``--workers`` beyond twice the CPUs only adds processes that wait for a core."""
+SUPPORTED_ZIP_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+"""Compression methods Python's zipfile can read (Deflate64, say, it cannot)."""
+_STAGING_PREFIX = ".omniglot-staging-"
+_COMMITTED = ".omniglot-pack-commit"
 PIXELS = "float32, ink (stroke) = 1.0, background = 0.0: x = 1 - gray / 255 after resizing"
 LAYOUT_HINT = "<set>/<Alphabet>/characterNN/NNNN_DD.png"
 
@@ -205,11 +224,31 @@ def _open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
 
 
 def _list_members(path: Path) -> list[str]:
-    """All file paths of a set, relative to the set's parent (``images_background/...``)."""
+    """All file paths of a set, relative to the set's parent (``images_background/...``).
+
+    Drawings in a zip must be readable by :mod:`zipfile`: not encrypted, a supported compression.
+    """
     if path.is_dir():
         return [p.relative_to(path.parent).as_posix() for p in path.rglob("*") if p.is_file()]
     with _open_zip(path) as archive:
-        return [name for name in archive.namelist() if not name.endswith("/")]
+        members = [info for info in archive.infolist() if not info.is_dir()]
+    for info in filter(lambda info: _is_drawing(info.filename), members):
+        _check_readable_member(path, info)
+    return [info.filename for info in members]
+
+
+def _check_readable_member(path: Path, info: zipfile.ZipInfo) -> None:
+    if info.flag_bits & 0x1:
+        raise UserError(
+            f"{path.name}: {info.filename} is password-protected; use the official unencrypted "
+            "zips (or extract them and pass the folder as --source)"
+        )
+    if info.compress_type not in SUPPORTED_ZIP_METHODS:
+        raise UserError(
+            f"{path.name}: {info.filename} uses zip compression method {info.compress_type}, "
+            f"which Python cannot read (supported: {', '.join(SUPPORTED_ZIP_METHODS.values())}); "
+            "extract the zip with another tool and pass the folder as --source"
+        )
 
 
 def _is_drawing(member: str) -> bool:
@@ -364,9 +403,32 @@ def check_split(counts: Sequence[int], total: int) -> None:
 
 
 def check_seed(seed: int) -> None:
-    """``default_rng`` needs a non-negative integer seed; say so in one line."""
+    """``default_rng`` needs a non-negative integer seed; say so in one line.
+
+    The one rule for every ``--seed`` (make_data.py, train.py, evaluate.py).
+    """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed!r}")
+
+
+def check_workers(workers: int) -> None:
+    """``--workers`` from 1 to twice the CPU count (more would only queue for a core)."""
+    limit = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if not 1 <= workers <= limit:
+        raise UserError(
+            f"--workers must be between 1 and {limit} ({MAX_WORKERS_PER_CPU} per CPU), got {workers}"
+        )
+
+
+def check_writable_folder(folder: Path, flag: str = "--out") -> None:
+    """Fail before any slow work if ``folder`` cannot be (created as) a folder we may write in."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {existing}")
 
 
 def split_characters(
@@ -402,15 +464,13 @@ def write_pack(
 ) -> dict[str, object]:
     """Split decoded ``images`` (rows aligned with ``chars``), write the arrays and the manifest.
 
-    Arrays are written first and the manifest (with their hashes) last, each atomically.
+    The set replaces any previous one as a whole (see the module docstring).
     """
     splits = split_characters(chars, counts, seed)
-    out_dir = Path(out_dir)
-    files, rows = {}, {}
+    contents, files, rows = {}, {}, {}
     for split, indices in splits.items():
         array = np.ascontiguousarray(images[indices], dtype=np.float32)
-        data = _npy_bytes(array)
-        atomic_write(out_dir / npy_name(split), lambda handle, data=data: handle.write(data))
+        contents[npy_name(split)] = data = _npy_bytes(array)
         files[split] = {
             "file": npy_name(split),
             "shape": list(array.shape),
@@ -418,8 +478,52 @@ def write_pack(
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         rows[split] = [chars[i].row(r) for r, i in enumerate(indices)]
-    write_json(out_dir / MANIFEST_NAME, _manifest(seed, counts, files, rows))
-    return {"files": files, "manifest_sha256": manifest_sha256(out_dir)}
+    manifest = json.dumps(_manifest(seed, counts, files, rows), indent=2) + "\n"
+    contents[MANIFEST_NAME] = manifest.encode("utf-8")  # last: moved into place last
+    _replace_set(Path(out_dir), contents)
+    return {"files": files, "manifest_sha256": hashlib.sha256(contents[MANIFEST_NAME]).hexdigest()}
+
+
+def _replace_set(out_dir: Path, contents: dict[str, bytes]) -> None:
+    """Stage ``contents`` (name -> bytes) in ``out_dir``, commit them with one rename, move them in.
+
+    One writer at a time (a lock on ``out_dir``); leftovers of killed writers are finished
+    (a committed set) or removed (a staging folder) first.
+    """
+    staging = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(out_dir, wait=False):
+            finish_interrupted_pack(out_dir)
+            for stale in out_dir.glob(f"{_STAGING_PREFIX}*"):
+                shutil.rmtree(stale)
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
+            for name, data in contents.items():
+                atomic_write(staging / name, lambda handle, data=data: handle.write(data))
+            fsync_dir(staging)
+            os.replace(staging, out_dir / _COMMITTED)  # the commit: the new set is decided
+            staging = None
+            finish_interrupted_pack(out_dir)
+    except BlockingIOError:
+        raise UserError(f"another make_data.py is writing into {out_dir}; wait for it") from None
+    except OSError as error:
+        raise UserError(f"cannot write the packed data into {out_dir}: {error}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish_interrupted_pack(out_dir: Path) -> None:
+    """Move a committed set into place, manifest last (idempotent; several processes may race)."""
+    committed = Path(out_dir) / _COMMITTED
+    if not committed.is_dir():
+        return
+    for name in [*map(npy_name, SPLITS), MANIFEST_NAME]:
+        with suppress(FileNotFoundError):  # moved already (by us before a kill, or by a reader)
+            os.replace(committed / name, Path(out_dir) / name)
+    fsync_dir(out_dir)
+    with suppress(OSError):  # gone already, or (racing a new commit) not empty: leave it
+        committed.rmdir()
 
 
 def _manifest(seed: int, counts: Sequence[int], files: dict, rows: dict) -> dict[str, object]:
@@ -455,6 +559,8 @@ def pack(
     start = time.perf_counter()
     check_split(counts, NUM_CHARACTERS)
     check_seed(seed)
+    check_workers(workers)
+    check_writable_folder(out_dir)
     sources = find_source(source)
     chars = list_characters(sources)
     validate(chars)
@@ -475,25 +581,59 @@ def pack(
 def load_split(data_dir: Path, split: str) -> np.ndarray:
     """Load a packed split ``(N, 20, 1, 28, 28)`` float32, failing clearly if missing or stale.
 
-    If the manifest is present, the file's sha256 must match it, so results stay traceable.
+    The header is checked before the data is read, so a forged shape cannot make us allocate more
+    than the file holds. If the manifest is present, the file's sha256 must match it, so results
+    stay traceable. A set committed by a make_data.py that was killed is moved into place first.
     """
     path = Path(data_dir) / npy_name(split)
     hint = f"run `python make_data.py --out {data_dir}` to create it"
+    try:
+        finish_interrupted_pack(Path(data_dir))
+    except OSError as error:
+        raise UserError(
+            f"{data_dir} holds a new packed set that an interrupted make_data.py did not move into "
+            f"place, and it cannot be moved from here ({error}); {hint}"
+        ) from None
     if not path.is_file():
         raise UserError(f"{path} not found; {hint}")
-    data = path.read_bytes()
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path} is not a valid .npy file ({error}); {hint}") from None
-    expected = (NUM_DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE)
-    if array.dtype != np.float32 or array.ndim != 5 or array.shape[1:] != expected:
+        with open(path, "rb") as handle:
+            shape, offset = _read_npy_header(handle, path, hint)
+            handle.seek(0)
+            data = handle.read()
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error}); {hint}") from None
+    if len(data) != offset + 4 * int(np.prod(shape)):
         raise UserError(
-            f"{path} has shape {array.shape} {array.dtype}, expected (N, 20, 1, 28, 28) float32; "
-            f"{hint}"
+            f"{path} is truncated or has extra bytes (size does not match its header); {hint}"
         )
     _check_against_manifest(path, data, hint)
-    return array
+    return np.frombuffer(data, np.float32, offset=offset).reshape(shape).copy()
+
+
+def _read_npy_header(handle: io.BufferedIOBase, path: Path, hint: str) -> tuple[tuple, int]:
+    """Shape and data offset of a packed split's .npy header; anything else is refused."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(handle)  # bounded header size, no pickle
+    except (ValueError, SyntaxError, TypeError, EOFError) as error:
+        raise UserError(f"{path} is not a valid .npy file ({error}); {hint}") from None
+    expected = (NUM_DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE)
+    if dtype != np.dtype("<f4") or fortran or len(shape) != 5 or tuple(shape[1:]) != expected:
+        raise UserError(
+            f"{path} has shape {shape} {dtype}, expected (N, 20, 1, 28, 28) float32; {hint}"
+        )
+    if not 0 <= shape[0] <= NUM_CHARACTERS:
+        raise UserError(
+            f"{path} claims {shape[0]} characters, Omniglot has {NUM_CHARACTERS}; {hint}"
+        )
+    return tuple(shape), handle.tell()
 
 
 def _check_against_manifest(path: Path, data: bytes, hint: str) -> None:
@@ -502,7 +642,14 @@ def _check_against_manifest(path: Path, data: bytes, hint: str) -> None:
     if manifest is None:
         return
     split = path.stem.removeprefix("omniglot_")
-    recorded = manifest.get("files", {}).get(split, {}).get("sha256")
+    files = manifest.get("files")
+    entry = files.get(split) if isinstance(files, dict) else None
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(recorded, str):
+        raise UserError(
+            f"{path.parent / MANIFEST_NAME} records no sha256 for {split} (not an Omniglot "
+            "manifest, or edited); re-run make_data.py"
+        )
     if recorded != hashlib.sha256(data).hexdigest():
         raise UserError(f"{path} does not match {MANIFEST_NAME} (stale or edited); {hint}")
 

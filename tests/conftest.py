@@ -1,9 +1,15 @@
 """Shared fixtures: the repository root, the Omniglot source, and packed Omniglot arrays.
 
-* ``OMNIGLOT_SOURCE``: folder with images_background.zip / images_evaluation.zip (or extracted)
-  (default ``../shared/data/omniglot`` next to the repository).
+Omniglot is found where the README's first command (``python make_data.py``) puts it, unless an
+environment variable points elsewhere:
+
+* ``OMNIGLOT_SOURCE``: folder with images_background.zip / images_evaluation.zip (or extracted);
+  default ``data/omniglot`` in the repository, then ``../shared/data/omniglot`` next to it.
 * ``MAML_DATA_DIR``: folder already holding the packed .npy files + manifest (CI packs once);
-  otherwise the arrays are packed from the source once per test session.
+  default the repository folder (make_data.py's default ``--out``); otherwise the arrays are
+  packed from the source once per test session.
+
+A data test that cannot find its data is skipped with the reason (listed by ``-rs``, the default).
 """
 
 from __future__ import annotations
@@ -24,22 +30,56 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def find_source() -> tuple[Path | None, str]:
+    """The Omniglot source folder (or None) and where it was looked for."""
+    given = os.environ.get("OMNIGLOT_SOURCE")
+    if given:
+        candidates = [Path(given)]
+    else:  # where `python make_data.py` downloads it, then a checkout-independent shared copy
+        candidates = [
+            REPO_ROOT / omniglot.DEFAULT_SOURCE,
+            REPO_ROOT.parent / "shared/data/omniglot",
+        ]
+    for source in candidates:
+        if source.is_dir() and not omniglot.missing_sets(source):
+            return source, ""
+    looked = " or ".join(map(str, candidates))
+    return None, f"no images_background + images_evaluation in {looked}"
+
+
+def find_packed() -> tuple[Path | None, str]:
+    """A folder with all packed files (or None) and where they were looked for."""
+    given = os.environ.get("MAML_DATA_DIR")
+    folder = Path(given) if given else REPO_ROOT
+    if all((folder / name).is_file() for name in PACKED_FILES):
+        return folder, ""
+    return None, f"no packed {', '.join(PACKED_FILES)} in {folder}"
+
+
 @pytest.fixture(scope="session")
 def omniglot_source() -> Path:
-    """The real Omniglot source folder, or skip."""
-    source = Path(os.environ.get("OMNIGLOT_SOURCE", REPO_ROOT.parent / "shared/data/omniglot"))
-    if not source.is_dir() or omniglot.missing_sets(source):
-        pytest.skip(f"Omniglot source not found at {source} (set OMNIGLOT_SOURCE)")
+    """The real Omniglot source folder, or skip saying where it was looked for."""
+    source, looked = find_source()
+    if source is None:
+        pytest.skip(
+            f"Omniglot source not found: {looked} (run `python make_data.py` or set "
+            "OMNIGLOT_SOURCE)"
+        )
     return source
 
 
 @pytest.fixture(scope="session")
-def omniglot_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with omniglot_{train,val,test}.npy + manifest (default split and seed)."""
-    packed = os.environ.get("MAML_DATA_DIR")
-    if packed and all((Path(packed) / name).is_file() for name in PACKED_FILES):
-        return Path(packed)
-    source = request.getfixturevalue("omniglot_source")
+    packed, missing_packed = find_packed()
+    if packed is not None:
+        return packed
+    source, missing_source = find_source()
+    if source is None:
+        pytest.skip(
+            f"packed Omniglot not found: {missing_packed}, and {missing_source} to pack from "
+            "(run `python make_data.py` or set MAML_DATA_DIR / OMNIGLOT_SOURCE)"
+        )
     out = tmp_path_factory.mktemp("omniglot")
     omniglot.pack(source, out)
     return out

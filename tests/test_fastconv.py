@@ -7,8 +7,11 @@ case and a few odd sizes. Skipped where the fast path cannot be built (no compil
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import paddle
@@ -16,6 +19,7 @@ import pytest
 from paddle import _C_ops
 
 from metalearn import fastconv
+from metalearn.errors import UserError
 
 # (x shape, out channels, stride, padding)
 NETWORK_CASES = [
@@ -335,3 +339,114 @@ def test_unusable_recorded_choice_is_retuned(kernels, tmp_path):
         _native_forward(x, w, case[2], case[3]),
         "y after re-tuning",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel cache, with the compilation replaced by a stand-in (a real build takes 20-30 s)
+
+
+@pytest.fixture
+def fake_builds(tmp_path, monkeypatch):
+    """A private cache in tmp_path whose 'compiler' writes a small file as the library."""
+    state = SimpleNamespace(commands=[], fail=False)
+
+    def fake_run(command, **kwargs):
+        state.commands.append(command)
+        if not state.fail:
+            library = Path(command[-1]) / fastconv._NAME / f"{fastconv._NAME}.so"
+            library.parent.mkdir(exist_ok=True)
+            library.write_bytes(b"library %d" % len(state.commands))
+        return subprocess.CompletedProcess(command, 1 if state.fail else 0)
+
+    monkeypatch.setenv("PADDLE_MAML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fastconv, "_compiler_id", lambda: "c++: fake 1.0\n")
+    monkeypatch.setattr(fastconv.subprocess, "run", fake_run)
+    state.build_dir = fastconv.cache_root() / (
+        f"{fastconv._NAME}-{fastconv._build_key(fastconv.SOURCE.read_bytes())}"
+    )
+    return state
+
+
+def test_failed_build_is_remembered(fake_builds, monkeypatch, capsys):
+    fake_builds.fail = True
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        fastconv._build()
+    monkeypatch.setattr(fastconv, "_loaded", False)
+    monkeypatch.setattr(fastconv, "_kernels", None)
+    assert fastconv.load_kernels() is None  # a later start: no new compilation, one line
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "an earlier build with this compiler failed" in lines[0], lines
+    assert "BUILD_FAILED to retry" in lines[0], lines[0]
+    assert len(fake_builds.commands) == 1
+
+    monkeypatch.setattr(fastconv, "_compiler_id", lambda: "c++: fake 2.0\n")
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        fastconv._build()  # a new compiler is tried
+    assert len(fake_builds.commands) == 2
+    (fake_builds.build_dir / "BUILD_FAILED").unlink()
+    fake_builds.fail = False
+    fastconv._build()  # so is a deleted marker
+    assert len(fake_builds.commands) == 3
+    assert not (fake_builds.build_dir / "BUILD_FAILED").exists()
+
+
+def test_corrupt_library_is_rebuilt(fake_builds):
+    library = fastconv._build()
+    assert fastconv._build() == library and len(fake_builds.commands) == 1  # cached
+    library.write_bytes(b"corrupt")
+    assert fastconv._build() == library
+    assert len(fake_builds.commands) == 2
+    assert library.read_bytes() == b"library 2"
+
+
+def test_cache_folders_are_private(fake_builds):
+    fastconv._build()
+    for folder in (fastconv.cache_root(), fake_builds.build_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+@pytest.mark.parametrize("planted", ["lock", "log"])
+def test_symlinked_lock_or_log_is_not_followed(fake_builds, tmp_path, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    fake_builds.build_dir.mkdir(parents=True)
+    link = {
+        "lock": fake_builds.build_dir.parent / f"{fake_builds.build_dir.name}.lock",
+        "log": fake_builds.build_dir / "build.log",
+    }[planted]
+    link.symlink_to(victim)
+    with pytest.raises(OSError):
+        fastconv._build()
+    assert victim.read_text() == "keep"
+    assert fake_builds.commands == []
+
+
+@pytest.mark.parametrize("change", ["group-writable folder", "foreign library"])
+def test_untrusted_cache_is_refused(fake_builds, change):
+    library = fastconv._build()
+    if change == "foreign library":
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(library, 4242, -1)
+        message = "belongs to user id 4242"
+    else:
+        fake_builds.build_dir.chmod(0o770)
+        message = "others may write to"
+    with pytest.raises(RuntimeError, match=message):
+        fastconv._build()
+    assert len(fake_builds.commands) == 1  # refused, neither loaded nor rebuilt
+
+
+def test_launcher_stop_is_not_swallowed(monkeypatch):
+    """The SIGTERM of the launcher arrives as UserError (metalearn.distributed): it must stop the
+    process, not be reported as an unavailable fast path."""
+
+    def stopped():
+        raise UserError("process 1 was stopped by the launcher")
+
+    monkeypatch.setattr(fastconv, "_loaded", False)
+    monkeypatch.setattr(fastconv, "_kernels", None)
+    monkeypatch.delenv(fastconv.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(fastconv, "_build", stopped)
+    with pytest.raises(UserError, match="stopped by the launcher"):
+        fastconv.load_kernels()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -99,14 +101,14 @@ def run_make_data(repo_root: Path, *args: str) -> subprocess.CompletedProcess[st
 
 
 def assert_one_error(result: subprocess.CompletedProcess[str], out: Path, *words: str) -> None:
-    """Non-zero exit, exactly one ``error:`` line, no traceback, nothing written to ``out``."""
-    assert result.returncode != 0, result.stdout
+    """Exit code 2, exactly one ``error:`` line, no traceback, nothing written to ``out``."""
+    assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0], lines[0]
-    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    assert not out.is_dir() or not any(out.iterdir()), list(out.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def test_load_split_missing_and_malformed(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected"):
         omniglot.load_split(tmp_path, "train")
     np.save(tmp_path / "omniglot_val.npy", np.array([{"a": 1}], dtype=object))
-    with pytest.raises(UserError, match=r"not a valid \.npy"):
+    with pytest.raises(UserError, match=r"\(1,\) object, expected"):
         omniglot.load_split(tmp_path, "val")
     assert omniglot.manifest_sha256(tmp_path) is None
 
@@ -345,3 +347,158 @@ def test_cli_bad_split(repo_root: Path, tmp_path: Path, split: str) -> None:
         repo_root, "--source", str(tmp_path), "--out", str(out), "--split", split
     )
     assert_one_error(result, out, "split")
+
+
+def patch_central_directory(
+    archive: Path, *, flag_bits: int = 0, method: int | None = None
+) -> None:
+    """Mark every member of a zip as encrypted and/or compressed with ``method``, as its central
+    directory says (what zipfile trusts), without being able to really write either."""
+    data = bytearray(archive.read_bytes())
+    start = data.find(b"PK\x01\x02")
+    while start != -1:
+        data[start + 8] |= flag_bits
+        if method is not None:
+            data[start + 10 : start + 12] = method.to_bytes(2, "little")
+        start = data.find(b"PK\x01\x02", start + 4)
+    archive.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("patch", "words"),
+    [
+        ({"flag_bits": 0x1}, ("password-protected",)),
+        ({"method": 9}, ("compression method 9", "extract")),  # Deflate64
+    ],
+    ids=["encrypted", "deflate64"],
+)
+def test_cli_unreadable_zip_member(repo_root: Path, tmp_path: Path, patch, words) -> None:
+    src = write_zips(tmp_path / "src", small_source())
+    patch_central_directory(src / "images_evaluation.zip", **patch)
+    out = tmp_path / "out"
+    result = run_make_data(repo_root, "--source", str(src), "--out", str(out))
+    assert_one_error(result, out, "images_evaluation.zip", *words)
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+def test_cli_out_is_a_file(repo_root: Path, tmp_path: Path, under: bool) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker / "sub" if under else blocker
+    result = run_make_data(repo_root, "--source", str(tmp_path), "--out", str(out))
+    assert_one_error(result, tmp_path / "absent", "is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_out_without_permission_is_refused_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores permissions, so the refusal of access(2) is simulated."""
+    monkeypatch.setattr(omniglot.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match="no permission to write in"):
+        omniglot.pack(tmp_path / "no-source", tmp_path / "out")
+
+
+@pytest.mark.parametrize("workers", ["0", "1000"])
+def test_cli_workers_out_of_range(repo_root: Path, tmp_path: Path, workers: str) -> None:
+    out = tmp_path / "out"
+    result = run_make_data(repo_root, "--workers", workers, "--out", str(out))
+    assert_one_error(result, out, "--workers must be between 1 and")
+
+
+def test_cli_preview_path_is_a_folder(repo_root: Path, tmp_path: Path) -> None:
+    result = run_make_data(repo_root, "--preview", "--out", str(tmp_path), "--preview_path", ".")
+    assert_one_error(result, tmp_path, "--preview_path . is a folder")
+
+
+def packed_tiny(out: Path, image_seed: int) -> dict[str, np.ndarray]:
+    """Write a 7-character set of random images into ``out``; return its arrays by split."""
+    images = np.random.default_rng(image_seed).random((7, *SHAPE_TAIL), dtype=np.float32)
+    omniglot.write_pack(images, fake_refs(7), out, (4, 2, 1))
+    return {split: omniglot.load_split(out, split) for split in omniglot.SPLITS}
+
+
+def test_full_disk_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    old = packed_tiny(out, 1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = omniglot.atomic_write
+
+    def write_until_full(path, write):
+        if path.name == omniglot.npy_name("test"):  # the third file of the new set
+            raise OSError(28, "No space left on device")
+        real_write(path, write)
+
+    monkeypatch.setattr(omniglot, "atomic_write", write_until_full)
+    with pytest.raises(UserError, match=r"cannot write the packed data .*No space left"):
+        packed_tiny(out, 2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left
+    for split, array in old.items():
+        np.testing.assert_array_equal(omniglot.load_split(out, split), array)
+
+
+# Writes a 7-character set (images from seed argv[2]) into argv[1], SIGKILLing itself just before
+# the argv[3]-th rename (0 = the first); prints how many renames a complete write made.
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+sys.path[:0] = [{tests!r}, {repo!r}]
+from test_make_data import fake_refs, SHAPE_TAIL
+from metalearn import omniglot
+
+out, image_seed, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+images = np.random.default_rng(image_seed).random((7, *SHAPE_TAIL), dtype=np.float32)
+real_replace, renames = os.replace, [0]
+
+def replace(src, dst):
+    if renames[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    renames[0] += 1
+    real_replace(src, dst)
+
+os.replace = replace
+omniglot.write_pack(images, fake_refs(7), out, (4, 2, 1))
+print(renames[0])
+"""
+
+
+@pytest.mark.slow
+def test_killed_pack_leaves_old_or_new_set(repo_root: Path, tmp_path: Path) -> None:
+    """SIGKILL before each rename of a pack: readers then see the old set or the new one, whole,
+    and packing again completes with nothing left behind."""
+    script = tmp_path / "killed_writer.py"
+    script.write_text(_KILLED_WRITER.format(tests=str(Path(__file__).parent), repo=str(repo_root)))
+
+    def writer(out: Path, image_seed: int, kill_at: int) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(script), str(out), str(image_seed), str(kill_at)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    sets = {}
+    for name, image_seed in (("old", 1), ("new", 2)):
+        sets[name] = packed_tiny(tmp_path / name, image_seed)
+        sets[name]["manifest"] = omniglot.manifest_sha256(tmp_path / name)
+    complete = writer(tmp_path / "count", 2, -1)
+    assert complete.returncode == 0, complete.stderr
+    renames = int(complete.stdout)
+    seen = []
+    for kill_at in range(renames):
+        out = tmp_path / f"killed{kill_at}"
+        shutil.copytree(tmp_path / "old", out)
+        result = writer(out, 2, kill_at)
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        arrays = {split: omniglot.load_split(out, split) for split in omniglot.SPLITS}
+        arrays["manifest"] = omniglot.manifest_sha256(out)
+        matches = [
+            name
+            for name, expected in sets.items()
+            if expected["manifest"] == arrays["manifest"]
+            and all(np.array_equal(expected[s], arrays[s]) for s in omniglot.SPLITS)
+        ]
+        assert len(matches) == 1, f"killed before rename {kill_at}: a mix of old and new files"
+        seen.append(matches[0])
+        packed_tiny(out, 2)  # packing again completes
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            p.name for p in (tmp_path / "new").iterdir()
+        )
+        assert omniglot.manifest_sha256(out) == sets["new"]["manifest"]
+    assert "old" in seen and "new" in seen, seen  # kills landed on both sides of the commit
