@@ -138,7 +138,16 @@ def test_evaluate_script_refuses_in_one_line(corpus: dict, omniglot_dir: Path, n
     stdout, stderr = corpus["folder"] / f"{Path(name).name}.out", corpus["folder"] / "err"
     with open(stdout, "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "evaluate.py"), "--ckpt", str(corpus["folder"] / name), "--data_dir", str(omniglot_dir), "--work_dir", str(corpus["folder"] / "work")],
+            [
+                sys.executable,
+                str(REPO / "evaluate.py"),
+                "--ckpt",
+                str(corpus["folder"] / name),
+                "--data_dir",
+                str(omniglot_dir),
+                "--work_dir",
+                str(corpus["folder"] / "work"),
+            ],
             cwd=corpus["folder"],
             stdout=out,
             stderr=err,
