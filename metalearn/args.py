@@ -220,8 +220,6 @@ def check_saved_config(config: object, source: str) -> dict:
     dataset = config.get("dataset")
     if dataset not in DATASETS:
         raise UserError(f"{source}: dataset is {dataset!r:.40}, not one of {DATASETS}")
-    if not isinstance(config.get("network"), dict):
-        raise UserError(f"{source} does not describe its network (written by another version?)")
     defaults = resolve_defaults({"dataset": dataset})
     for action in train_parser()._actions:
         if action.dest not in defaults:

@@ -176,7 +176,8 @@ def test_atomic_writes_give_ordinary_file_permissions(tmp_path) -> None:
     [
         ("{not json", "not JSON"),
         ("[1, 2]", "not a JSON object"),
-        ('{"dataset": "omniglot"}', "does not describe its network"),
+        ('{"dataset": "omniglot"}', "lacks"),
+        (json.dumps({**run_config(Path("data")), "network": {"kind": "conv"}}), "network"),
         (None, "lacks 'epochs'"),
     ],
 )
