@@ -248,9 +248,14 @@ def _has_flag_type(value: object, action: argparse.Action, nullable: bool) -> bo
     return isinstance(value, str)
 
 
+_MAX_CONFIG_BYTES = 16 << 20  # a genuine one is about 1 kB
+
+
 def read_run_config(path: str | os.PathLike[str]) -> dict:
     """Read and check a run folder's config.json (see :func:`check_saved_config`)."""
     try:
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise UserError(f"{path} is larger than any config of ours")
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"{path} is unreadable or not JSON ({error})") from None

@@ -39,12 +39,13 @@ _PARAM, _OPTIM, _META = "param:", "optim:", "meta"
 # Weights and optimiser moments are floating point; anything else is not one of ours.
 _FLOAT_DTYPES = frozenset(f"{order}f{size}" for order in "<>" for size in (2, 4, 8))
 # Far above any genuine checkpoint (the Omniglot network with Adam state is about 1.5 MB).
-MAX_CHECKPOINT_BYTES = 256 << 20
+MAX_CHECKPOINT_BYTES = 64 << 20
 _MAX_META_BYTES = 16 << 20
 _MAX_ZIP_DIRECTORY_BYTES = 1 << 20  # a genuine checkpoint's is a few kB (one entry per array)
 _MAX_NPY_HEADER = 10_000
-# A pickled array carries a few hundred bytes besides its data; Adam keeps two moments per weight.
-_PICKLE_OVERHEAD_PER_ARRAY, _OPTIMIZER_FACTOR = 1024, 3
+# A pickled array carries a few hundred bytes besides its data, which protocol 2 stores as
+# latin-1 text in UTF-8 (up to two bytes per byte); Adam keeps two moments per weight.
+_PICKLE_OVERHEAD_PER_ARRAY, _PICKLE_BYTES_PER_FLOAT64, _OPTIMIZER_FACTOR = 1024, 16, 3
 
 
 @dataclass
@@ -103,7 +104,7 @@ def check_compatible(
     checkpoint: Checkpoint, network_config: dict, expected: dict[str, tuple]
 ) -> None:
     """Refuse a checkpoint whose architecture (n_way, layers, shapes) differs from the request."""
-    saved = checkpoint.meta["network"]
+    saved = checkpoint.meta.get("network", {})
     for key, value in network_config.items():
         if saved.get(key) != value:
             raise UserError(
@@ -322,20 +323,23 @@ def _load_legacy_checkpoint(path: Path, expected: dict[str, tuple] | None) -> Ch
     return Checkpoint(params=dict(zip(expected, arrays)), meta=meta)
 
 
-def load_legacy_pkl(path: str | Path, expected: list[tuple] | None = None) -> list[np.ndarray]:
-    """Read a seed-style pickle of float arrays without executing anything it may contain.
+def load_legacy_pkl(path: str | Path, expected: list[tuple]) -> list[np.ndarray]:
+    """Read a seed-style pickle of float arrays of the ``expected`` shapes (in order) without
+    executing anything it may contain.
 
-    With ``expected`` (shapes in order) the file may not be larger than those arrays stored as
-    float64, and the shapes are checked before any array is built.
+    The file may not be larger than those arrays pickled as float64 (the pure-Python unpickler
+    builds an object per opcode, so the file size bounds its memory), and the shapes are checked
+    before any array is built.
     """
     path = _existing(path)
-    if expected is not None:
-        limit = sum(math.prod(s) * 8 + _PICKLE_OVERHEAD_PER_ARRAY for s in expected)
-        if path.stat().st_size > limit:
-            raise UserError(f"{path} is larger than the network's parameters")
+    limit = sum(
+        math.prod(s) * _PICKLE_BYTES_PER_FLOAT64 + _PICKLE_OVERHEAD_PER_ARRAY for s in expected
+    )
+    if path.stat().st_size > limit:
+        raise UserError(f"{path} is larger than the network's parameters")
     recipes = _unpickle_recipes(path)
     shapes = [recipe.shape for recipe in recipes]
-    if expected is not None and shapes != [tuple(s) for s in expected]:
+    if shapes != [tuple(s) for s in expected]:
         raise UserError(f"{path} does not match the network's parameter shapes")
     return [recipe.build() for recipe in recipes]
 

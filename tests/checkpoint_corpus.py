@@ -150,6 +150,7 @@ def crafted_pickles() -> dict[str, bytes]:
         "an_int.pkl": pickle.dumps(12345, protocol=4),
         "nested_lists.pkl": b"\x80\x02" + b"]" * 10000 + b"a" * 9999 + b".",
         "nested_marks.pkl": b"\x80\x02" + b"(" * 10000 + b".",
+        "flood_of_lists.pkl": b"\x80\x02" + b"]" * 4_000_000 + b".",
         "complex64.pkl": pickle.dumps([np.zeros(3, np.complex64)], protocol=4),
         "int8.pkl": pickle.dumps([np.zeros(3, np.int8)], protocol=4),
         "bool.pkl": pickle.dumps([np.zeros(3, bool)], protocol=4),

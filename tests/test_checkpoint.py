@@ -105,7 +105,7 @@ def test_seed_style_pickles_of_every_protocol_load_exactly(tmp_path, protocol, c
     }.get(container) or container(ARRAYS)
     path = tmp_path / "seed.pkl"
     path.write_bytes(pickle.dumps(data, protocol=protocol))
-    assert_bitwise_equal(load_legacy_pkl(path), ARRAYS)
+    assert_bitwise_equal(load_legacy_pkl(path, [a.shape for a in ARRAYS]), ARRAYS)
 
 
 def test_pickles_written_by_numpy_1_load(tmp_path) -> None:
@@ -114,7 +114,7 @@ def test_pickles_written_by_numpy_1_load(tmp_path) -> None:
     assert b"numpy._core.multiarray" in written
     path = tmp_path / "old.pkl"
     path.write_bytes(written.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    assert_bitwise_equal(load_legacy_pkl(path), ARRAYS)
+    assert_bitwise_equal(load_legacy_pkl(path, [a.shape for a in ARRAYS]), ARRAYS)
 
 
 def test_the_reported_segfault_pickle_is_refused(tmp_path) -> None:
@@ -123,7 +123,7 @@ def test_the_reported_segfault_pickle_is_refused(tmp_path) -> None:
     path = tmp_path / "best.pkl"
     path.write_bytes(segfault_pickle())
     with pytest.raises(UserError, match="plain floating-point arrays"):
-        load_legacy_pkl(path)
+        load_legacy_pkl(path, [(2,)])
 
 
 def test_npz_shapes_are_checked_before_any_array_is_read(tmp_path) -> None:
@@ -158,7 +158,7 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path, monkeypatch) -> None:
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps([np.zeros(2), _Exploit()]))
     with pytest.raises(UserError, match="refusing"):
-        load_legacy_pkl(path)
+        load_legacy_pkl(path, [(2,)])
     assert not (tmp_path / "should_not_exist").exists()
 
 
@@ -315,3 +315,11 @@ def test_evaluate_refuses_a_negative_seed(omniglot_dir, tmp_path) -> None:
     flags = ["--seed", "-1", "--data_dir", str(omniglot_dir), "--work_dir", str(tmp_path)]
     with pytest.raises(UserError, match="--seed must be zero or more"):
         evaluate(vars(evaluate_parser().parse_args(flags)))
+
+
+def test_a_pickle_larger_than_the_network_is_refused_unparsed(tmp_path) -> None:
+    """The unpickler builds an object per opcode: the file size is what bounds its memory."""
+    path = tmp_path / "flood.pkl"
+    path.write_bytes(b"\x80\x02" + b"]" * 100_000 + b".")  # 100 000 empty lists
+    with pytest.raises(UserError, match="larger than the network"):
+        load_legacy_pkl(path, [(64, 5)])
