@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from checkpoint_corpus import run_config, segfault_pickle
+from helpers import assert_one_line_error, run_script
 
 from metalearn.args import evaluate_parser
 from metalearn.checkpoint import (
@@ -323,3 +324,28 @@ def test_a_pickle_larger_than_the_network_is_refused_unparsed(tmp_path) -> None:
     path.write_bytes(b"\x80\x02" + b"]" * 100_000 + b".")  # 100 000 empty lists
     with pytest.raises(UserError, match="larger than the network"):
         load_legacy_pkl(path, [(64, 5)])
+
+
+@pytest.mark.slow
+def test_train_script_resume_of_another_version_is_one_line(omniglot_dir, tmp_path) -> None:
+    run = resumable_run(tmp_path, omniglot_dir, state={"momentum": 0.9})
+    result = run_script("train.py", "--resume", str(run))
+    assert result.returncode == 2
+    assert_one_line_error(result, "training state")
+
+
+@pytest.mark.slow
+def test_evaluate_script_negative_seed_is_one_line(omniglot_dir, tmp_path) -> None:
+    result = run_script("evaluate.py", "--seed", "-1", "--data_dir", str(omniglot_dir))
+    assert result.returncode == 2
+    assert_one_line_error(result, "--seed")
+
+
+def test_a_compressed_checkpoint_loads_exactly(tmp_path) -> None:
+    """np.savez_compressed of the same members (deflate, read through a bounded reader)."""
+    params = ConvNet(n_way=5).init_params(0)
+    meta = json.dumps({"format": 1, "network": ConvNet(n_way=5).config()})
+    arrays = {f"param:{k}": v for k, v in params.items()}
+    np.savez_compressed(tmp_path / "small.npz", meta=np.array(meta), **arrays)
+    loaded = load_checkpoint(tmp_path / "small.npz", shapes(params))
+    assert_bitwise_equal(list(loaded.params.values()), list(params.values()))
