@@ -131,8 +131,15 @@ def _existing(path: str | Path) -> Path:
 
 
 def _check_shapes(path: Path, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
-    if found != {k: tuple(v) for k, v in expected.items()}:
-        raise UserError(f"checkpoint {path} does not match the network's parameter shapes")
+    """Name the first parameter that differs (an n_way or architecture mismatch shows there)."""
+    for name in sorted(set(found) | set(expected)):
+        have, need = found.get(name), expected.get(name)
+        if have is None or need is None or tuple(have) != tuple(need):
+            raise UserError(
+                f"checkpoint {path} does not match the network's parameter shapes "
+                f"({name}: {have if have is not None else 'missing'} in the file, "
+                f"{tuple(need) if need is not None else 'none'} in the network)"
+            )
 
 
 # -- .npz: a zip of .npy members, every header checked before any data is read --------------------
