@@ -181,7 +181,7 @@ _POSITIVE_INTS = (
     "val_tasks",
     "ckpt_every",
 )
-_NON_NEGATIVE_INTS = ("glob_update_step", "glob_update_step_test")
+_NON_NEGATIVE_INTS = ("glob_update_step", "glob_update_step_test", "seed")
 _POSITIVE_FLOATS = ("glob_meta_lr", "glob_base_lr", "meta_step", "max_minutes")
 
 

@@ -312,10 +312,13 @@ def test_find_run_skips_junk_configs_of_other_runs(tmp_path) -> None:
     assert find_run(tmp_path, "omniglot", 5, 1) == good
 
 
-def test_evaluate_refuses_a_negative_seed(omniglot_dir, tmp_path) -> None:
+def test_a_negative_seed_is_refused_by_evaluate_and_train(omniglot_dir, tmp_path) -> None:
+    """numpy's seed sequences refuse negative entropy with a traceback."""
     flags = ["--seed", "-1", "--data_dir", str(omniglot_dir), "--work_dir", str(tmp_path)]
     with pytest.raises(UserError, match="--seed must be zero or more"):
         evaluate(vars(evaluate_parser().parse_args(flags)))
+    with pytest.raises(UserError, match="--seed must be zero or more"):
+        prepare_config({"seed": -1, "data_dir": str(omniglot_dir), "work_dir": str(tmp_path)})
 
 
 def test_a_pickle_larger_than_the_network_is_refused_unparsed(tmp_path) -> None:
