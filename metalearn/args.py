@@ -209,11 +209,13 @@ def validate_config(config: dict) -> None:
         )
 
 
-def check_saved_config(config: object, source: str) -> dict:
+def check_saved_config(config: object, source: str, fill_defaults: bool = False) -> dict:
     """A run's saved config (config.json, a checkpoint's meta) from this version of the code.
 
     Every flag train.py knows must be there with the type its parser gives, so a damaged,
     hand-edited or older config is one clear line rather than a crash deep inside training.
+    ``fill_defaults`` takes flags a config lacks from the defaults (evaluation: the network is
+    checked against the checkpoint anyway) instead of refusing it (resume).
     """
     if not isinstance(config, dict):
         raise UserError(f"{source} is not a JSON object")
@@ -221,6 +223,8 @@ def check_saved_config(config: object, source: str) -> dict:
     if dataset not in DATASETS:
         raise UserError(f"{source}: dataset is {dataset!r:.40}, not one of {DATASETS}")
     defaults = resolve_defaults({"dataset": dataset})
+    if fill_defaults:
+        config = {**defaults, **config}
     for action in train_parser()._actions:
         if action.dest not in defaults:
             continue

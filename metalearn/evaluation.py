@@ -103,7 +103,8 @@ def _plot_steps(png: Path, results: dict) -> None:
 
 def _evaluate(given: dict, request: dict, path: Path) -> dict:
     # Only the meta record first: the network it names is built before any array is read.
-    trained = check_saved_config(read_checkpoint_meta(path).get("config"), f"checkpoint {path}")
+    meta = read_checkpoint_meta(path)
+    trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
     config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
     for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels"):

@@ -352,3 +352,16 @@ def test_a_compressed_checkpoint_loads_exactly(tmp_path) -> None:
     np.savez_compressed(tmp_path / "small.npz", meta=np.array(meta), **arrays)
     loaded = load_checkpoint(tmp_path / "small.npz", shapes(params))
     assert_bitwise_equal(list(loaded.params.values()), list(params.values()))
+
+
+def test_evaluation_takes_flags_an_older_checkpoint_lacks_from_the_defaults(
+    omniglot_dir, tmp_path
+) -> None:
+    config = run_config(omniglot_dir)
+    del config["kernels"]  # a flag added after the run was trained
+    net = ConvNet(n_way=5)
+    meta = {"network": net.config(), "algo": "maml", "config": config}
+    save_checkpoint(tmp_path / "run" / "best.npz", Checkpoint(net.init_params(0), meta))
+    flags = ["--ckpt", str(tmp_path / "run" / "best.npz"), "--data_dir", str(omniglot_dir)]
+    results = evaluate(vars(evaluate_parser().parse_args([*flags, "--tasks", "2"])))
+    assert results["tasks"] == 2
