@@ -147,7 +147,7 @@ def _check_shapes(path: Path, found: dict[str, tuple], expected: dict[str, tuple
 # What damaged or hostile zip/npy bytes raise in zipfile, zlib, struct, numpy's header parser and
 # json; nothing else is caught, so a bug of ours still shows its traceback.
 _ZIP_DAMAGE = (
-    OSError,  # includes zipfile.BadZipFile's siblings from the file system
+    OSError,  # reading the file
     EOFError,
     ValueError,  # includes json.JSONDecodeError, UnicodeDecodeError
     zipfile.BadZipFile,
@@ -193,9 +193,9 @@ def _unreadable(path: Path, error: BaseException) -> UserError:
 
 
 def _check_zip_directory(path: Path) -> None:
-    """The zip's end record must be the file's last 22 bytes (np.savez writes no comment) and
-    name a small central directory: zipfile builds an object per directory entry, however many
-    the file packs in, before any member can be checked."""
+    """The zip's end record must be the file's last 22 bytes (np.savez writes no comment and no
+    ZIP64 end record for files this small) and name a small central directory: zipfile builds an
+    object per directory entry, however many the file packs in, before any member is checked."""
     with open(path, "rb") as handle:
         size = handle.seek(0, io.SEEK_END)
         handle.seek(max(size - 42, 0))
