@@ -8,11 +8,14 @@ the user did not give; that also tells a resumed run which flags were set explic
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+from pathlib import Path
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.errors import UserError
-from metalearn.omniglot import check_seed
+from metalearn.omniglot import NUM_CHARACTERS, check_seed
 
 DATASETS = ("omniglot", "sinusoid")
 
@@ -222,3 +225,60 @@ def validate_config(config: dict) -> None:
             f"k_spt + k_query = {config['k_spt'] + config['k_query']} but Omniglot has only 20 "
             "drawings per character"
         )
+
+
+def check_saved_config(config: object, source: str, fill_defaults: bool = False) -> dict:
+    """A run's saved config (config.json, a checkpoint's meta) from this version of the code.
+
+    Every flag train.py knows must be there with the type its parser gives, so a damaged,
+    hand-edited or older config is one clear line rather than a crash deep inside training.
+    ``fill_defaults`` takes flags a config lacks from the defaults (evaluation: the network is
+    checked against the checkpoint anyway) instead of refusing it (resume).
+    """
+    if not isinstance(config, dict):
+        raise UserError(f"{source} is not a JSON object")
+    dataset = config.get("dataset")
+    if dataset not in DATASETS:
+        raise UserError(f"{source}: dataset is {dataset!r:.40}, not one of {DATASETS}")
+    defaults = resolve_defaults({"dataset": dataset})
+    if fill_defaults:
+        config = {**defaults, **config}
+    for action in train_parser()._actions:
+        if action.dest not in defaults:
+            continue
+        if action.dest not in config:
+            raise UserError(f"{source} lacks {action.dest!r} (written by another version?)")
+        value = config[action.dest]
+        if not _has_flag_type(value, action, nullable=defaults[action.dest] is None):
+            raise UserError(f"{source}: {action.dest}={value!r:.40} is not a valid value")
+    if dataset == "omniglot" and config["n_way"] > NUM_CHARACTERS:
+        raise UserError(f"{source}: n_way={config['n_way']} exceeds Omniglot's characters")
+    return config
+
+
+def _has_flag_type(value: object, action: argparse.Action, nullable: bool) -> bool:
+    if value is None:
+        return nullable
+    if action.choices is not None:
+        return isinstance(value, str) and value in action.choices
+    if action.type is int:
+        return type(value) is int
+    if action.type is float:
+        return type(value) in (int, float)
+    if action.const is True:  # store_true
+        return type(value) is bool
+    return isinstance(value, str)
+
+
+_MAX_CONFIG_BYTES = 16 << 20  # a genuine one is about 1 kB
+
+
+def read_run_config(path: str | os.PathLike[str]) -> dict:
+    """Read and check a run folder's config.json (see :func:`check_saved_config`)."""
+    try:
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise UserError(f"{path} is larger than any config of ours")
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise UserError(f"{path} is unreadable or not JSON ({error})") from None
+    return check_saved_config(config, str(path))

@@ -10,8 +10,8 @@ import numpy as np
 
 from metalearn import distributed
 from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.args import resolve_defaults, validate_config
-from metalearn.checkpoint import check_compatible, load_checkpoint
+from metalearn.args import check_saved_config, read_run_config, resolve_defaults, validate_config
+from metalearn.checkpoint import check_compatible, load_checkpoint, read_checkpoint_meta
 from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
@@ -32,8 +32,8 @@ def find_run(work_dir: str | Path, dataset: str, n_way: int, k_spt: int) -> Path
     for config_path in Path(work_dir).glob("*/config.json"):
         best = config_path.parent / "best.npz"
         try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            config = read_run_config(config_path)
+        except UserError:  # another run's damaged or foreign config.json is not ours to judge
             continue
         same = (config.get("dataset"), config.get("n_way"), config.get("k_spt")) == (
             dataset,
@@ -60,8 +60,10 @@ def _checkpoint_path(given: dict, request: dict) -> Path:
 
 def evaluate(given: dict) -> dict:
     """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
-    request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    if given.get("tasks") is not None and given["tasks"] <= 0:
+        raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
     check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
+    request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
     path = _checkpoint_path(given, request)
     # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
     session = TestSession(path)
@@ -100,23 +102,20 @@ def _plot_steps(png: Path, results: dict) -> None:
 
 
 def _evaluate(given: dict, request: dict, path: Path) -> dict:
-    checkpoint = load_checkpoint(path)
-    trained = checkpoint.meta["config"]
+    # Only the meta record first: the network it names is built before any array is read.
+    meta = read_checkpoint_meta(path)
+    trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
     config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
     for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels"):
         if given.get(key) is not None:
             config[key] = given[key]
-    if given.get("tasks") is not None and given["tasks"] <= 0:
-        raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, ("test",))
-    check_compatible(
-        checkpoint,
-        problem.net.config(),
-        {k: v.shape for k, v in problem.net.init_params(0).items()},
-    )
+    shapes = {k: v.shape for k, v in problem.net.init_params(0).items()}
+    checkpoint = load_checkpoint(path, shapes)
+    check_compatible(checkpoint, problem.net.config(), shapes)
     learner = MetaLearner(
         problem.net,
         make_parameters(checkpoint.params),
@@ -177,8 +176,11 @@ def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, step
         )
     series = {}
     for results_path in sorted(run_dir.parent.glob("*/test_results.json")):
-        other = json.loads(results_path.read_text())
-        if "mse_mean" in other and other.get("k_spt") == sampler.k_spt:
+        try:
+            other = json.loads(results_path.read_text())
+        except (OSError, ValueError, RecursionError):  # another run's damaged file: not drawn
+            continue
+        if isinstance(other, dict) and "mse_mean" in other and other.get("k_spt") == sampler.k_spt:
             series[results_path.parent.name] = (other["mse_mean"], other["mse_ci95"])
     try:
         plots.sinusoid_fits(run_dir / "sinusoid_fits.png", curves, title=run_dir.name)

@@ -8,9 +8,8 @@ resumed run sees exactly the tasks an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from metalearn.algorithms import (
     make_parameters,
     optimizer_state,
 )
-from metalearn.args import resolve_defaults, validate_config
+from metalearn.args import read_run_config, resolve_defaults, validate_config
 from metalearn.checkpoint import (
     Checkpoint,
     check_compatible,
@@ -51,6 +50,41 @@ class TrainState:
     log: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_saved(cls, saved: object, source: str) -> TrainState:
+        """The state a checkpoint's meta holds, refused in one line unless it has exactly our
+        fields with our types (a checkpoint of another version of the code)."""
+        types = {
+            "iteration": (int,),
+            "elapsed_seconds": (int, float),
+            "best_score": (int, float, type(None)),
+            "best_iteration": (int, type(None)),
+            "log": (list,),
+            "validation": (list,),
+        }
+        if not isinstance(saved, dict) or set(saved) != {f.name for f in fields(cls)}:
+            raise UserError(f"{source} holds no training state of this version of the code")
+        for name, value in saved.items():
+            if type(value) not in types[name]:
+                raise UserError(f"{source}: training state {name}={value!r:.40} is invalid")
+        if saved["iteration"] < 0 or not all(
+            isinstance(entry, dict) for entry in saved["log"] + saved["validation"]
+        ):
+            raise UserError(f"{source}: its training state is invalid")
+        return cls(**saved)
+
+
+def optimizer_shapes(algo: str, params: dict[str, tuple]) -> dict[str, tuple]:
+    """The arrays :func:`optimizer_state` holds after a step: Adam's two moments and two
+    β-power accumulators per weight (Paddle's names); Reptile's plain SGD keeps none."""
+    if algo == "reptile":
+        return {}
+    shapes = {}
+    for name, shape in params.items():
+        shapes.update({f"{name}_moment1_0": shape, f"{name}_moment2_0": shape})
+        shapes.update({f"{name}_beta1_pow_acc_0": (1,), f"{name}_beta2_pow_acc_0": (1,)})
+    return shapes
+
 
 def run_name_for(config: dict) -> str:
     shots = (
@@ -68,7 +102,7 @@ def prepare_config(given: dict) -> dict:
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
-        config = json.loads(config_path.read_text())
+        config = read_run_config(config_path)
         for key in ("epochs", "use_gpu", "max_minutes", "kernels"):
             if given.get(key) is not None:
                 config[key] = given[key]
@@ -108,18 +142,28 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         if resume is not None:
             load_optimizer_state(self.optimizer, self.params, resume.optimizer)
-            self.state = TrainState(**resume.meta["state"])
+            self.state = TrainState.from_saved(resume.meta.get("state"), self._last_path())
         elif (self.run_dir / "last.npz").exists():
             raise UserError(
                 f"{self.run_dir} already holds a run: use --resume {self.run_dir} "
                 "or another --run_name"
             )
 
+    def _last_path(self) -> Path:
+        return self.run_dir / "last.npz"
+
     def _load_resume_checkpoint(self, fresh: dict[str, np.ndarray]) -> Checkpoint:
-        checkpoint = load_checkpoint(self.run_dir / "last.npz")
-        check_compatible(
-            checkpoint, self.problem.net.config(), {k: tuple(v.shape) for k, v in fresh.items()}
-        )
+        """last.npz, refused in one line unless θ and the optimiser state fit this network and
+        this version's optimiser (Paddle refuses a wrong or missing moment with a traceback)."""
+        shapes = {k: tuple(v.shape) for k, v in fresh.items()}
+        checkpoint = load_checkpoint(self._last_path(), shapes)
+        check_compatible(checkpoint, self.problem.net.config(), shapes)
+        found = {k: tuple(v.shape) for k, v in checkpoint.optimizer.items()}
+        if found != optimizer_shapes(self.config["algo"], shapes):
+            raise UserError(
+                f"{self._last_path()}: its optimiser state is not the one this version keeps "
+                f"for --algo {self.config['algo']} (written by another version of the code?)"
+            )
         return checkpoint
 
     def _make_optimizer(self) -> paddle.optimizer.Optimizer:
