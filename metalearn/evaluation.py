@@ -10,7 +10,7 @@ import numpy as np
 
 from metalearn import distributed
 from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.args import resolve_defaults, validate_config
+from metalearn.args import check_work_dir, resolve_defaults, validate_config
 from metalearn.checkpoint import check_compatible, load_checkpoint
 from metalearn.device import select_device
 from metalearn.errors import UserError
@@ -60,14 +60,16 @@ def _checkpoint_path(given: dict, request: dict) -> Path:
 def evaluate(given: dict) -> dict:
     """Entry point for evaluate.py: test a run's best θ and write test_results.json beside it."""
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    check_work_dir(request["work_dir"])
     path = _checkpoint_path(given, request)
-    # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
-    session = TestSession(path)
+    # Run record (metalearn/records.py): an evaluation row, running meanwhile, then its results
+    # (or why it failed); the run's own status is left alone. Only the first process records.
+    session = TestSession(path, record=distributed.is_main())
     session.begin()
     try:
         results = _evaluate(given, request, path)
-    except BaseException:
-        session.end(None)
+    except BaseException as error:
+        session.fail(error)
         raise
     session.end(results)
     _plot_steps(path.parent / "test_steps.png", results)
