@@ -85,7 +85,8 @@ def prepare_config(given: dict) -> dict:
     config = resolve_defaults(given)
     validate_config(config)
     check_work_dir(config["work_dir"])
-    config["run_name"] = check_run_name(config["run_name"] or run_name_for(config))
+    given_name = config["run_name"]
+    config["run_name"] = check_run_name(run_name_for(config) if given_name is None else given_name)
     return config
 
 
