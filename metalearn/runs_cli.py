@@ -196,6 +196,7 @@ def show(records: RunRecords, name: str) -> None:
         ("updated", run.get("updated_at") or "-"),
         ("ended", run.get("ended_at") or "-"),
         ("host / pid", f"{run.get('host') or '-'} / {run.get('pid') or '-'}"),
+        ("heartbeat", run.get("heartbeat_at") or "-"),
         ("paddle", f"{run.get('paddle_version') or '-'} on {run.get('device') or '-'}"),
         ("git commit", run.get("git_commit") or "-"),
         ("run folder", run.get("run_dir") or "-"),
