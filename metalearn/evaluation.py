@@ -16,7 +16,7 @@ from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.problems import build_problem
-from metalearn.records import TestSession
+from metalearn.records import PLOT_TROUBLE, TestSession
 from metalearn.tasks import task_rng
 
 
@@ -93,7 +93,7 @@ def _plot_steps(png: Path, results: dict) -> None:
             "accuracy" if key == "acc" else key,
             title=f"{png.parent.name}: {shape}",
         )
-    except Exception as error:  # a picture never fails an evaluation
+    except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
         print(f"warning: could not draw {png} ({error})", file=sys.stderr)
         return
     print(f"plot written to {png}")
@@ -188,7 +188,7 @@ def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, step
             "query MSE",
             title=f"K={sampler.k_spt}: MSE after each inner step",
         )
-    except Exception as error:  # a picture never fails an evaluation
+    except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
         print(f"warning: could not draw the sinusoid figures ({error})", file=sys.stderr)
         return
     print(

@@ -27,9 +27,10 @@ from metalearn.records_db import (
     remove_run,
 )
 from metalearn.records_schema import RecordsError, db_path
-from metalearn.records_sessions import Recorder, TestSession, git_commit
+from metalearn.records_sessions import PLOT_TROUBLE, Recorder, TestSession, git_commit
 
 __all__ = [
+    "PLOT_TROUBLE",
     "Recorder",
     "RecordsError",
     "RunConflict",
