@@ -1,5 +1,5 @@
 """Recorded runs (work_dir/runs.sqlite):  python runs.py list | show NAME | compare A B | plot NAME
-| delete NAME [--yes] [--files], each with --work_dir (default work)."""
+| delete NAME [--yes] [--files] [--force], each with --work_dir (default work)."""
 
 from metalearn.errors import run_cli
 from metalearn.runs_cli import main

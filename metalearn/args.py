@@ -11,11 +11,13 @@ import argparse
 import json
 import math
 import os
+import re
 from pathlib import Path
 
-from metalearn.algorithms import ALGORITHMS
 from metalearn.errors import UserError
 from metalearn.omniglot import NUM_CHARACTERS, check_seed
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 DATASETS = ("omniglot", "sinusoid")
 
@@ -99,6 +101,10 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    # Imported here: records, runs.py and the service import this module for check_run_name,
+    # and must not load Paddle for that.
+    from metalearn.algorithms import ALGORITHMS
+
     parser = argparse.ArgumentParser(description="Meta-train MAML / FOMAML / Reptile.")
     _add_task_flags(parser)
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
@@ -120,7 +126,11 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, help="seed for θ's initialisation and tasks (default 0)"
     )
-    parser.add_argument("--run_name", help="folder name under work_dir (default: from the flags)")
+    parser.add_argument(
+        "--run_name",
+        help="folder name under work_dir (default: from the flags): letters, digits, '.', '_', "
+        "'-', starting with a letter or digit, at most 100 characters",
+    )
     parser.add_argument("--log_every", type=int, help="iterations between log lines (default 100)")
     parser.add_argument("--val_every", type=int, help="iterations between validations (1000)")
     parser.add_argument("--val_tasks", type=int, help="fixed validation tasks (default 200)")
@@ -136,6 +146,14 @@ def train_parser() -> argparse.ArgumentParser:
         help="stop (validate and save) once training has used this many minutes",
     )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="with --resume: take the run over even though its record says another process "
+        "is training it (for when that process is gone but this cannot be told, e.g. it ran on "
+        "another host less than a minute ago)",
+    )
     parser.add_argument(
         "--export_pkl",
         action="store_true",
@@ -282,3 +300,26 @@ def read_run_config(path: str | os.PathLike[str]) -> dict:
     except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"{path} is unreadable or not JSON ({error})") from None
     return check_saved_config(config, str(path))
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it can be a run's folder name directly inside work_dir, else a UserError.
+
+    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so never ``.``,
+    ``..``, a hidden folder, a path, or something that looks like a flag), at most 100
+    characters. train.py, evaluate.py, runs.py and the HTTP service all use this rule.
+    """
+    if not isinstance(name, str) or RUN_NAME.fullmatch(name) is None:
+        raise UserError(
+            f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 100 characters"
+        )
+    return name
+
+
+def check_work_dir(work_dir: str | os.PathLike[str]) -> Path:
+    """``work_dir`` as a Path, or a UserError if it exists but is not a folder."""
+    path = Path(work_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--work_dir {work_dir} is not a folder")
+    return path

@@ -10,14 +10,20 @@ import numpy as np
 
 from metalearn import distributed
 from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.args import check_saved_config, read_run_config, resolve_defaults, validate_config
+from metalearn.args import (
+    check_saved_config,
+    check_work_dir,
+    read_run_config,
+    resolve_defaults,
+    validate_config,
+)
 from metalearn.checkpoint import check_compatible, load_checkpoint, read_checkpoint_meta
 from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.omniglot import check_seed
 from metalearn.problems import build_problem
-from metalearn.records import TestSession
+from metalearn.records import PLOT_TROUBLE, TestSession
 from metalearn.tasks import task_rng
 
 
@@ -64,14 +70,16 @@ def evaluate(given: dict) -> dict:
         raise UserError(f"--tasks must be a positive integer, got {given['tasks']}")
     check_seed(given["seed"])  # the test tasks' seed follows the same rule as training's
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
+    check_work_dir(request["work_dir"])
     path = _checkpoint_path(given, request)
-    # Run record (metalearn/records.py): status `testing` meanwhile, then results + test_steps.png.
-    session = TestSession(path)
+    # Run record (metalearn/records.py): an evaluation row, running meanwhile, then its results
+    # (or why it failed); the run's own status is left alone. Only the first process records.
+    session = TestSession(path, record=distributed.is_main())
     session.begin()
     try:
         results = _evaluate(given, request, path)
-    except BaseException:
-        session.end(None)
+    except BaseException as error:
+        session.fail(error)
         raise
     session.end(results)
     _plot_steps(path.parent / "test_steps.png", results)
@@ -95,7 +103,7 @@ def _plot_steps(png: Path, results: dict) -> None:
             "accuracy" if key == "acc" else key,
             title=f"{png.parent.name}: {shape}",
         )
-    except Exception as error:  # a picture never fails an evaluation
+    except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
         print(f"warning: could not draw {png} ({error})", file=sys.stderr)
         return
     print(f"plot written to {png}")
@@ -190,7 +198,7 @@ def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, step
             "query MSE",
             title=f"K={sampler.k_spt}: MSE after each inner step",
         )
-    except Exception as error:  # a picture never fails an evaluation
+    except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
         print(f"warning: could not draw the sinusoid figures ({error})", file=sys.stderr)
         return
     print(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from metalearn.args import check_run_name, check_work_dir
 from metalearn.errors import UserError
-from metalearn.records import RunRecords
+from metalearn.records import RunRecords, remove_run
 
 SHORT = {"accuracy": "acc", "mse": "mse"}
 
@@ -34,19 +34,44 @@ def parser() -> argparse.ArgumentParser:
         "compare", parents=[common], help="runs side by side, and one plot of their curves"
     )
     compare.add_argument("names", nargs="+", metavar="NAME")
-    compare.add_argument("--out", help="PNG path (default work_dir/compare_<names>.png)")
+    compare.add_argument(
+        "--out",
+        help="PNG path, or an existing folder to write compare_<names>.png into "
+        "(default work_dir/compare_<names>.png)",
+    )
     plot = commands.add_parser("plot", parents=[common], help="a run's curves as a PNG")
     plot.add_argument("name")
-    plot.add_argument("--out", help="PNG path (default work_dir/<name>/curves.png)")
-    delete = commands.add_parser("delete", parents=[common], help="remove a run's record")
+    plot.add_argument(
+        "--out",
+        help="PNG path, or an existing folder to write <name>_curves.png into "
+        "(default work_dir/<name>/curves.png)",
+    )
+    delete = commands.add_parser(
+        "delete",
+        parents=[common],
+        help="remove a run's record (refused while it trains or is evaluated)",
+    )
     delete.add_argument("name")
     delete.add_argument("--yes", action="store_true", help="do not ask")
-    delete.add_argument("--files", action="store_true", help="also remove its run folder")
+    delete.add_argument(
+        "--files",
+        action="store_true",
+        help="also remove its run folder (first: if that fails, the record is kept)",
+    )
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even though the record says a process is training or evaluating the run "
+        "(for when that process is gone but this cannot be told, e.g. on another host)",
+    )
     return main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_work_dir(args.work_dir)
+    for name in [*getattr(args, "names", []), *([args.name] if "name" in args else [])]:
+        check_run_name(name)
     records = RunRecords(args.work_dir, create=False)
     if args.command == "list":
         list_runs(records)
@@ -60,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "plot":
         plot(records, args.name, args.out)
     elif args.command == "delete":
-        delete(records, args.name, args.yes, args.files)
+        delete(records, args.name, args.yes, args.files, args.force)
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -82,6 +107,23 @@ def _best(run: dict) -> str:
     if run.get("best_score") is None:
         return "-"
     return f"{run['best_score']:.4f} @{run['best_iteration']}"
+
+
+def _status(run: dict) -> str:
+    return f"{run['status']}, testing" if run.get("testing") else run["status"]
+
+
+def _latest_test(run: dict) -> dict | None:
+    complete = [e for e in run["evaluations"] if e["status"] == "complete"]
+    return complete[-1] if complete else None
+
+
+def _out_path(out: str | None, default: Path, file_name: str) -> Path:
+    """``--out``: a PNG path, or an existing folder to put ``file_name`` in; default if not given."""
+    if not out:
+        return default
+    path = Path(out)
+    return path / file_name if path.is_dir() else path
 
 
 def _test(evaluation: dict | None) -> str:
@@ -122,7 +164,7 @@ def list_runs(records: RunRecords) -> None:
             run["name"],
             run.get("algo") or "-",
             _shape(run),
-            run["status"],
+            _status(run),
             _iterations(run),
             _metric(run),
             _best(run),
@@ -140,7 +182,7 @@ def show(records: RunRecords, name: str) -> None:
     direction = "higher" if run["higher_is_better"] else "lower"
     fields = [
         ("run", f"{run['name']} (id {run['id']})"),
-        ("status", run["status"]),
+        ("status", _status(run)),
         ("error", run.get("error") or "-"),
         ("dataset", f"{run.get('dataset')} {_shape(run)}, k_query {run.get('k_query')}"),
         ("algo", run.get("algo")),
@@ -154,6 +196,7 @@ def show(records: RunRecords, name: str) -> None:
         ("updated", run.get("updated_at") or "-"),
         ("ended", run.get("ended_at") or "-"),
         ("host / pid", f"{run.get('host') or '-'} / {run.get('pid') or '-'}"),
+        ("heartbeat", run.get("heartbeat_at") or "-"),
         ("paddle", f"{run.get('paddle_version') or '-'} on {run.get('device') or '-'}"),
         ("git commit", run.get("git_commit") or "-"),
         ("run folder", run.get("run_dir") or "-"),
@@ -181,6 +224,10 @@ def show(records: RunRecords, name: str) -> None:
         print(f"  {entry['iteration']:>7}  {_steps(entry['per_step'])}")
     print(f"tests ({len(run['evaluations'])}): {metric} mean ± 95% CI per inner step")
     for evaluation in run["evaluations"]:
+        if evaluation["status"] != "complete":
+            reason = f": {evaluation['error']}" if evaluation.get("error") else ""
+            print(f"  {evaluation['created_at']}  {evaluation['status']}{reason}")
+            continue
         print(
             f"  {evaluation['created_at']}  {evaluation['tasks']} tasks, seed "
             f"{evaluation['seed']}, {evaluation['steps']} steps: "
@@ -200,14 +247,14 @@ def compare(records: RunRecords, names: Sequence[str], out: str | None) -> None:
         raise UserError("compare needs at least two different run names")
     runs = [records.get_run(name) for name in names]
     fields = {
-        "status": lambda r: r["status"],
+        "status": _status,
         "dataset": lambda r: r.get("dataset") or "-",
         "algo": lambda r: r.get("algo") or "-",
         "n_way/k_spt": _shape,
         "iterations": _iterations,
         "metric": _metric,
         "best val": _best,
-        "test (last step)": lambda r: _test(r["evaluations"][-1] if r["evaluations"] else None),
+        "test (last step)": lambda r: _test(_latest_test(r)),
         "last val per step": lambda r: (
             _steps(r["validation"][-1]["per_step"]) if r["validation"] else "-"
         ),
@@ -223,7 +270,8 @@ def compare(records: RunRecords, names: Sequence[str], out: str | None) -> None:
             rows.append([f"--{key}", *values])
     print(_table(["", *names], rows))
     metrics = {run.get("metric") for run in runs}
-    path = Path(out) if out else records.work_dir / f"compare_{_slug(names)}.png"
+    file_name = f"compare_{_slug(names)}.png"
+    path = _out_path(out, records.work_dir / file_name, file_name)
     plots.compare_curves(path, {run["name"]: run for run in runs}, " / ".join(sorted(metrics)))
     if len(metrics) > 1:
         print("note: these runs use different metrics", file=sys.stderr)
@@ -234,20 +282,17 @@ def plot(records: RunRecords, name: str, out: str | None) -> None:
     from metalearn import plots
 
     run = records.get_run(name)
-    path = Path(out) if out else records.work_dir / name / "curves.png"
+    path = _out_path(out, records.work_dir / name / "curves.png", f"{name}_curves.png")
     plots.training_curves(
         path, run["log"], run["validation"], run.get("metric") or "metric", title=name
     )
     print(f"plot: {path}")
 
 
-def delete(records: RunRecords, name: str, yes: bool, files: bool) -> None:
+def delete(records: RunRecords, name: str, yes: bool, files: bool, force: bool) -> None:
     run = records.get_run(name)
-    records.check_not_live(run)
     folder = records.work_dir / name
-    if files and folder.resolve().parent != records.work_dir.resolve():
-        raise UserError(f"refusing to remove {folder}: not a folder directly inside the work_dir")
-    what = f"the record of run {name!r} ({run['status']}, {_iterations(run)} iterations)"
+    what = f"the record of run {name!r} ({_status(run)}, {_iterations(run)} iterations)"
     if files:
         what += f" and its folder {folder}"
     if not yes:
@@ -259,7 +304,5 @@ def delete(records: RunRecords, name: str, yes: bool, files: bool) -> None:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return
-    records.delete_run(name)
-    if files and folder.is_dir():
-        shutil.rmtree(folder)
+    remove_run(records.work_dir, name, files=files, force=force)
     print(f"deleted {what}")

@@ -8,6 +8,7 @@ resumed run sees exactly the tasks an uninterrupted one would.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +25,13 @@ from metalearn.algorithms import (
     make_parameters,
     optimizer_state,
 )
-from metalearn.args import read_run_config, resolve_defaults, validate_config
+from metalearn.args import (
+    check_run_name,
+    check_work_dir,
+    read_run_config,
+    resolve_defaults,
+    validate_config,
+)
 from metalearn.checkpoint import (
     Checkpoint,
     check_compatible,
@@ -36,7 +43,10 @@ from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.problems import Problem, build_problem
-from metalearn.records import Recorder  # run record: work_dir/runs.sqlite + curves.png
+from metalearn.records import (  # run record: work_dir/runs.sqlite + curves.png
+    Recorder,
+    describe_failure,
+)
 
 
 @dataclass
@@ -98,7 +108,8 @@ def run_name_for(config: dict) -> str:
 def prepare_config(given: dict) -> dict:
     """Resolve defaults, or on ``--resume`` take the run's saved config (``--epochs`` may grow)."""
     if given.get("resume"):
-        run_dir = Path(given["resume"])
+        run_dir = Path(os.path.abspath(given["resume"]))  # `work/x/..` is named `work`
+        check_run_name(run_dir.name)
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
@@ -113,15 +124,18 @@ def prepare_config(given: dict) -> dict:
         return config
     config = resolve_defaults(given)
     validate_config(config)
-    config["run_name"] = config["run_name"] or run_name_for(config)
+    check_work_dir(config["work_dir"])
+    given_name = config["run_name"]
+    config["run_name"] = check_run_name(run_name_for(config) if given_name is None else given_name)
     return config
 
 
 class Trainer:
     """One training run; ``run()`` goes from the current state to ``config['epochs']``."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, force: bool = False):
         self.config = config
+        self.force = force  # take over a run whose record says it is training (--resume --force)
         self.device = select_device(bool(config.get("use_gpu")))
         distributed.init()
         self.problem: Problem = build_problem(config, ("train", "val"))
@@ -187,17 +201,13 @@ class Trainer:
             higher_is_better=self.problem.higher_is_better,
             device=self.device,
             paddle_version=paddle.__version__,
+            force=self.force,
         )
         try:
             state = self._train()
-        except KeyboardInterrupt:
-            self.recorder.finish("interrupted", self.state, "interrupted (KeyboardInterrupt)")
-            raise
-        except BaseException as error:
-            message = (
-                str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            )
-            self.recorder.finish("failed", self.state, message)
+        except BaseException as error:  # also Ctrl-C (interrupted) and the launcher's SIGTERM
+            status, message = describe_failure(error)
+            self.recorder.finish(status, self.state, message)
             raise
         self.recorder.finish("complete", self.state)
         return state
@@ -233,8 +243,8 @@ class Trainer:
                 or last
             ):
                 self._save_last()
-            if self.recorder is not None:
-                self.recorder.progress(self.state)  # run record: new log/validation entries
+            if self.recorder is not None:  # run record: new entries, heartbeat every few seconds
+                self.recorder.progress(self.state)
             if out_of_time:
                 self._say(f"time budget of {budget} min reached at iteration {iteration}")
                 break
@@ -364,4 +374,8 @@ class Trainer:
 
 def train(given: dict) -> TrainState:
     """Entry point for train.py: resolve the flags, then run (or continue) one training run."""
-    return Trainer(prepare_config(given)).run()
+    flags = {key: value for key, value in given.items() if key != "force"}
+    force = bool(given.get("force"))
+    if force and not flags.get("resume"):
+        raise UserError("--force only applies with --resume")
+    return Trainer(prepare_config(flags), force=force).run()

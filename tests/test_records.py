@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,9 +18,10 @@ from helpers import tiny as tiny_run
 from PIL import Image
 
 from metalearn import algorithms, plots
+from metalearn.args import check_run_name
 from metalearn.errors import UserError
 from metalearn.evaluation import evaluate
-from metalearn.records import RecordsError, RunConflict, RunRecords, db_path
+from metalearn.records import RecordsError, RunConflict, RunRecords, db_path, remove_run
 from metalearn.trainer import Trainer, prepare_config, train
 
 SINE = {
@@ -87,8 +89,9 @@ def test_training_and_evaluation_make_a_complete_record(omniglot_dir, tmp_path) 
     }
     results = [evaluate(given), evaluate({**given, "tasks": 5})]
     run = RunRecords(tmp_path).get_run("rec")
-    assert run["status"] == "complete"  # back from `testing`
+    assert run["status"] == "complete" and not run["testing"]  # evaluations never change it
     assert [e["tasks"] for e in run["evaluations"]] == [4, 5]
+    assert [e["status"] for e in run["evaluations"]] == ["complete", "complete"]
     assert run["evaluations"][1]["mean"] == results[1]["acc_mean"]
     assert run["evaluations"][1]["ci95"] == results[1]["acc_ci95"]
     assert run["evaluations"][0]["steps"] == 2
@@ -128,6 +131,16 @@ def test_a_resumed_run_keeps_its_record_and_runs_compare(tmp_path) -> None:
     plotted = runs_py(tmp_path, "plot", "two", "--out", str(tmp_path / "two.png"))
     assert plotted.returncode == 0 and (tmp_path / "two.png").is_file()
     assert_png(tmp_path / "two.png")
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    into_folder = [
+        runs_py(tmp_path, "plot", "two", "--out", str(figures)),
+        runs_py(tmp_path, "compare", "two", "one", "--out", str(figures)),
+    ]
+    assert all(result.returncode == 0 for result in into_folder), into_folder
+    assert sorted(p.name for p in figures.iterdir()) == ["compare_two_vs_one.png", "two_curves.png"]
+    for png in figures.iterdir():
+        assert_png(png)
 
 
 @pytest.mark.slow
@@ -351,3 +364,100 @@ def test_evaluating_an_unrecorded_run_records_it(tmp_path) -> None:
     assert run["evaluations"][0]["metric"] == "mse"
     assert run["evaluations"][0]["mean"] == results["mse_mean"]
     assert_png(tmp_path / "old" / "test_steps.png")
+
+
+# -- names, folders, deletion ---------------------------------------------------------------------
+BAD_NAMES = ["../../x", "/tmp/x", "a/b", ".", "..", "", "a b", "a\nb", "a\0b", ".hidden", "-x"]
+
+
+@pytest.mark.parametrize("name", [*BAD_NAMES, "x" * 101])
+def test_a_run_name_is_one_folder_name(name) -> None:
+    with pytest.raises(UserError, match="is not allowed"):
+        check_run_name(name)
+
+
+def test_good_run_names_pass() -> None:
+    for name in ("quick", "omniglot_5w1s_maml_seed-1", "v1.2", "A-b_C.9", "x" * 100):
+        assert check_run_name(name) == name
+
+
+def test_bad_run_names_and_work_dirs_are_refused_everywhere(tmp_path) -> None:
+    work = tmp_path / "work"
+    for name in BAD_NAMES:
+        with pytest.raises(UserError, match="is not allowed"):
+            train(sine(work, run_name=name, epochs=1))
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+    train(sine(work, run_name="fine", epochs=1))
+    shutil.copytree(work / "fine", work / "fine copy")
+    with pytest.raises(UserError, match="'fine copy' is not allowed"):
+        train({"resume": str(work / "fine copy"), "epochs": 2})
+    for args in (("show", "../fine"), ("plot", "a/b"), ("compare", "fine", ".."), ("delete", "")):
+        assert_one_line_error(runs_py(work, *args), "is not allowed")
+
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):
+        train(sine(a_file, run_name="x", epochs=1))
+    with pytest.raises(UserError, match="is not a folder"):
+        evaluate({"dataset": "sinusoid", "work_dir": str(a_file), "tasks": 2, "seed": 0})
+    assert_one_line_error(runs_py(a_file, "list"), "is not a folder")
+
+
+@pytest.mark.slow
+def test_train_py_says_a_bad_run_name_in_one_line(tmp_path) -> None:
+    assert_one_line_error(
+        run_script("train.py", "--run_name", "../escape", "--work_dir", str(tmp_path)),
+        "run name '../escape' is not allowed",
+    )
+    assert list(tmp_path.parent.glob("escape")) == []
+
+
+def test_remove_run_keeps_the_record_when_the_folder_cannot_go(tmp_path, monkeypatch) -> None:
+    train(sine(tmp_path, run_name="stuck", epochs=1))
+
+    def unremovable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(path) / "last.npz"))
+
+    monkeypatch.setattr(shutil, "rmtree", unremovable)
+    with pytest.raises(UserError, match="its record is kept"):
+        remove_run(tmp_path, "stuck", files=True)
+    run = RunRecords(tmp_path).get_run("stuck")
+    assert run["status"] == "complete" and len(run["log"]) == 1
+    assert (tmp_path / "stuck" / "last.npz").is_file()
+    deleted = runs_py(tmp_path, "delete", "stuck", "--yes", "--files")  # the real rmtree
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (tmp_path / "stuck").exists() and not RunRecords(tmp_path).has_run("stuck")
+    with pytest.raises(UserError, match="is not allowed"):
+        remove_run(tmp_path, "../stuck", files=True)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_evaluation_leaves_the_run_complete(tmp_path) -> None:
+    train(sine(tmp_path, run_name="judged", epochs=2))
+    process = subprocess.Popen(
+        [
+            *(sys.executable, str(REPO / "evaluate.py"), "--dataset", "sinusoid"),
+            *("--ckpt", str(tmp_path / "judged"), "--tasks", "2"),
+            *("--glob_update_step_test", "1000000", "--work_dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    records = RunRecords(tmp_path)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if records.get_run("judged")["testing"]:
+                break
+            time.sleep(0.2)
+        run = records.get_run("judged")
+        assert run["testing"] and run["status"] == "complete"
+        assert "complete, testing" in runs_py(tmp_path, "list").stdout
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    run = records.get_run("judged")
+    assert run["status"] == "complete" and not run["testing"]
+    [evaluation] = run["evaluations"]
+    assert evaluation["status"] == "interrupted" and str(process.pid) in evaluation["error"]
+    assert "complete, testing" not in runs_py(tmp_path, "list").stdout
