@@ -12,7 +12,7 @@ from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
 from metalearn import plots
-from metalearn.notebook import is_packed, softmax
+from metalearn.notebook import is_packed, softmax, train_once
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "main.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,6 +60,16 @@ def test_adaptation_steps_figure(tmp_path: Path) -> None:
 def test_softmax_is_a_distribution_even_for_huge_logits() -> None:
     probabilities = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(probabilities, [[1.0, 0.0], [0.5, 0.5]])
+
+
+def test_train_once_reuses_a_trained_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Re-running the notebook's training cell must not fail on (or retrain) its finished run."""
+    run_dir = tmp_path / "work" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.npz").write_bytes(b"")
+    flags = {"work_dir": str(tmp_path / "work"), "run_name": "run", "epochs": -1}  # never used
+    assert train_once(flags) == run_dir
+    assert "reusing it" in capsys.readouterr().out
 
 
 def image_outputs(cell: nbformat.NotebookNode) -> list[bytes]:
