@@ -7,6 +7,7 @@ Every figure is written atomically (``fileio.atomic_path``), so a reader never s
 * :func:`steps_curve`: metric vs number of inner steps with 95% bands (paper Figure 3 style).
 * :func:`sinusoid_fits`: true function, support points and predictions per task (Figure 2 style).
 * :func:`task_preview`: the support and query images of one N-way K-shot task, by class.
+* :func:`adaptation_steps`: a task's support set, then queries and their predictions per step.
 """
 
 from __future__ import annotations
@@ -257,6 +258,67 @@ def task_preview(
                 axis.set_ylabel(f"class {c}", fontsize="small")
     figure.suptitle(
         title or f"{len(classes)}-way {k_spt}-shot task\nsupport (blue) and query (orange)",
+        fontsize="medium",
+    )
+    return _save(figure, path)
+
+
+def _image_axis(axis: Any, image: np.ndarray, title: str, color: str) -> None:
+    axis.imshow(np.squeeze(image), cmap="gray_r", vmin=0.0, vmax=1.0)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(title, fontsize="small")
+    for spine in axis.spines.values():
+        spine.set_color(color)
+        spine.set_linewidth(2)
+
+
+def adaptation_steps(
+    path: str | os.PathLike[str],
+    x_support: np.ndarray,
+    y_support: np.ndarray,
+    x_query: np.ndarray,
+    y_query: np.ndarray,
+    probabilities: Sequence[np.ndarray],
+    title: str | None = None,
+) -> Path:
+    """What adapting to one task does: the support images in the first row, then one row per
+    query image with its class probabilities after 0, 1, … inner steps (``probabilities[s]`` is
+    ``[queries, n_way]``). The predicted class's bar and heading are green if right, red if wrong.
+    """
+    steps = len(probabilities)
+    n_way = probabilities[0].shape[1] if steps else 0
+    columns = max(len(x_support), steps + 1)
+    figure, axes = _figure(
+        1 + len(x_query), columns, (max(1.6 * columns, 5.0), 1.5 * (1 + len(x_query)) + 0.6)
+    )
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    for col, (image, label) in enumerate(zip(x_support, np.ravel(y_support))):
+        axes[0, col].set_axis_on()
+        _image_axis(axes[0, col], image, f"support: class {int(label)}", "tab:blue")
+    for row, (image, label) in enumerate(zip(x_query, np.ravel(y_query)), start=1):
+        axes[row, 0].set_axis_on()
+        _image_axis(axes[row, 0], image, f"query: class {int(label)}", "tab:orange")
+        for step in range(steps):
+            axis = axes[row, step + 1]
+            axis.set_axis_on()
+            chances = np.asarray(probabilities[step][row - 1], dtype=float)
+            guess = int(chances.argmax())
+            color = "tab:green" if guess == int(label) else "tab:red"
+            bars = ["lightgray"] * n_way
+            bars[guess] = color
+            axis.bar(np.arange(n_way), chances, color=bars)
+            axis.set_ylim(0.0, 1.0)
+            axis.set_xticks(np.arange(n_way))
+            axis.tick_params(labelsize="x-small")
+            axis.set_title(
+                f"{step} step{'' if step == 1 else 's'}: {guess} ({chances[guess]:.0%})",
+                fontsize="small",
+                color=color,
+            )
+    figure.suptitle(
+        title or "support set (top); each query's class probabilities after each inner step",
         fontsize="medium",
     )
     return _save(figure, path)
