@@ -7,7 +7,8 @@ from pathlib import Path
 
 from metalearn.service.errors import invalid
 
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Not starting with "-": on a command line (runs.py show NAME) the name would read as a flag.
+RUN_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 MAX_NAME_LENGTH = 128
 
 
@@ -21,7 +22,7 @@ def check_run_name(name: str, field: str | None = "run_name") -> str:
     ):
         raise invalid(
             f"run name {str(name)[:MAX_NAME_LENGTH]!r} is not allowed: use 1-{MAX_NAME_LENGTH} "
-            "of A-Z a-z 0-9 . _ - (not . or ..)",
+            "of A-Z a-z 0-9 . _ - (not . or .., not starting with -)",
             field,
         )
     return name
