@@ -53,7 +53,8 @@ def work(trained, tmp_path) -> Path:
 
 
 def make_client(work: Path, data_dir: Path, **options) -> TestClient:
-    return TestClient(create_app(Settings.create(work, data_dir, **options)))
+    app = create_app(Settings.create(work, data_dir, **options))
+    return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
 @pytest.fixture
@@ -488,6 +489,17 @@ def test_a_token_guards_every_request(work, omniglot_dir) -> None:
     cookie = first.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert client.get("/api/runs").status_code == 200  # the cookie now
+
+
+def test_other_sites_cannot_drive_the_server(client) -> None:
+    assert client.get("/api/runs", headers={"Host": "evil.example:8000"}).status_code == 403
+    assert client.get("/api/runs", headers={"Host": "localhost:8000"}).status_code == 200
+    foreign = {"Origin": "http://evil.example"}
+    assert client.post("/api/runs/tiny/cancel", headers=foreign).status_code == 403
+    assert client.delete("/api/runs/tiny", headers=foreign).status_code == 403
+    assert client.get("/api/runs", headers=foreign).status_code == 200  # reading is harmless
+    same = {"Origin": "http://127.0.0.1:8000"}
+    assert client.post("/api/runs/tiny/cancel", headers=same).status_code == 409
 
 
 def test_serve_refuses_other_addresses_without_a_token() -> None:

@@ -4,19 +4,25 @@ With a token, a request passes with ``Authorization: Bearer <token>`` or with th
 ``/?token=<token>`` sets (HttpOnly, SameSite=Strict): page navigation and EventSource cannot
 send headers, so browsers use the cookie, as Jupyter does. Bodies above the limit are refused
 with 413 before the application reads them.
+
+Web pages of other sites must not drive a server on this machine: requests that change
+something are refused when their ``Origin`` is another host, and without a token only loopback
+``Host`` names are served (a DNS-rebinding page would arrive under its own name).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.exceptions import HTTPException
 
 from metalearn.service.errors import error_body
 
 COOKIE = "maml_token"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def _respond(status: int, message: str, headers: list[tuple[bytes, bytes]] = ()):
@@ -31,6 +37,11 @@ def _respond(status: int, message: str, headers: list[tuple[bytes, bytes]] = ())
         ],
     }
     return start, {"type": "http.response.body", "body": body}
+
+
+def _hostname(host: str) -> str:
+    """``127.0.0.1:8000`` -> ``127.0.0.1``; ``[::1]:8000`` -> ``::1``."""
+    return (urlsplit(f"//{host}").hostname or "").lower()
 
 
 def _cookie(header: str, name: str) -> str | None:
@@ -52,6 +63,10 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._foreign(scope["method"], headers)
+        if refusal is not None:
+            await self._send(send, 403, refusal)
+            return
         set_cookie = None
         if self.token is not None:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -71,6 +86,16 @@ class Guard:
         if set_cookie is not None:
             send = self._with_cookie(send, set_cookie)
         await self.app(scope, receive, send)
+
+    def _foreign(self, method: str, headers: dict[str, str]) -> str | None:
+        """Why a request from another site (or host name) is refused, or None."""
+        host = headers.get("host", "")
+        if self.token is None and _hostname(host) not in LOOPBACK_NAMES:
+            return f"host name {host[:100]!r} is not served without --token"
+        origin = headers.get("origin")
+        if method not in SAFE_METHODS and origin is not None and urlsplit(origin).netloc != host:
+            return "cross-site requests may not change anything"
+        return None
 
     def _matches(self, given: str | None) -> bool:
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
