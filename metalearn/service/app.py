@@ -92,13 +92,19 @@ def create_app(settings: Settings) -> FastAPI:
     def list_runs() -> list[dict]:
         runs = [with_job(run) for run in run_views.list_runs(work_dir)]
         recorded = {run["name"] for run in runs}
-        queued = [j for j in queue.all() if j.status == "queued" and j.run not in recorded]
-        return runs + [{"name": j.run, "status": "queued", "job": j.as_dict()} for j in queued]
+        pending = [j for j in queue.all() if j.active and j.run not in recorded]
+        return runs + [_pending_run(job) for job in pending]
 
     @app.get("/api/runs/{name}", summary="One run with its log, validations and evaluations")
     def get_run(name: str) -> dict:
         run_folder(work_dir, name, None)
-        return with_job(run_views.get_run(work_dir, name))
+        run = run_views.find_run(work_dir, name)
+        if run is not None:
+            return with_job(run)
+        job = queue.active_for(name)
+        if job is None:
+            raise not_found(f"no run named {name!r}")
+        return _pending_run(job)
 
     @app.get("/api/runs/{name}/files/{file}", summary="A run's PNG (curves, test steps, ...)")
     def run_file(name: str, file: str) -> FileResponse:
@@ -338,6 +344,24 @@ def create_app(settings: Settings) -> FastAPI:
         return {"run": request.run, **result, "inputs": inputs}
 
     return app
+
+
+def _pending_run(job) -> dict:
+    """A run whose job has not written a record yet (queued, or its process is starting)."""
+    return {
+        "name": job.run,
+        "status": "queued" if job.status == "queued" else "starting",
+        "job": job.as_dict(),
+        "config": {},
+        "commands": [],
+        "log": [],
+        "validation": [],
+        "evaluations": [],
+        "test": None,
+        "files": [],
+        "has_best": False,
+        "has_last": False,
+    }
 
 
 def _outside_job(run: dict) -> dict:
