@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from metalearn import omniglot
 from metalearn.args import train_parser
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.records import RunRecords
 from metalearn.runs_cli import LIST_HEADER, list_row
 from metalearn.service import app as service_app
@@ -462,7 +463,32 @@ def test_a_full_wait_line_answers_503_with_retry_after(client) -> None:
     assert client.post("/api/adapt", json=task_body(client)).status_code == 200
 
 
-def test_an_unusable_checkpoint_is_422(client, work) -> None:
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda c: c.meta["network"].update(hidden=10**6), "Omniglot network"),
+        (lambda c: c.meta["network"].update(n_way="5"), "Omniglot network"),
+        (lambda c: c.meta["config"].update(glob_base_lr="0.4"), "inner learning rate"),
+        (lambda c: c.meta["config"].update(k_spt=0.5), "k_spt"),
+        (
+            lambda c: c.params.update({"head.bias": c.params["head.bias"].astype(np.float64)}),
+            "float32",
+        ),
+        (lambda c: c.params.update({"head.bias": c.params["head.bias"] * np.nan}), "finite"),
+        (lambda c: c.params.pop("head.bias"), "shapes"),
+    ],
+)
+def test_hostile_checkpoints_are_422(client, work, change, fragment) -> None:
+    best = work / "tiny" / "best.npz"
+    checkpoint = load_checkpoint(best)
+    assert "head.bias" in checkpoint.params
+    change(checkpoint)
+    save_checkpoint(best, checkpoint)
+    response = client.post("/api/adapt", json=task_body(client))
+    assert response.status_code == 422 and fragment in detail(response)["message"]
+
+
+def test_an_unreadable_checkpoint_is_422(client, work) -> None:
     (work / "tiny" / "best.npz").write_bytes(b"not a checkpoint")
     response = client.post("/api/adapt", json=task_body(client))
     assert response.status_code == 422 and "unreadable" in detail(response)["message"]

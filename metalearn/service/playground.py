@@ -8,6 +8,7 @@ LRU cache keyed by the checkpoint's path and modification time.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,8 @@ from metalearn.checkpoint import check_compatible, load_checkpoint
 from metalearn.errors import UserError
 from metalearn.service.runs import list_runs
 
-MAX_STEPS = 10
+MAX_WAY = 1000
+MAX_CHECKPOINT_BYTES = 100 * 1024 * 1024
 
 
 class Busy(Exception):
@@ -44,26 +46,35 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def load_run(best: Path) -> LoadedRun:
     """A run's best θ as a MetaLearner with the run's inner learning rate (hostile-file checks)."""
     from metalearn.algorithms import MetaLearner, make_parameters
-    from metalearn.nets import ConvNet, build_network
+    from metalearn.nets import ConvNet
 
+    if best.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{best} is larger than {MAX_CHECKPOINT_BYTES} bytes")
     checkpoint = load_checkpoint(best)
     network = checkpoint.meta.get("network")
     config = checkpoint.meta.get("config")
-    if not isinstance(network, dict) or network.get("kind") != ConvNet.kind:
-        raise UserError(f"{best.parent.name} is not an image-classification run")
+    n_way = network.get("n_way") if isinstance(network, dict) else None
+    # Only the standard architecture: a file must not make this process build any network it likes.
+    if not (isinstance(n_way, int) and 1 <= n_way <= MAX_WAY) or network != ConvNet(n_way).config():
+        raise UserError(f"{best.parent.name} is not a run of the Omniglot network")
     if not isinstance(config, dict):
         raise UserError(f"{best} holds no run configuration")
-    try:
-        net = build_network(network)
-        fresh = net.init_params(0)
-    except (TypeError, ValueError, KeyError) as error:
-        raise UserError(f"{best} describes an unusable network ({error})") from None
+    net = ConvNet(n_way)
+    fresh = net.init_params(0)
     check_compatible(checkpoint, net.config(), {k: tuple(v.shape) for k, v in fresh.items()})
-    inner_lr = float(config.get("glob_base_lr", 0.0))
-    if not (np.isfinite(inner_lr) and inner_lr > 0):
+    if any(v.dtype != np.float32 or not np.isfinite(v).all() for v in checkpoint.params.values()):
+        raise UserError(f"{best} holds parameters that are not finite float32 numbers")
+    inner_lr, k_spt = config.get("glob_base_lr"), config.get("k_spt", 1)
+    if not (_number(inner_lr) and math.isfinite(inner_lr) and inner_lr > 0):
         raise UserError(f"{best} has no usable inner learning rate")
-    learner = MetaLearner(net, make_parameters(checkpoint.params), "maml", inner_lr, 1)
-    return LoadedRun(learner, net.n_way, int(config.get("k_spt", 1)), inner_lr)
+    if not (_number(k_spt) and isinstance(k_spt, int) and k_spt >= 1):
+        raise UserError(f"{best} has no usable k_spt")
+    learner = MetaLearner(net, make_parameters(checkpoint.params), "maml", float(inner_lr), 1)
+    return LoadedRun(learner, net.n_way, k_spt, float(inner_lr))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class PlaygroundEngine:
