@@ -23,7 +23,8 @@ const Charts = (() => {
     if (!(hi > lo)) return { values: [lo], digits: 2 };
     const raw = Math.max((hi - lo) / count, minStep || 0);
     const power = Math.pow(10, Math.floor(Math.log10(raw)));
-    const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= raw * (1 - 1e-9)) || raw;
+    const multiples = minStep >= 1 ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10]; // whole steps stay whole
+    const step = multiples.map((m) => m * power).find((s) => s >= raw * (1 - 1e-9)) || raw;
     const values = [];
     for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) values.push(+v.toFixed(10));
     const digits = Math.max(0, -Math.floor(Math.log10(step) + 1e-9)) + (Math.abs(step / power - Math.round(step / power)) > 1e-6 ? 1 : 0);
@@ -93,7 +94,8 @@ const Charts = (() => {
       node("line", { x1: margin.left, x2: width - margin.right, y1: sy(t), y2: sy(t) }, grid);
       node("text", { x: margin.left - 6, y: sy(t) + 4, "text-anchor": "end" }, axis).textContent = format(t, yTicks.digits);
     }
-    const xTicks = ticks(x0, x1, Math.max(2, Math.min(8, Math.floor(plotW / 70))), options.xInteger ? 1 : 0);
+    const few = options.xInteger && x1 - x0 <= 10; // inner steps: label every one
+    const xTicks = ticks(x0, x1, few ? Math.max(1, Math.round(x1 - x0)) : Math.max(2, Math.min(8, Math.floor(plotW / 70))), options.xInteger ? 1 : 0);
     for (const t of xTicks.values) {
       node("line", { x1: sx(t), x2: sx(t), y1: height - margin.bottom, y2: height - margin.bottom + 4 }, axis);
       node("text", { x: sx(t), y: height - margin.bottom + 16, "text-anchor": "middle" }, axis).textContent = format(t, xTicks.digits);

@@ -116,6 +116,14 @@ const Fmt = {
     if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
     return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
   },
+  /* A command line as a person would type it: "python train.py --flag value ...". */
+  command(argv) {
+    const words = (argv || []).slice();
+    const base = (word) => word.split(/[\\/]/).pop();
+    if (words.length > 1 && /python[0-9.]*(\.exe)?$/.test(base(words[0])) && words[1].endsWith(".py")) words.shift();
+    if (words.length && words[0].endsWith(".py")) return ["python", base(words[0]), ...words.slice(1)].join(" ");
+    return words.join(" ");
+  },
   time(iso) {
     if (!iso) return "-";
     const date = new Date(iso);

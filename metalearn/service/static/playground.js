@@ -3,7 +3,7 @@
 "use strict";
 
 const SIZE = 105; // Omniglot's drawing resolution; the server resizes to 28x28 like the packer
-const STROKE_WIDTH = 4; // close to Omniglot's pen at 105 px
+const STROKE_WIDTH = 4.5; // close to the pen of Omniglot's drawings at 105 px
 const QUERY_CELLS = 5;
 const AUTO_ADAPT_DELAY_MS = 450;
 
@@ -424,12 +424,14 @@ async function randomTask() {
 
 function describeRun(run) {
   const test = run.test_accuracy === null || run.test_accuracy === undefined ? "not tested" : Fmt.pct(run.test_accuracy);
-  ui.runInfo.replaceChildren(
-    el("dt", {}, "run"), el("dd", { class: "mono" }, el("a", { href: `/runs/${encodeURIComponent(run.name)}` }, run.name)),
-    el("dt", {}, "task"), el("dd", {}, `${run.n_way}-way ${run.k_spt}-shot`),
-    el("dt", {}, "algorithm"), el("dd", {}, run.algo || "-"),
-    el("dt", {}, "inner lr"), el("dd", {}, String(run.inner_lr)),
-    el("dt", {}, "test accuracy"), el("dd", {}, test));
+  const pairs = [
+    ["run", el("a", { href: `/runs/${encodeURIComponent(run.name)}` }, run.name)],
+    ["task", `${run.n_way}-way ${run.k_spt}-shot`],
+    ["algorithm", run.algo || "-"],
+    ["inner lr", String(run.inner_lr)],
+    ["test accuracy", test],
+  ];
+  ui.runInfo.replaceChildren(...pairs.map(([label, value]) => el("div", {}, el("dt", {}, label), el("dd", {}, value))));
 }
 
 function selectRun(name) {

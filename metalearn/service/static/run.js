@@ -4,7 +4,7 @@
 
 const NAME = decodeURIComponent(location.pathname.replace(/\/+$/, "").split("/").pop());
 const REFETCH_MS = 1500; // at most one history request this often while a run is live
-const ACTIVE = new Set(["training", "testing", "queued", "running"]);
+const ACTIVE = new Set(["training", "testing", "queued", "starting", "running"]);
 
 const page = document.getElementById("run-page");
 const $ = (id) => document.getElementById(id);
@@ -124,9 +124,8 @@ function renderDetails() {
     el("div", {}, el("span", { class: "k" }, `--${key}`), el("span", { class: "v" }, JSON.stringify(config[key])))));
   ui.commands.replaceChildren(...(run.commands || []).map((command, i) => {
     const argv = command.argv || [];
-    const prefix = argv.length && argv[0].endsWith(".py") ? "python " : "";
     return el("div", {}, el("div", { class: "muted small-text" }, `${i ? "resumed" : "command"} · ${Fmt.time(command.at)}`),
-      el("div", { class: "command" }, prefix + argv.join(" ")));
+      el("div", { class: "command", title: `in ${command.cwd || "?"}: ${argv.join(" ")}` }, Fmt.command(argv)));
   }));
   const fields = [
     ["dataset", `${run.dataset || "-"} ${run.dataset ? Fmt.shape(run) : ""}`],

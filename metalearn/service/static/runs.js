@@ -82,8 +82,12 @@ function renderRuns() {
   const ordered = state.runs.slice().reverse();
   ordered.forEach((run, index) => {
     const row = rowFor(run.name);
-    row.dataset.status = run.status;
-    row.replaceChildren(row.firstChild, ...cellsOf(run));
+    const signature = JSON.stringify(run);
+    if (row.signature !== signature) { // untouched rows stay the same elements
+      row.signature = signature;
+      row.dataset.status = run.status;
+      row.replaceChildren(row.firstChild, ...cellsOf(run));
+    }
     row.checkbox.checked = state.selected.has(run.name);
     row.classList.toggle("selected", state.selected.has(run.name));
     if (ui.body.children[index] !== row) ui.body.insertBefore(row, ui.body.children[index] || null);
@@ -163,6 +167,9 @@ document.getElementById("compare-close").addEventListener("click", () => { ui.co
 
 /* -- jobs --------------------------------------------------------------------------------------- */
 function renderJobs() {
+  const signature = JSON.stringify(state.jobs);
+  if (signature === renderJobs.signature) return;
+  renderJobs.signature = signature;
   const jobs = state.jobs.slice().reverse();
   const active = jobs.filter((j) => j.status === "running" || j.status === "queued");
   ui.jobSummary.textContent = active.length ? `${active.length} active` : "";
@@ -184,7 +191,7 @@ function renderJobs() {
       job.status === "running" || job.status === "queued"
         ? el("button", { type: "button", class: "small danger", onclick: () => cancel(job.run) }, "Cancel") : null);
     const box = el("div", { class: "job", dataset: { job: String(job.id), status: job.status } }, head,
-      el("code", { title: (job.argv || []).join(" ") }, (job.argv || []).join(" ")));
+      el("code", { title: (job.argv || []).join(" ") }, Fmt.command(job.argv)));
     if (job.status === "running" && progress.planned) {
       box.appendChild(el("div", { class: "progress" }, el("span", { style: `width:${Math.min(100, 100 * (progress.iteration || 0) / progress.planned).toFixed(1)}%` })));
     }
