@@ -129,6 +129,12 @@ def test_run_pngs_are_served_from_a_whitelist_only(client, work) -> None:
         assert client.get(path).status_code in (404, 422)
 
 
+def test_openapi_docs_are_served(client) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/runs", "/api/adapt", "/api/jobs", "/api/runs/{name}/events"} <= set(paths)
+
+
 def test_static_files_stay_in_the_static_folder(client) -> None:
     for path in ("/static/..%2F..%2Fapp.py", "/static/../app.py", "/static/%2e%2e/app.py"):
         response = client.get(path)
@@ -416,6 +422,7 @@ def test_bad_images_and_tasks_are_refused(client) -> None:
             "query.0",
         ),
         (_replace(body, query=[big]), 413, "query.0"),
+        (_replace(body, query=["data:image/png;base64," + "A" * 1_500_000]), 413, "query.0"),
         (_replace(body, query=[[[0.5] * 28] * 27]), 422, "query.0"),
         (_replace(body, query=[[[1.5] * 28] * 28]), 422, "query.0"),
         (_replace(body, query=[[[True] * 28] * 28]), 422, "query.0"),
