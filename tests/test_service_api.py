@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 from metalearn import omniglot
 from metalearn.args import train_parser
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
-from metalearn.records import RunRecords
+from metalearn.records import RunRecords, process_started
 from metalearn.runs_cli import LIST_HEADER, list_row
 from metalearn.service import app as service_app
 from metalearn.service.app import create_app
@@ -211,6 +212,23 @@ def test_jobs_show_trainings_this_server_did_not_start(client, work) -> None:
         con.execute("UPDATE runs SET pid = 2147483646 WHERE name = 'outside'")
     assert client.get("/api/jobs").json() == []
     assert client.get("/api/runs/outside").json()["status"] == "interrupted"
+
+
+def test_cancel_reaches_a_training_of_a_previous_server(client, work) -> None:
+    _record_live_training(work, "orphan")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with RunRecords(work)._transaction() as con:
+            con.execute(
+                "UPDATE runs SET pid = ?, pid_started = ? WHERE name = 'orphan'",
+                (stand_in.pid, process_started(stand_in.pid)),
+            )
+        assert client.post("/api/runs/orphan/cancel").json() == {"name": "orphan", "job": None}
+        assert stand_in.wait(timeout=60) != 0  # it got SIGINT
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert client.get("/api/runs/orphan").json()["status"] == "interrupted"
 
 
 def test_events_of_a_finished_run_say_progress_then_end(client) -> None:
