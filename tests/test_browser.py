@@ -102,8 +102,10 @@ def browser():
 
 def screenshot(driver, tmp_path: Path, name: str) -> None:
     """A PNG of the whole page (the window grows to the page's height for the shot)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(1000, height + 90))
+    height, chrome = driver.execute_script(
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+    )
+    driver.set_window_size(1400, max(1000, height + chrome))
     driver.execute_script("window.scrollTo(0, 0)")
     targets = [tmp_path / f"{name}.png"]
     if os.environ.get("MAML_SCREENSHOT_DIR"):
@@ -238,6 +240,26 @@ def test_playground_adapts_to_drawings(browser, omniglot_dir, tmp_path):
         assert_distributions(after, len(queries), n_way, STEPS)
         assert flat(after[0]) != pytest.approx(flat(before[0]), abs=1e-4)
 
+        # Undo takes back one stroke at a time; an emptied query drops out of the next adaptation
+        count = adapt_count(browser)
+        second = browser.find_elements(By.CSS_SELECTOR, ".cell.query")[1]
+        undo = second.find_element(By.XPATH, ".//button[text()='Undo']")
+        undo.click()
+        assert second.get_attribute("data-filled") == "true"
+        undo.click()
+        assert second.get_attribute("data-filled") == "false"
+        wait(
+            browser,
+            ADAPT_SECONDS,
+            lambda d: (
+                adapt_count(d) > count
+                and data(d, "#playground", "state") == "done"
+                and len(query_probabilities(d)) == len(queries) - 1
+            ),
+            "no adaptation without the emptied query",
+        )
+        assert not second.find_elements(By.XPATH, "..//*[@data-probabilities]")
+
         # Clear all, then a random task from the test split, then Adapt with another step count
         browser.find_element(By.ID, "clear-all").click()
         assert not browser.find_elements(By.CSS_SELECTOR, ".query-result[data-probabilities]")
@@ -291,7 +313,7 @@ def test_runs_page_trains_live_and_shows_the_curve(browser, omniglot_dir, tmp_pa
     from metalearn.trainer import train
 
     work = tmp_path / "work"
-    train(tiny(omniglot_dir, work, run_name="earlier", epochs=2))
+    train(tiny(omniglot_dir, work, run_name="earlier", epochs=3, val_every=1))
     name = "browser-tiny"
     with serve(work, omniglot_dir) as url:
         browser.get(url + "/runs")
@@ -312,7 +334,10 @@ def test_runs_page_trains_live_and_shows_the_curve(browser, omniglot_dir, tmp_pa
         assert browser.find_element(By.ID, "error-k_spt").text == ""
 
         # a tiny training; the page is never reloaded while it runs
-        for flag, value in {**tiny(omniglot_dir, work, epochs=4), "run_name": name}.items():
+        for flag, value in {
+            **tiny(omniglot_dir, work, epochs=4, val_every=2),
+            "run_name": name,
+        }.items():
             if flag not in ("data_dir", "work_dir"):
                 set_field(browser, flag, value)
         assert browser.find_element(By.ID, "error-n_way").text == ""
@@ -355,7 +380,8 @@ def test_runs_page_trains_live_and_shows_the_curve(browser, omniglot_dir, tmp_pa
         loss = browser.find_element(By.CSS_SELECTOR, "#loss-chart svg")
         assert int(loss.get_attribute("data-points")) == logged > 0
         assert loss.find_elements(By.CSS_SELECTOR, "polyline.series")
-        assert int(data(browser, "#validation-chart svg", "points")) >= 1
+        assert int(data(browser, "#validation-chart svg", "series")) == TINY["glob_update_step"] + 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#validation-table tbody tr")) == 2
         assert "--epochs" in browser.find_element(By.ID, "flags").text
 
         # Evaluate: the test result arrives on the open page
