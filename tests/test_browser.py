@@ -198,6 +198,25 @@ def assert_distributions(probabilities: list, queries: int, n_way: int, steps: i
             assert sum(p) == pytest.approx(1, abs=1e-3)
 
 
+# The next POST /api/adapt gets 503 with Retry-After: 1; every text of the status line is kept.
+BUSY_ONCE = """
+const realFetch = window.fetch;
+window.answeredBusy = false;
+window.fetch = (url, init) => {
+  if (url === "/api/adapt" && !window.answeredBusy) {
+    window.answeredBusy = true;
+    const body = JSON.stringify({detail: [{field: null, message: "busy"}]});
+    return Promise.resolve(new Response(body, {status: 503, headers: {"Retry-After": "1"}}));
+  }
+  return realFetch(url, init);
+};
+window.statusTexts = [];
+const status = document.getElementById("adapt-status");
+new MutationObserver(() => window.statusTexts.push(status.textContent))
+  .observe(status, {childList: true, characterData: true, subtree: true});
+"""
+
+
 def test_playground_adapts_to_drawings(browser, omniglot_dir, tmp_path):
     from metalearn.trainer import train
 
@@ -267,13 +286,20 @@ def test_playground_adapts_to_drawings(browser, omniglot_dir, tmp_path):
         browser.find_element(By.ID, "random-task").click()
         wait_for_adapt(browser, count)
         assert_distributions(query_probabilities(browser), len(queries), n_way, STEPS)
+        verdicts = [v.text for v in browser.find_elements(By.CSS_SELECTOR, ".verdict")]
+        assert len(verdicts) == len(queries)
+        assert all("correct" in v or "truth: class" in v for v in verdicts), verdicts
+
+        # a busy server (503 + Retry-After) is waited for once, and the page says so
+        browser.execute_script(BUSY_ONCE)
         browser.execute_script(
-            "const s = document.getElementById('steps'); s.value = 2;"
-            "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));"
+            "const s = document.getElementById('steps'); s.value = 2; s.dispatchEvent(new Event('input'));"
         )
         count = adapt_count(browser)
         browser.find_element(By.ID, "adapt").click()
         wait_for_adapt(browser, count)
+        assert browser.execute_script("return window.answeredBusy") is True
+        assert any("busy" in text for text in browser.execute_script("return window.statusTexts"))
         assert_distributions(query_probabilities(browser), len(queries), n_way, 2)
         assert browser.find_element(By.ID, "adapt-status").text.startswith("Adapted 2 steps")
 
