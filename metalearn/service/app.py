@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -14,28 +12,22 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import Body, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
 
-from metalearn.errors import UserError
 from metalearn.service import runs as run_views
-from metalearn.service.errors import ApiError, conflict, error_body, invalid, not_found, too_large
-from metalearn.service.flags import describe_flags, field_of, validate_training
+from metalearn.service.errors import add_error_handlers, conflict, invalid, not_found, too_large
+from metalearn.service.flags import describe_flags, validate_training
 from metalearn.service.images import decode_image
 from metalearn.service.jobs import JobQueue, script_argv
+from metalearn.service.live import event_stream, outside_job, pending_run
 from metalearn.service.names import run_folder
-from metalearn.service.playground import Busy, PlaygroundEngine, TestImages, playground_runs
+from metalearn.service.playground import PlaygroundEngine, TestImages, playground_runs
 from metalearn.service.schemas import AdaptRequest, EvaluateRequest, ResumeRequest
 from metalearn.service.security import Guard
 from metalearn.service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PAGES = {"/": "index.html", "/runs": "runs.html"}
-EVENT_POLL_SECONDS = 0.5
-KEEPALIVE_SECONDS = 15.0
-RETRY_AFTER_SECONDS = 1
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -57,7 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.queue, app.state.engine = settings, queue, engine
-    _add_error_handlers(app)
+    add_error_handlers(app)
     app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     work_dir, data_dir = settings.work_dir, settings.data_dir
@@ -93,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
         runs = [with_job(run) for run in run_views.list_runs(work_dir)]
         recorded = {run["name"] for run in runs}
         pending = [j for j in queue.all() if j.active and j.run not in recorded]
-        return runs + [_pending_run(job) for job in pending]
+        return runs + [pending_run(job) for job in pending]
 
     @app.get("/api/runs/{name}", summary="One run with its log, validations and evaluations")
     def get_run(name: str) -> dict:
@@ -104,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         job = queue.active_for(name)
         if job is None:
             raise not_found(f"no run named {name!r}")
-        return _pending_run(job)
+        return pending_run(job)
 
     @app.get("/api/runs/{name}/files/{file}", summary="A run's PNG (curves, test steps, ...)")
     def run_file(name: str, file: str) -> FileResponse:
@@ -222,79 +214,21 @@ def create_app(settings: Settings) -> FastAPI:
         own = [job.as_dict() for job in queue.all()]
         mine = {job["run"] for job in own if job["status"] in ("queued", "running")}
         others = [
-            _outside_job(run)
+            outside_job(run)
             for run in run_views.list_runs(work_dir)
             if run["name"] not in mine and run_views.is_live(run)
         ]
         return others + own
-
-    def snapshot(name: str) -> tuple[dict, bool]:
-        """The run's progress now, and whether it has ended (no job, no live process)."""
-        job = queue.latest_for(name)
-        run = run_views.find_run(work_dir, name)
-        running = job is not None and job.active
-        progress = job.reader.progress if job is not None else None
-        last_log = run["log"][-1] if run and run["log"] else {}
-        last_validation = run["validation"][-1] if run and run["validation"] else {}
-        status = (
-            "queued"
-            if job is not None and job.status == "queued"
-            else (run["status"] if run else (job.status if job else "unknown"))
-        )
-        state = {
-            "run": name,
-            "status": status,
-            "job": {"id": job.id, "status": job.status, "kind": job.kind} if job else None,
-            "iteration": (progress.iteration if running and progress.iteration else None)
-            or (run or {}).get("completed_iterations"),
-            "planned": (progress.planned if running and progress.planned else None)
-            or (run or {}).get("planned_iterations"),
-            "eta_seconds": progress.eta_seconds if running else None,
-            "loss": (progress.loss if running and progress.loss is not None else None)
-            or last_log.get("loss"),
-            "query_per_step": (progress.query_per_step if running else None)
-            or last_log.get("query_per_step", []),
-            "metric": (run or {}).get("metric") or (progress.metric if progress else None),
-            "best_score": (run or {}).get("best_score"),
-            "best_iteration": (run or {}).get("best_iteration"),
-            "validation_score": (last_validation.get("per_step") or [None])[-1],
-            "updated_at": (run or {}).get("updated_at"),
-        }
-        ended = not running and not run_views.is_live(run)
-        return state, ended
 
     @app.get("/api/runs/{name}/events", summary="Server-sent events with live progress")
     async def events(name: str, request: Request) -> StreamingResponse:
         run_folder(work_dir, name, None)
         if queue.latest_for(name) is None and run_views.find_run(work_dir, name) is None:
             raise not_found(f"no run named {name!r}")
-
-        async def stream() -> AsyncIterator[str]:
-            last, quiet = None, 0.0
-            while True:
-                state, ended = await anyio.to_thread.run_sync(snapshot, name)
-                if state != last:
-                    yield f"event: progress\ndata: {json.dumps(state)}\n\n"
-                    last, quiet = state, 0.0
-                if ended:
-                    job = queue.latest_for(name)
-                    end = {
-                        "run": name,
-                        "status": state["status"],
-                        "exit_code": job.exit_code if job else None,
-                    }
-                    yield f"event: end\ndata: {json.dumps(end)}\n\n"
-                    return
-                if quiet >= KEEPALIVE_SECONDS:
-                    yield ": keepalive\n\n"
-                    quiet = 0.0
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(EVENT_POLL_SECONDS)
-                quiet += EVENT_POLL_SECONDS
-
         return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            event_stream(queue, work_dir, name, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     # -- playground ------------------------------------------------------------------------------
@@ -344,88 +278,3 @@ def create_app(settings: Settings) -> FastAPI:
         return {"run": request.run, **result, "inputs": inputs}
 
     return app
-
-
-def _pending_run(job) -> dict:
-    """A run whose job has not written a record yet (queued, or its process is starting)."""
-    return {
-        "name": job.run,
-        "status": "queued" if job.status == "queued" else "starting",
-        "job": job.as_dict(),
-        "config": {},
-        "commands": [],
-        "log": [],
-        "validation": [],
-        "evaluations": [],
-        "test": None,
-        "files": [],
-        "has_best": False,
-        "has_last": False,
-    }
-
-
-def _outside_job(run: dict) -> dict:
-    """A run trained or tested by a process this server did not start (previous server, terminal)."""
-    command = run["commands"][-1]["argv"] if run["commands"] else []
-    return {
-        "id": None,
-        "kind": "train" if run["status"] == "training" else "evaluate",
-        "run": run["name"],
-        "argv": command,
-        "status": "running",
-        "exit_code": None,
-        "error": None,
-        "created_at": run.get("started_at"),
-        "started_at": run.get("started_at"),
-        "ended_at": None,
-        "output": [],
-        "progress": {
-            "iteration": run.get("completed_iterations"),
-            "planned": run.get("planned_iterations"),
-        },
-        "pid": run.get("pid"),
-        "previous_server": True,
-    }
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    """Every refusal as ``{"detail": [{"field", "message"}]}``; bad input is never a 500."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(
-            error_body(error.message, error.field), error.status, headers=error.headers
-        )
-
-    @app.exception_handler(UserError)
-    async def user_error(request: Request, error: UserError) -> JSONResponse:
-        return JSONResponse(error_body(str(error), field_of(str(error))), 422)
-
-    @app.exception_handler(Busy)
-    async def busy(request: Request, error: Busy) -> JSONResponse:
-        return JSONResponse(
-            error_body("the playground is busy; retry shortly"),
-            503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        detail = [
-            {"field": None, "message": f"malformed JSON: {item.get('ctx', {}).get('error', '')}"}
-            if item["type"] == "json_invalid"
-            else {
-                "field": ".".join(str(part) for part in item["loc"][1:]) or None,
-                "message": item["msg"],
-            }
-            for item in error.errors()
-        ]
-        return JSONResponse({"detail": detail}, 422)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(str(error.detail)),
-            error.status_code,
-            headers=getattr(error, "headers", None),
-        )

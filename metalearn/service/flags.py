@@ -8,12 +8,11 @@ exactly what a person could type.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Iterator
 
 from metalearn.args import COMMON_DEFAULTS, DEFAULTS, train_parser
 from metalearn.errors import UserError
-from metalearn.service.errors import invalid
+from metalearn.service.errors import field_of, invalid
 from metalearn.trainer import prepare_config
 
 # Flags that belong to the server or to other endpoints, never to a client's training request.
@@ -22,7 +21,6 @@ REFUSED = {
     "work_dir": "the server decides where runs live (serve.py --work_dir)",
     "data_dir": "the server decides where the data is (serve.py --data_dir)",
 }
-_FLAG_IN_MESSAGE = re.compile(r"--([A-Za-z_]+)")
 
 
 def _actions() -> Iterator[argparse.Action]:
@@ -92,12 +90,6 @@ def _parse(argv: list[str]) -> dict:
     parser = train_parser()
     parser.__class__ = _RaisingParser  # report instead of printing usage and exiting
     return vars(parser.parse_args(argv))
-
-
-def field_of(message: str) -> str | None:
-    """The flag a message names (``--n_way must be ...`` -> ``n_way``), or None."""
-    match = _FLAG_IN_MESSAGE.search(message)
-    return match.group(1) if match else None
 
 
 def validate_training(body: dict, work_dir: str, data_dir: str) -> tuple[dict, list[str]]:

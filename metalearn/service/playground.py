@@ -20,14 +20,11 @@ import numpy as np
 from metalearn import omniglot
 from metalearn.checkpoint import check_compatible, load_checkpoint
 from metalearn.errors import UserError
+from metalearn.service.errors import Busy
 from metalearn.service.runs import list_runs
 
 MAX_WAY = 1000
 MAX_CHECKPOINT_BYTES = 100 * 1024 * 1024
-
-
-class Busy(Exception):
-    """Too many adaptation requests are waiting already."""
 
 
 @dataclass
