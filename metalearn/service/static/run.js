@@ -9,7 +9,7 @@ const ACTIVE = new Set(["training", "testing", "queued", "starting", "running"])
 const page = document.getElementById("run-page");
 const $ = (id) => document.getElementById(id);
 const ui = {
-  name: $("run-name"), status: $("run-status"), message: $("page-message"), stats: $("stats"),
+  name: $("run-name"), status: $("run-status"), message: $("page-message"), note: $("run-note"), stats: $("stats"),
   progress: $("progress"), liveHint: $("live-hint"),
   evaluate: $("evaluate"), evalTasks: $("eval-tasks"), cancel: $("cancel"), resume: $("resume"), remove: $("delete"),
   loss: $("loss-chart"), query: $("query-chart"), validation: $("validation-chart"), validationCount: $("validation-count"), validationTable: $("validation-table"),
@@ -55,7 +55,9 @@ function renderStats() {
     stat("elapsed", Fmt.duration(run.elapsed_seconds), "elapsed"));
   ui.progress.hidden = !(status === "training" && planned);
   if (planned) ui.progress.firstChild.style.width = `${Math.min(100, (100 * iteration) / planned).toFixed(1)}%`;
-  if (run.error) showMessage(ui.message, "error", run.error);
+  // what the record says about how it ended: a failure, or where an interrupted run can resume
+  const ended = status === "failed" || status === "interrupted";
+  showMessage(ui.note, status === "failed" ? "error" : "busy", ended && run.error ? run.error : "");
   updateButtons();
 }
 
@@ -159,13 +161,18 @@ async function fetchRun() {
     renderStats();
     renderCharts();
     renderDetails();
-    if (!state.run.error && ui.message.classList.contains("error") && ui.message.dataset.kind === "load") showMessage(ui.message, "", "");
+    if (ui.message.dataset.kind === "load") {
+      ui.message.dataset.kind = "";
+      showMessage(ui.message, "", "");
+    }
   } catch (error) {
-    if (error.status === 404 && !(state.progress && state.progress.status === "queued")) {
+    const starting = error.status === 404 && state.progress && state.progress.job; // no record yet
+    if (error.status === 404 && !starting) {
       page.dataset.state = "missing";
       showMessage(ui.message, "error", `There is no run named ${NAME}.`);
       ui.message.append(" ", el("a", { href: "/runs" }, "Back to the runs."));
-    } else if (error.status !== 404) {
+      ui.message.dataset.kind = "load";
+    } else if (!starting) {
       showMessage(ui.message, "error", `Could not load the run: ${error.message}`);
       ui.message.dataset.kind = "load";
     }
