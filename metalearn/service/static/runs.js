@@ -36,7 +36,9 @@ function cellsOf(run) {
   const columns = run.columns || {};
   const progress = run.planned_iterations ? Math.min(1, (run.completed_iterations || 0) / run.planned_iterations) : 0;
   const status = el("td", { class: "status-cell" }, statusPill(run.status));
-  if (run.error) status.appendChild(el("span", { class: "error-text", title: run.error }, run.error));
+  if (run.error && (run.status === "failed" || run.status === "interrupted")) {
+    status.appendChild(el("span", { class: `error-text ${run.status}`, title: run.error }, run.error));
+  }
   const iterations = el("td", { class: "num" }, columns.iterations || Fmt.iterations(run));
   if (run.status === "training") {
     iterations.appendChild(el("span", { class: "progress mini-progress" }, el("span", { style: `width:${(progress * 100).toFixed(1)}%` })));
@@ -186,7 +188,7 @@ function renderJobs() {
       job.previous_server ? el("span", { class: "muted" }, "(previous server)") : null,
       el("span", { class: "spacer" }),
       progress.iteration !== undefined && progress.iteration !== null
-        ? el("span", { class: "muted" }, `it ${progress.iteration}/${progress.planned || "?"}${progress.eta_seconds ? `, ETA ${Fmt.duration(progress.eta_seconds)}` : ""}`)
+        ? el("span", { class: "muted" }, `it ${progress.iteration}/${progress.planned || "?"}${job.status === "running" && progress.eta_seconds ? `, ETA ${Fmt.duration(progress.eta_seconds)}` : ""}`)
         : null,
       job.status === "running" || job.status === "queued"
         ? el("button", { type: "button", class: "small danger", onclick: () => cancel(job.run) }, "Cancel") : null);
@@ -195,7 +197,7 @@ function renderJobs() {
     if (job.status === "running" && progress.planned) {
       box.appendChild(el("div", { class: "progress" }, el("span", { style: `width:${Math.min(100, 100 * (progress.iteration || 0) / progress.planned).toFixed(1)}%` })));
     }
-    if (job.error) box.appendChild(el("div", { class: "job-error" }, job.error));
+    if (job.error) box.appendChild(el("div", { class: `job-error ${job.status}` }, job.error));
     return box;
   }));
 }
