@@ -117,7 +117,7 @@ def screenshot(driver, tmp_path: Path, name: str) -> None:
 
 
 def wait(driver, seconds: float, condition: Callable, message: str):
-    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(lambda d: condition(d), message)
+    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(condition, message)
 
 
 def data(driver, selector: str, name: str) -> str | None:
@@ -126,7 +126,8 @@ def data(driver, selector: str, name: str) -> str | None:
 
 # -- playground ------------------------------------------------------------------------------------
 def draw(driver, canvas, variant: int) -> None:
-    """Two strokes with real mouse events; ``variant`` makes every cell's drawing different."""
+    """Two strokes with real mouse events, shaped by ``variant`` modulo 5 (so query i is drawn
+    like the support of class i, and the classes differ)."""
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     size = canvas.size["width"]
     unit = size / 10  # offsets from the canvas centre, in tenths of its width
