@@ -251,6 +251,8 @@ function buildGrid(run) {
     state.queryCells.push(cell);
     renderQuery(cell, null);
   }
+  // several shots per class make the support rows wide: stack the queries below them
+  document.getElementById("workspace").classList.toggle("stacked", run.k_spt >= 3);
   ui.supportHint.textContent = run.k_spt === 1 ? "one drawing per class" : `${run.k_spt} drawings per class`;
   updateButtons();
 }
