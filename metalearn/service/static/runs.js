@@ -263,12 +263,19 @@ function setToDefault(flag) {
   if (flag.type === "bool") input.checked = Boolean(value);
   else if (value === null || value === undefined || (input.type === "number" && !Number.isFinite(Number(value)))) {
     input.value = "";
-    input.placeholder = value === null || value === undefined ? "auto" : `= ${value}`;
   } else {
     input.value = String(value);
-    input.placeholder = "";
   }
+  setPlaceholder(flag);
   markChanged(flag);
+}
+
+/* An empty field means the default; say what it is when it is not a plain value. */
+function setPlaceholder(flag) {
+  const value = defaultFor(flag);
+  const input = state.inputs.get(flag.name);
+  if (flag.type === "bool") return;
+  input.placeholder = value === null || value === undefined ? "auto" : `= ${value}`;
 }
 
 function currentValue(flag) {
@@ -290,7 +297,11 @@ function markChanged(flag) {
   field.classList.remove("invalid");
   field.querySelector(".field-error").textContent = "";
   if (flag.name === "dataset") {
-    for (const other of state.flags) if (other.name !== "dataset" && !isChangedKeep(other)) setToDefault(other);
+    for (const other of state.flags) {
+      if (other.name === "dataset") continue;
+      if (isChangedKeep(other)) setPlaceholder(other);
+      else setToDefault(other);
+    }
   }
 }
 
