@@ -568,7 +568,7 @@ def test_serve_refuses_other_addresses_without_a_token() -> None:
 # -- real jobs -----------------------------------------------------------------------------------
 def events_of(client: TestClient, name: str) -> list[tuple[str, dict]]:
     """All events of a run's stream (the stream ends when its job does)."""
-    text = client.get(f"/api/runs/{name}/events", timeout=600).text
+    text = client.get(f"/api/runs/{name}/events").text
     blocks = [b for b in text.split("\n\n") if b.startswith("event: ")]
     return [(b.split("\n")[0][7:], json.loads(b.split("data: ", 1)[1])) for b in blocks]
 
