@@ -9,7 +9,11 @@ resumed run sees exactly the tasks an uninterrupted one would.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -126,7 +130,12 @@ def prepare_config(given: dict) -> dict:
     validate_config(config)
     check_work_dir(config["work_dir"])
     given_name = config["run_name"]
-    config["run_name"] = check_run_name(run_name_for(config) if given_name is None else given_name)
+    try:
+        config["run_name"] = check_run_name(
+            run_name_for(config) if given_name is None else given_name
+        )
+    except UserError as error:  # named as the flag, so the service shows it next to its field
+        raise UserError(f"--run_name: {error}") from None
     return config
 
 
@@ -154,6 +163,7 @@ class Trainer:
             config["glob_update_step"],
         )
         self.optimizer = self._make_optimizer()
+        self.stop_requested = False
         if resume is not None:
             load_optimizer_state(self.optimizer, self.params, resume.optimizer)
             self.state = TrainState.from_saved(resume.meta.get("state"), self._last_path())
@@ -204,13 +214,43 @@ class Trainer:
             force=self.force,
         )
         try:
-            state = self._train()
+            with self._stop_on_sigint():
+                state = self._train()
         except BaseException as error:  # also Ctrl-C (interrupted) and the launcher's SIGTERM
             status, message = describe_failure(error)
             self.recorder.finish(status, self.state, message)
             raise
         self.recorder.finish("complete", self.state)
         return state
+
+    @contextmanager
+    def _stop_on_sigint(self) -> Iterator[None]:
+        """A first Ctrl-C / SIGINT asks the loop to stop between meta-iterations; a second one
+        interrupts at once.
+
+        A stop in the middle of an optimiser step could leave θ and Adam's moments out of step;
+        between iterations last.npz is saved and the run resumes exactly. Only the main thread
+        can own signal handlers, and in a multi-process run one process stopping alone would
+        leave the others waiting in an all-reduce, so there Ctrl-C keeps its immediate effect.
+        """
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or distributed.world_size() > 1
+        ):
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt(f"at once during iteration {self.state.iteration + 1}")
+            self.stop_requested = True
+            self._say("interrupt: stopping after this meta-iteration (interrupt again to stop now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     # -- the loop --------------------------------------------------------------------------------
     def _train(self) -> TrainState:
@@ -248,6 +288,13 @@ class Trainer:
             if out_of_time:
                 self._say(f"time budget of {budget} min reached at iteration {iteration}")
                 break
+            if self.stop_requested and not last:
+                progress.close()
+                self._save_last()
+                raise KeyboardInterrupt(
+                    f"at iteration {iteration}; last.npz kept: python train.py --resume "
+                    f"{self.run_dir}"
+                )
         progress.close()
         metric = self.problem.net.metric_name
         if self.state.best_score is None:  # resumed at its last iteration: nothing was run
