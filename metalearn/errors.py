@@ -22,8 +22,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"error: interrupted {interrupt}".rstrip(), file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()

@@ -357,18 +357,50 @@ def _decode_chunk(sources: dict[str, Path], chars: Sequence[CharacterRef]) -> np
     return out
 
 
+class ImageTooLarge(UserError):
+    """An image above the size a caller accepts (refused before its pixels are decoded)."""
+
+
 def decode_drawing(data: bytes, name: str = "image") -> np.ndarray:
-    """One 105x105 PNG -> 28x28 float32 with ink = 1.0 and background = 0.0."""
+    """One original 105x105 Omniglot PNG -> 28x28 float32 with ink = 1.0, background = 0.0."""
+    return decode_ink(data, name, size=ORIGINAL_SIZE)
+
+
+def decode_ink(
+    data: bytes, name: str = "image", size: int | None = None, max_side: int | None = None
+) -> np.ndarray:
+    """Any drawing (dark ink on a light background) -> the 28x28 array the networks see.
+
+    The one preprocessing of Omniglot packing and of drawings sent to the service: grayscale,
+    Pillow's LANCZOS resize to 28x28, ink = 1 - gray / 255. Transparent pixels count as white
+    background (a browser canvas may be transparent where nothing was drawn). ``size`` demands
+    an exact square size; ``max_side`` bounds the size, checked before any pixel is decoded.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if size is not None and (width, height) != (size, size):
+                raise UserError(f"{name} is {width}x{height}, expected {size}x{size} (original)")
+            if max_side is not None and max(width, height) > max_side:
+                raise ImageTooLarge(
+                    f"{name} is {width}x{height}, larger than {max_side}x{max_side}"
+                )
             image.load()
-            gray = image.convert("L")
+            gray = _on_white(image).convert("L")
+    except UserError:
+        raise
     except Exception as error:  # Pillow raises many types for broken files; all mean unreadable.
         raise UserError(f"cannot decode {name}: {error}") from None
-    if gray.size != (ORIGINAL_SIZE, ORIGINAL_SIZE):
-        raise UserError(f"{name} is {gray.size[0]}x{gray.size[1]}, expected 105x105 (original)")
     small = gray.resize((IMAGE_SIZE, IMAGE_SIZE), getattr(Image.Resampling, RESIZE_FILTER))
     return 1.0 - np.asarray(small, dtype=np.float32) / np.float32(255.0)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto white; others are returned unchanged."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
 
 
 # ---------------------------------------------------------------------------------------------

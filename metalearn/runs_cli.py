@@ -108,6 +108,23 @@ def _steps(values: Sequence[float], ci: Sequence[float] | None = None) -> str:
     return " ".join(f"{m:.4f}±{c:.4f}" for m, c in zip(values, ci))
 
 
+LIST_HEADER = ("name", "algo", "n_way/k_spt", "status", "iterations", "metric", "best val", "test")
+
+
+def list_row(run: dict) -> list[str]:
+    """The cells of one run in ``runs.py list`` (and the service's runs table), by LIST_HEADER."""
+    return [
+        run["name"],
+        run.get("algo") or "-",
+        _shape(run),
+        run["status"],
+        _iterations(run),
+        _metric(run),
+        _best(run),
+        _test(run["test"]),
+    ]
+
+
 # -- commands ------------------------------------------------------------------------------------
 def list_runs(records: RunRecords) -> None:
     if not records.exists():
@@ -117,21 +134,8 @@ def list_runs(records: RunRecords) -> None:
     if not runs:
         print(f"no runs recorded in {records.work_dir}/")
         return
-    rows = [
-        [
-            run["name"],
-            run.get("algo") or "-",
-            _shape(run),
-            run["status"],
-            _iterations(run),
-            _metric(run),
-            _best(run),
-            _test(run["test"]),
-        ]
-        for run in runs
-    ]
-    header = ["name", "algo", "n_way/k_spt", "status", "iterations", "metric", "best val", "test"]
-    print(_table(header, rows))
+    rows = [list_row(run) for run in runs]
+    print(_table(LIST_HEADER, rows))
 
 
 def show(records: RunRecords, name: str) -> None:

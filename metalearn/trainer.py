@@ -9,7 +9,11 @@ resumed run sees exactly the tasks an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +110,7 @@ class Trainer:
             config["glob_update_step"],
         )
         self.optimizer = self._make_optimizer()
+        self.stop_requested = False
         if resume is not None:
             load_optimizer_state(self.optimizer, self.params, resume.optimizer)
             self.state = TrainState(**resume.meta["state"])
@@ -145,9 +150,10 @@ class Trainer:
             paddle_version=paddle.__version__,
         )
         try:
-            state = self._train()
-        except KeyboardInterrupt:
-            self.recorder.finish("interrupted", self.state, "interrupted (KeyboardInterrupt)")
+            with self._stop_on_sigint():
+                state = self._train()
+        except KeyboardInterrupt as interrupt:
+            self.recorder.finish("interrupted", self.state, f"interrupted {interrupt}".strip())
             raise
         except BaseException as error:
             message = (
@@ -157,6 +163,35 @@ class Trainer:
             raise
         self.recorder.finish("complete", self.state)
         return state
+
+    @contextmanager
+    def _stop_on_sigint(self) -> Iterator[None]:
+        """A first Ctrl-C / SIGINT asks the loop to stop between meta-iterations; a second one
+        interrupts at once.
+
+        A stop in the middle of an optimiser step could leave θ and Adam's moments out of step;
+        between iterations last.npz is saved and the run resumes exactly. Only the main thread
+        can own signal handlers, and in a multi-process run one process stopping alone would
+        leave the others waiting in an all-reduce, so there Ctrl-C keeps its immediate effect.
+        """
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or distributed.world_size() > 1
+        ):
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt(f"at once during iteration {self.state.iteration + 1}")
+            self.stop_requested = True
+            self._say("interrupt: stopping after this meta-iteration (interrupt again to stop now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     # -- the loop --------------------------------------------------------------------------------
     def _train(self) -> TrainState:
@@ -194,6 +229,13 @@ class Trainer:
             if out_of_time:
                 self._say(f"time budget of {budget} min reached at iteration {iteration}")
                 break
+            if self.stop_requested and not last:
+                progress.close()
+                self._save_last()
+                raise KeyboardInterrupt(
+                    f"at iteration {iteration}; last.npz kept: python train.py --resume "
+                    f"{self.run_dir}"
+                )
         progress.close()
         metric = self.problem.net.metric_name
         if self.state.best_score is None:  # resumed at its last iteration: nothing was run

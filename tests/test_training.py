@@ -18,6 +18,7 @@ from metalearn import algorithms
 from metalearn.checkpoint import load_checkpoint
 from metalearn.errors import UserError
 from metalearn.evaluation import evaluate
+from metalearn.records import RunRecords
 from metalearn.trainer import Trainer, prepare_config, train
 
 
@@ -112,6 +113,33 @@ def test_killed_training_resumes_to_the_same_theta(omniglot_dir, tmp_path) -> No
     assert load_checkpoint(last).meta["state"]["iteration"] < 8, "finished before it was killed"
     assert run_script("train.py", "--resume", str(tmp_path / "cut")).returncode == 0
     assert_same_theta(tmp_path / "whole" / "last.npz", last)
+
+
+@pytest.mark.slow
+def test_sigint_stops_between_iterations_keeps_last_and_resumes(omniglot_dir, tmp_path) -> None:
+    args = as_flags(tiny(omniglot_dir, tmp_path, epochs=400, ckpt_every=1000, val_every=1000))
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, "--run_name", "stop"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:  # the first log line comes after the first meta-iteration
+        if "it 1: meta-loss" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130
+    assert_one_line_error(subprocess.CompletedProcess([], 130, "", stderr), "interrupted at")
+    done = load_checkpoint(tmp_path / "stop" / "last.npz").meta["state"]["iteration"]
+    assert 1 <= done < 400 and f"iteration {done};" in stderr
+    record = RunRecords(tmp_path).get_run("stop")
+    assert (record["status"], record["completed_iterations"]) == ("interrupted", done)
+    resumed = run_script("train.py", "--resume", str(tmp_path / "stop"), "--epochs", str(done + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert RunRecords(tmp_path).get_run("stop")["completed_iterations"] == done + 2
 
 
 def test_evaluate_writes_per_step_results_with_intervals(omniglot_dir, tmp_path) -> None:

@@ -1,0 +1,34 @@
+"""Request bodies of the API (pydantic). Images stay untyped here: images.py checks them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluateRequest(Strict):
+    tasks: StrictInt | None = Field(None, ge=1, le=100_000, description="test tasks (default 600)")
+    glob_update_step_test: StrictInt | None = Field(
+        None, ge=0, le=100, description="inner steps at test time (default: the run's)"
+    )
+
+
+class ResumeRequest(Strict):
+    epochs: StrictInt | None = Field(None, ge=1, description="new total of meta-iterations")
+
+
+class SupportImage(Strict):
+    image: Any = Field(description="PNG data URL or 28x28 nested list in [0, 1] (ink = 1)")
+    label: StrictInt = Field(ge=0, le=1000)
+
+
+class AdaptRequest(Strict):
+    run: str
+    support: list[SupportImage]
+    query: list[Any]
+    steps: StrictInt = Field(5, ge=0, le=10)
