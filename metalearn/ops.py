@@ -16,6 +16,8 @@ derivative of its own backward pass. This module supplies the three the networks
 
 from __future__ import annotations
 
+import contextlib
+
 import paddle
 from paddle import _C_ops
 from paddle.autograd import PyLayer
@@ -156,11 +158,31 @@ class _MaxPoolGrad(PyLayer):
         return None, None, picked.reshape(index.shape)
 
 
+_pool_index_log: list | None = None
+
+
+@contextlib.contextmanager
+def recording_pool_indices():
+    """Collect the argmax indices (numpy) of every :func:`max_pool2x2` call in the block.
+
+    Finite-difference checks use it: max-pooling is smooth only while no window's maximum
+    changes place, so a check is valid only if the indices at θ ± εd equal those at θ.
+    """
+    global _pool_index_log
+    previous, _pool_index_log = _pool_index_log, []
+    try:
+        yield _pool_index_log
+    finally:
+        _pool_index_log = previous
+
+
 class _MaxPool(PyLayer):
     @staticmethod
     def forward(ctx, x):
         out, index = _C_ops.max_pool2d_with_index(x, *_POOL)
         ctx.save_for_backward(x, index)
+        if _pool_index_log is not None:
+            _pool_index_log.append(index.numpy())
         return out
 
     @staticmethod
