@@ -103,6 +103,27 @@ def _as_input_grad(grad, like):
     return paddle.zeros_like(like) if grad is None else grad
 
 
+class _ConvWeightGrad(PyLayer):
+    """(x, dy) -> dw alone, for inputs that need no gradient (the images at the first layer).
+
+    The same weight-gradient kernel as :class:`_ConvGrad`'s (so dw is bit-identical) without the
+    wasted input-gradient. dw is linear in dy and does not depend on the weights, so its
+    derivative is the convolution of x with the incoming cotangent. ``weight`` only gives the
+    shape and is passed detached.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, grad_out, stride, padding):
+        ctx.save_for_backward(x)
+        ctx.stride, ctx.padding = stride, padding
+        return _kernels.backward_weights(x, weight, grad_out, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_dw):
+        (x,) = ctx.saved_tensor()
+        return None, None, _kernels.forward(x, grad_dw, ctx.stride, ctx.padding)
+
+
 class _Conv(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
@@ -113,6 +134,11 @@ class _Conv(PyLayer):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensor()
+        if x.stop_gradient:
+            grad_weight = _ConvWeightGrad.apply(
+                x, weight.detach(), grad_out, ctx.stride, ctx.padding
+            )
+            return None, _as_input_grad(grad_weight, weight)
         grad_x, grad_weight = _ConvGrad.apply(x, weight, grad_out, ctx.stride, ctx.padding)
         return _as_input_grad(grad_x, x), _as_input_grad(grad_weight, weight)
 
