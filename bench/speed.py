@@ -307,11 +307,18 @@ def main() -> None:
         default="fast",
         help="our convolution kernels, as train.py's flag (default fast)",
     )
+    parser.add_argument(
+        "--ref-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="PyTorch threads (default: all CPUs; on a busy machine 1 can be several times faster)",
+    )
     args = parser.parse_args()
     if torch is None:
         print("torch is not installed (pip install -r requirements-bench.txt): ours only")
     else:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.ref_threads)
+        print(f"reference threads: {args.ref_threads}")
     print(f"convolution kernels: {ops.use_kernels(args.kernels)}")
     rss = PeakRSS()
     rows = []
