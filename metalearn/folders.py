@@ -398,19 +398,23 @@ def _write(
     files: Sequence[str],
     dropped: Sequence[tuple[ClassFolder, int]],
 ) -> dict[str, object]:
+    """Write the splits and the manifest as one set.
+
+    A split's array is gathered from ``pixels`` once to hash it and again when it is written, so
+    at most one split's copy exists besides ``pixels`` (peak memory ~1.6x the images).
+    """
     writers, described, rows = {}, {}, {}
     for split, classes in splits.items():
         order = [r for _, class_rows in classes for r in class_rows]
-        array = pixels[order]
         offsets = np.cumsum([0, *(len(r) for _, r in classes)]).astype("<i8")
         image_file, offsets_file = array_names(name, split)
-        writers[image_file] = partial(packing.write_npy, array=array)
+        writers[image_file] = lambda handle, order=order: packing.write_npy(handle, pixels[order])
         writers[offsets_file] = partial(packing.write_npy, array=offsets)
         described[split] = {
             "file": image_file,
-            "shape": list(array.shape),
+            "shape": [len(order), *pixels.shape[1:]],
             "dtype": "uint8",
-            "sha256": packing.npy_sha256(array),
+            "sha256": packing.npy_sha256(pixels[order]),
             "offsets_file": offsets_file,
             "offsets_sha256": packing.npy_sha256(offsets),
             "classes": len(classes),
