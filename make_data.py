@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.images is not None:
         pack_folder(args)
         return
+    if args.name is not None:
+        raise UserError("--name names a set packed from --images DIR (or previewed with --preview)")
     counts = omniglot.parse_split(args.split or ",".join(map(str, omniglot.DEFAULT_SPLIT)))
     args.workers = args.workers or 1
     omniglot.check_seed(args.seed)
