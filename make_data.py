@@ -164,7 +164,7 @@ def pack_folder(args: argparse.Namespace) -> None:
         min_per_class=args.min_per_class,
         strict=args.strict,
         seed=args.seed,
-        workers=args.workers or min(os.cpu_count() or 1, 8),
+        workers=min(os.cpu_count() or 1, 8) if args.workers is None else args.workers,
     )
     warn = partial(print, file=sys.stderr)
     summary = folders.pack(args.images, args.name, args.out, options, log=print, warn=warn)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.name is not None:
         raise UserError("--name names a set packed from --images DIR (or previewed with --preview)")
     counts = omniglot.parse_split(args.split or ",".join(map(str, omniglot.DEFAULT_SPLIT)))
-    args.workers = args.workers or 1
+    args.workers = 1 if args.workers is None else args.workers
     omniglot.check_seed(args.seed)
     omniglot.check_workers(args.workers)
     omniglot.check_writable_folder(args.out)  # before a download or minutes of decoding
