@@ -92,12 +92,6 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         help="an image set packed by `make_data.py --images DIR --name NAME` into --data_dir "
         "(implies --dataset folder)",
     )
-    parser.add_argument(
-        "--net",
-        choices=NETS,
-        help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
-        "default conv4 for 1-channel images, pool4 for RGB",
-    )
     parser.add_argument("--n_way", type=int, help="classes per task (default 5)")
     parser.add_argument("--k_spt", type=int, help="support examples per class (default 1)")
     parser.add_argument(
@@ -135,6 +129,12 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Meta-train MAML / FOMAML / Reptile.")
     _add_task_flags(parser)
+    parser.add_argument(
+        "--net",
+        choices=NETS,
+        help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
+        "default conv4 for 1-channel images, pool4 for RGB",
+    )
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
     parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
     parser.add_argument("--glob_meta_lr", type=float, help="Adam step for θ (default 0.001)")
