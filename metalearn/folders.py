@@ -328,6 +328,9 @@ def pack(
             f"{len(listing.not_images)} files are not images ({suffixes}) and are skipped: "
             f"{shown(listing.not_images)}"
         )
+    empty = [folder.name for folder in listing.classes if not folder.files]
+    if empty:
+        report(f"{len(empty)} class folders have no images and are left out: {shown(empty)}")
     files = [f for folder in listing.classes for f in folder.files]
     log(f"Found {len(listing.classes)} class folders with {len(files)} images in {root}")
     pixels, failures = decode_files(root, files, options.size, options.channels, options.workers)
@@ -335,10 +338,11 @@ def pack(
         listed = [f"{files[i]} ({reason})" for i, reason in sorted(failures.items())]
         report(f"{len(failures)} files could not be decoded and are skipped: {shown(listed)}")
     kept, dropped = _usable_classes(listing.classes, files, failures, options.min_per_class)
-    if dropped:
-        named = [f"{c.name} ({n})" for c, n in dropped]
+    small = [(c, n) for c, n in dropped if c.files]  # empty folders were reported above
+    if small:
+        named = [f"{c.name} ({n})" for c, n in small]
         report(
-            f"{len(dropped)} classes have fewer than --min_per_class {options.min_per_class} "
+            f"{len(small)} classes have fewer than --min_per_class {options.min_per_class} "
             f"usable images and are left out: {shown(named)}"
         )
     splits = _assign_splits(listing, kept, options)

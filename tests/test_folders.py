@@ -238,7 +238,12 @@ def _class(root: Path, name: str, count: int, seed: int = 0) -> None:
         (
             lambda r: [_class(r, c, 4) for c in "abcd"] + [(r / "e").mkdir()],
             ["--min_per_class", "2", "--strict"],
-            "1 classes have fewer than --min_per_class 2 usable images and are left out: e (0)",
+            "1 class folders have no images and are left out: e (refused: --strict)",
+        ),
+        (
+            lambda r: [_class(r, c, 4) for c in "abcd"] + [_class(r, "e", 1)],
+            ["--min_per_class", "2", "--strict"],
+            "1 classes have fewer than --min_per_class 2 usable images and are left out: e (1)",
         ),
         (
             lambda r: [_class(r, c, 4) for c in "abc"] + [(r / "a" / "x.jpg").write_text("no")],
@@ -263,6 +268,7 @@ def _class(root: Path, name: str, count: int, seed: int = 0) -> None:
         "split-missing",
         "mixed",
         "too-few-classes",
+        "empty-class-strict",
         "small-class-strict",
         "broken-strict",
         "not-image-strict",
@@ -284,15 +290,17 @@ def test_problems_are_skipped_with_a_warning_line(tmp_path: Path) -> None:
     for c in "abcd":
         _class(root, c, 4)
     _class(root, "small", 1)
+    (root / "empty").mkdir()
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "b" / "notes.txt").write_text("not an image")
     result = _pack(root, tmp_path / "out", "--min_per_class", "2", "--split", "2,1,1")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 3, result.stderr
+    assert len(warnings) == 4, result.stderr
     assert "1 files are not images" in warnings[0] and "b/notes.txt" in warnings[0]
-    assert "1 files could not be decoded" in warnings[1] and "a/broken.png" in warnings[1]
-    assert "small (1)" in warnings[2]
+    assert "1 class folders have no images and are left out: empty" in warnings[1]
+    assert "1 files could not be decoded" in warnings[2] and "a/broken.png" in warnings[2]
+    assert "fewer than --min_per_class 2 usable images and are left out: small (1)" in warnings[3]
     manifest = json.loads((tmp_path / "out/glyphs_manifest.json").read_text())
     assert manifest["skipped"]["undecodable"][0]["file"] == "a/broken.png"
     assert sum(manifest["files"][s]["classes"] for s in omniglot.SPLITS) == 4
