@@ -11,25 +11,35 @@ module gathers what users reach for::
     direction, stats = learner.task_direction(task)
 
 ``python MAML.py`` proves the meta-gradient on this Paddle install: it compares the second-order
-gradient with finite differences (float64, tanh network) for 1 and 2 inner steps.
+gradient with finite differences (float64, tanh networks) for 1 and 2 inner steps, for the
+Omniglot network (stride-2 convolutions) and the MiniImagenet network (max-pooling, flatten).
 """
 
 from metalearn.algorithms import ALGORITHMS, MetaLearner, apply_direction, make_parameters
-from metalearn.nets import MLP, ConvNet
+from metalearn.nets import MLP, ConvNet, PoolConvNet
 
-__all__ = ["ALGORITHMS", "MLP", "ConvNet", "MetaLearner", "apply_direction", "make_parameters"]
+__all__ = [
+    "ALGORITHMS",
+    "MLP",
+    "ConvNet",
+    "MetaLearner",
+    "PoolConvNet",
+    "apply_direction",
+    "make_parameters",
+]
 
 
 def _self_check() -> None:
     from metalearn.gradcheck import meta_gradient_error
 
-    for steps in (1, 2):
-        error = meta_gradient_error("conv", steps)
-        verdict = "ok" if error < 1e-4 else "WRONG"
-        print(
-            f"second-order meta-gradient, {steps} inner step(s): relative error {error:.2e} "
-            f"vs finite differences ({verdict})"
-        )
+    for kind, name in (("conv", "Omniglot conv net"), ("pool", "max-pool net")):
+        for steps in (1, 2):
+            error = meta_gradient_error(kind, steps)
+            verdict = "ok" if error < 1e-4 else "WRONG"
+            print(
+                f"second-order meta-gradient, {name}, {steps} inner step(s): relative error "
+                f"{error:.2e} vs finite differences ({verdict})"
+            )
 
 
 if __name__ == "__main__":

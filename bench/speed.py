@@ -8,6 +8,9 @@ peak resident memory seen while each side ran, and the ratio ours / reference. "
 code path of train.py (``MetaLearner.meta_update``: directions, averaging, NaN check, Adam) on
 random data of the right shapes. The reference (``torch`` from requirements-bench.txt) is written
 here: same network, loss, inner steps, order and meta-batch.
+
+The ``pool84`` row is the paper's MiniImagenet setting: the max-pool network (PoolConvNet) on
+84×84×3 images, 5-way 1-shot with 15 queries per class, 5 inner steps at α = 0.01, meta-batch 4.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import paddle
 
 from metalearn import ops
 from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import MLP, ConvNet
+from metalearn.nets import MLP, ConvNet, PoolConvNet
 from metalearn.tasks import ImageTasks, SinusoidTasks
 
 try:
@@ -54,6 +57,10 @@ class Config:
     inner_lr: float = 0.4
     dataset: str = "omniglot"
     evaluation: bool = False
+    net: str = "conv"  # "pool": the MiniImagenet network on 84x84x3 images
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, 84, 84) if self.net == "pool" else (1, 28, 28)
 
 
 CONFIGS = [
@@ -64,6 +71,7 @@ CONFIGS = [
     Config("reptile 5w1s 5 steps mb32", algo="reptile", steps=5),
     Config("eval 5w1s 5 steps", steps=5, batch=1, evaluation=True),
     Config("sinusoid maml K10 mb25", dataset="sinusoid", batch=25, inner_lr=0.01),
+    Config("maml 5w1s pool84 5 steps mb4", steps=5, batch=4, inner_lr=0.01, net="pool"),
 ]
 
 
@@ -93,15 +101,21 @@ def make_tasks(config: Config, iteration: int):
     if config.dataset == "sinusoid":
         sampler = SinusoidTasks(10, 10)
     else:
-        images = np.random.default_rng(0).random((max(40, config.n_way), 20, 1, 28, 28))
-        sampler = ImageTasks(images.astype("float32"), config.n_way, 1, 15)
+        shape = (max(40, config.n_way), 20, *config.image_shape())
+        images = np.random.default_rng(0).random(shape, dtype=np.float32)
+        sampler = ImageTasks(images, config.n_way, 1, 15)
     return [sampler.sample(0, "bench", iteration, i) for i in range(config.batch)]
 
 
 class Ours:
     def __init__(self, config: Config):
         self.config = config
-        self.net = MLP() if config.dataset == "sinusoid" else ConvNet(n_way=config.n_way)
+        if config.dataset == "sinusoid":
+            self.net = MLP()
+        elif config.net == "pool":
+            self.net = PoolConvNet(n_way=config.n_way)
+        else:
+            self.net = ConvNet(n_way=config.n_way)
         self.params = make_parameters(self.net.init_params(0))
         self.learner = MetaLearner(
             self.net, self.params, config.algo, config.inner_lr, config.steps
@@ -142,13 +156,17 @@ class Reference:
                 if layer < 2:
                     x = torch.relu(x)
             return x
+        pool = self.config.net == "pool"
         for block in range(4):
-            x = TF.conv2d(x, p[f"conv{block}.weight"], stride=2, padding=1)
+            x = TF.conv2d(x, p[f"conv{block}.weight"], stride=1 if pool else 2, padding=1)
             x = TF.batch_norm(
                 x, None, None, p[f"bn{block}.scale"], p[f"bn{block}.shift"], True, eps=1e-3
             )
             x = torch.relu(x)
-        return x.mean(dim=(2, 3)) @ p["head.weight"] + p["head.bias"]
+            if pool:
+                x = TF.max_pool2d(x, 2)
+        features = torch.flatten(x, 1) if pool else x.mean(dim=(2, 3))
+        return features @ p["head.weight"] + p["head.bias"]
 
     def loss(self, out, y):
         if self.config.dataset == "sinusoid":
@@ -289,11 +307,18 @@ def main() -> None:
         default="fast",
         help="our convolution kernels, as train.py's flag (default fast)",
     )
+    parser.add_argument(
+        "--ref-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="PyTorch threads (default: all CPUs; on a busy machine 1 can be several times faster)",
+    )
     args = parser.parse_args()
     if torch is None:
         print("torch is not installed (pip install -r requirements-bench.txt): ours only")
     else:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.ref_threads)
+        print(f"reference threads: {args.ref_threads}")
     print(f"convolution kernels: {ops.use_kernels(args.kernels)}")
     rss = PeakRSS()
     rows = []

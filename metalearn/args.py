@@ -19,7 +19,10 @@ from metalearn.omniglot import NUM_CHARACTERS, check_seed
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-DATASETS = ("omniglot", "sinusoid")
+DATASETS = ("omniglot", "sinusoid", "folder")
+NETS = ("conv4", "pool4")
+"""conv4: the paper's Omniglot net (stride-2 convolutions, spatial mean); pool4: its MiniImagenet net
+(32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB."""
 
 DEFAULTS = {
     "omniglot": {
@@ -32,6 +35,19 @@ DEFAULTS = {
         "glob_meta_lr": 0.001,
         "glob_base_lr": 0.1,
         "epochs": 10000,
+    },
+    # Image folders (make_data.py --images): the paper's MiniImagenet settings (section 5.2):
+    # 5 inner steps of α = 0.01 in training, 10 at test time, 4 tasks per meta-batch, 15 queries.
+    "folder": {
+        "n_way": 5,
+        "k_spt": 1,
+        "k_query": 15,
+        "task_num": 4,
+        "glob_update_step": 5,
+        "glob_update_step_test": 10,
+        "glob_meta_lr": 0.001,
+        "glob_base_lr": 0.01,
+        "epochs": 60000,
     },
     # Finn et al. 2017, section 5.1 and appendix: 1 step of α = 0.01, 25 tasks, Adam 0.001, 70k its.
     "sinusoid": {
@@ -59,6 +75,8 @@ COMMON_DEFAULTS = {
     "val_tasks": 200,
     "ckpt_every": 100,
     "augment": "none",
+    "data": None,
+    "net": None,
     "use_gpu": False,
     "export_pkl": False,
     "max_minutes": None,
@@ -68,7 +86,17 @@ COMMON_DEFAULTS = {
 
 
 def _add_task_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="omniglot")
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="omniglot (default), sinusoid, or folder: a set of your own images (see --data)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="NAME",
+        help="an image set packed by `make_data.py --images DIR --name NAME` into --data_dir "
+        "(implies --dataset folder)",
+    )
     parser.add_argument("--n_way", type=int, help="classes per task (default 5)")
     parser.add_argument("--k_spt", type=int, help="support examples per class (default 1)")
     parser.add_argument(
@@ -84,7 +112,10 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="inner step size α on the mean loss (default 0.1; sinusoid 0.01)",
     )
-    parser.add_argument("--data_dir", help="folder with omniglot_{train,val,test}.npy (default .)")
+    parser.add_argument(
+        "--data_dir",
+        help="folder with omniglot_{train,val,test}.npy or NAME_*.npy (default .)",
+    )
     parser.add_argument("--work_dir", help="where runs live (default work)")
     parser.add_argument(
         "--kernels",
@@ -107,6 +138,12 @@ def train_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description="Meta-train MAML / FOMAML / Reptile.")
     _add_task_flags(parser)
+    parser.add_argument(
+        "--net",
+        choices=NETS,
+        help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
+        "default conv4 for 1-channel images, pool4 for RGB",
+    )
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
     parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
     parser.add_argument("--glob_meta_lr", type=float, help="Adam step for θ (default 0.001)")
@@ -137,8 +174,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt_every", type=int, help="iterations between last.npz saves (100)")
     parser.add_argument(
         "--augment",
-        choices=("none", "rot90"),
-        help="rot90: rotate each class by a random multiple of 90° (paper)",
+        help="none (default) or a comma-separated list drawn per class of a training task: "
+        "rot90 (paper, Omniglot), flip, crop (shift up to size/8), jitter (brightness, "
+        "contrast, saturation), e.g. flip,crop,jitter",
     )
     parser.add_argument(
         "--max_minutes",
@@ -178,7 +216,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def resolve_defaults(given: dict) -> dict:
     """Fill every flag the user left out with its dataset's default."""
-    dataset = given.get("dataset") or "omniglot"
+    dataset = given.get("dataset") or ("folder" if given.get("data") else "omniglot")
     config = {**COMMON_DEFAULTS, **DEFAULTS[dataset], "dataset": dataset}
     config.update({k: v for k, v in given.items() if v is not None})
     if config["k_query"] is None:
@@ -238,6 +276,7 @@ def validate_config(config: dict) -> None:
         )
     if config.get("dataset") == "sinusoid" and config.get("n_way") != 1:
         raise UserError("sinusoid regression has no classes: leave --n_way out (it is 1)")
+    _validate_data(config)
     if config.get("dataset") == "omniglot" and config["k_spt"] + config["k_query"] > 20:
         raise UserError(
             f"k_spt + k_query = {config['k_spt'] + config['k_query']} but Omniglot has only 20 "
@@ -323,3 +362,21 @@ def check_work_dir(work_dir: str | os.PathLike[str]) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"--work_dir {work_dir} is not a folder")
     return path
+
+
+def _validate_data(config: dict) -> None:
+    """--data names a folder set exactly when --dataset is folder; images only take --net."""
+    from metalearn.folders import check_name  # the rule for set names (they become file names)
+    from metalearn.tasks import parse_augment
+
+    dataset = config.get("dataset")
+    if dataset == "folder":
+        if not config.get("data"):
+            raise UserError("--dataset folder needs --data NAME (a set packed by make_data.py)")
+        check_name(config["data"])
+    elif config.get("data"):
+        raise UserError(f"--data {config['data']} is an image-folder set: use --dataset folder")
+    if dataset == "sinusoid" and config.get("net"):
+        raise UserError("--net chooses an image network; sinusoid regression uses the paper's MLP")
+    if config.get("augment") is not None:
+        config["augment"] = ",".join(parse_augment(config["augment"])) or "none"

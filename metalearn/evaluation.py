@@ -32,8 +32,11 @@ def summarise(per_task: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return per_task.mean(axis=0), 1.96 * per_task.std(axis=0) / np.sqrt(len(per_task))
 
 
-def find_run(work_dir: str | Path, dataset: str, n_way: int, k_spt: int) -> Path:
-    """The newest run folder with a best.npz whose config matches the dataset and task shape."""
+def find_run(
+    work_dir: str | Path, dataset: str, n_way: int, k_spt: int, data: str | None = None
+) -> Path:
+    """The newest run folder with a best.npz whose config matches the dataset (for an image
+    folder: the set's name) and task shape."""
     candidates = []
     for config_path in Path(work_dir).glob("*/config.json"):
         best = config_path.parent / "best.npz"
@@ -41,16 +44,17 @@ def find_run(work_dir: str | Path, dataset: str, n_way: int, k_spt: int) -> Path
             config = read_run_config(config_path)
         except UserError:  # another run's damaged or foreign config.json is not ours to judge
             continue
-        same = (config.get("dataset"), config.get("n_way"), config.get("k_spt")) == (
-            dataset,
-            n_way,
-            k_spt,
-        )
+        same = (
+            config.get("dataset"),
+            config.get("data"),
+            config.get("n_way"),
+            config.get("k_spt"),
+        ) == (dataset, data, n_way, k_spt)
         if same and best.is_file():
             candidates.append((best.stat().st_mtime, config_path.parent))
     if not candidates:
         raise UserError(
-            f"no trained {dataset} run with n_way={n_way}, k_spt={k_spt} in "
+            f"no trained {data or dataset} run with n_way={n_way}, k_spt={k_spt} in "
             f"{work_dir}/ (train one first, or pass --ckpt)"
         )
     return max(candidates)[1]
@@ -60,7 +64,13 @@ def _checkpoint_path(given: dict, request: dict) -> Path:
     if given.get("ckpt"):
         path = Path(given["ckpt"])
         return path / "best.npz" if path.is_dir() else path
-    run_dir = find_run(request["work_dir"], request["dataset"], request["n_way"], request["k_spt"])
+    run_dir = find_run(
+        request["work_dir"],
+        request["dataset"],
+        request["n_way"],
+        request["k_spt"],
+        request.get("data"),
+    )
     return run_dir / "best.npz"
 
 
@@ -115,7 +125,8 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
     config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
-    for key in ("n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels"):
+    keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels")
+    for key in keys:
         if given.get(key) is not None:
             config[key] = given[key]
     validate_config(config)

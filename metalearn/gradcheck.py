@@ -3,7 +3,9 @@
 With ReLU the inner gradient jumps where a unit changes sign, so finite differences of the MAML
 objective diverge; the check therefore uses the same network with a smooth activation (tanh),
 float64, and compares the analytic directional derivative of L_query(θ_K(θ)) along a random
-direction with a central difference.
+direction with a central difference. Max-pooling is piecewise linear: the check is valid as long
+as no window's maximum changes place within the finite-difference step, which random inputs
+make all but certain (tests/test_nets_pool.py verifies it for the pool network's check).
 """
 
 from __future__ import annotations
@@ -11,18 +13,27 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
+from metalearn import ops
 from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import MLP, ConvNet
+from metalearn.nets import MLP, ConvNet, PoolConvNet
 from metalearn.tasks import Task
 
 
 def tiny_problem(kind: str, seed: int = 0):
-    """A small tanh network and one task for it, both float64."""
+    """A small tanh network and one task for it, both float64.
+
+    ``pool`` is the MiniImagenet network on 18×18×3 images (18 → 9 → 4 → 2 → 1: both an odd size
+    whose last row is dropped and an exact halving) with 4 filters.
+    """
     rng = np.random.default_rng(seed)
-    if kind == "conv":
-        net = ConvNet(n_way=3, hidden=4, activation="tanh")
+    if kind in ("conv", "pool"):
+        if kind == "conv":
+            net, shape = ConvNet(n_way=3, hidden=4, activation="tanh"), (1, 28, 28)
+        else:
+            net = PoolConvNet(n_way=3, image_size=18, filters=4, activation="tanh")
+            shape = (3, 18, 18)
         labels = np.arange(3).repeat(2)
-        task = Task(rng.random((6, 1, 28, 28)), labels, rng.random((6, 1, 28, 28)), labels)
+        task = Task(rng.random((6, *shape)), labels, rng.random((6, *shape)), labels)
     else:
         net = MLP(sizes=(1, 8, 8, 1), activation="tanh")
         x = rng.uniform(-5, 5, (10, 1))
@@ -33,7 +44,11 @@ def tiny_problem(kind: str, seed: int = 0):
 def meta_gradient_error(
     kind: str = "conv", steps: int = 1, inner_lr: float = 0.5, eps: float = 1e-5, seed: int = 0
 ) -> float:
-    """Relative error |analytic − finite difference| / |finite difference| of the MAML gradient."""
+    """Relative error |analytic − finite difference| / |finite difference| of the MAML gradient.
+
+    If a max-pool window's argmax differs at θ ± εd from θ, the step is divided by 10 (at most
+    three times): the difference would cross a kink of the piecewise-linear pooling.
+    """
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
     try:
@@ -42,16 +57,27 @@ def meta_gradient_error(
         rng = np.random.default_rng(seed + 1)
         direction = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
 
-        def meta_loss(values: dict[str, np.ndarray]) -> float:
+        def meta_loss(values: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
             learner = MetaLearner(net, make_parameters(values), "maml", inner_lr, steps)
-            return learner.task_direction(task)[1].loss
+            with ops.recording_pool_indices() as indices:
+                loss = learner.task_direction(task)[1].loss
+            return loss, indices
 
         learner = MetaLearner(net, make_parameters(arrays), "maml", inner_lr, steps)
-        grads, _ = learner.task_direction(task)
+        with ops.recording_pool_indices() as indices:
+            grads, _ = learner.task_direction(task)
         analytic = sum(float((grads[k].numpy() * direction[k]).sum()) for k in arrays)
-        plus = meta_loss({k: v + eps * direction[k] for k, v in arrays.items()})
-        minus = meta_loss({k: v - eps * direction[k] for k, v in arrays.items()})
-        numeric = (plus - minus) / (2 * eps)
-        return abs(analytic - numeric) / abs(numeric)
+        for _ in range(4):
+            plus, plus_indices = meta_loss({k: v + eps * direction[k] for k, v in arrays.items()})
+            minus, minus_indices = meta_loss({k: v - eps * direction[k] for k, v in arrays.items()})
+            if _same(indices, plus_indices) and _same(indices, minus_indices):
+                numeric = (plus - minus) / (2 * eps)
+                return abs(analytic - numeric) / abs(numeric)
+            eps /= 10
+        raise RuntimeError("max-pool argmax changes within every finite-difference step tried")
     finally:
         paddle.set_default_dtype(previous)
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

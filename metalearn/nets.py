@@ -14,6 +14,7 @@ import paddle
 import paddle.nn.functional as F
 
 from metalearn import ops
+from metalearn.errors import UserError
 
 Params = "OrderedDict[str, paddle.Tensor]"
 
@@ -23,40 +24,38 @@ def _glorot_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: in
     return rng.uniform(-limit, limit, size=shape)
 
 
-class ConvNet:
-    """The paper's Omniglot network: 4 × [3×3 conv (stride 2), batch norm, ReLU], spatial mean, linear.
+OMNIGLOT_SIZE = 28
 
-    Stride-2 convolutions replace max-pooling, as in Finn et al. for Omniglot (28 → 14 → 7 → 4 → 2).
+
+class _BlockNet:
+    """What the two image classifiers share: bias-free 3×3 convolution blocks with batch norm,
+    a linear head, cross-entropy and accuracy, and the input check.
+
     The convolutions have no bias: batch norm subtracts the batch mean right after, so a bias would
     compute the same function and always receive a zero gradient. Batch norm always normalises with
     the current batch's statistics (meta-train and meta-test alike), as the paper's code does.
     """
 
-    kind = "conv"
+    metric_name = "accuracy"
+    task_batched = False
 
-    def __init__(
-        self,
-        n_way: int,
-        in_channels: int = 1,
-        hidden: int = 64,
-        blocks: int = 4,
-        activation: str = "relu",
-        bn_eps: float = 1e-3,
-    ):
-        self.n_way, self.in_channels, self.hidden, self.blocks = n_way, in_channels, hidden, blocks
-        self.activation = activation
-        self.bn_eps = bn_eps
+    n_way: int
+    in_channels: int
+    image_size: int
+    width: int
+    blocks: int
 
-    def config(self) -> dict:
-        """Everything needed to rebuild this architecture (stored in checkpoints)."""
-        return {
-            "kind": self.kind,
-            "n_way": self.n_way,
-            "in_channels": self.in_channels,
-            "hidden": self.hidden,
-            "blocks": self.blocks,
-            "activation": self.activation,
-        }
+    def _check_shape(self) -> None:
+        for name in ("n_way", "in_channels", "image_size", "width", "blocks"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise UserError(
+                    f"{type(self).__name__}: {name} must be a positive integer, not {value!r}"
+                )
+
+    def _features(self) -> int:
+        """Length of the vector the head sees."""
+        raise NotImplementedError
 
     def init_params(self, seed: int, dtype: str = "float32") -> dict[str, np.ndarray]:
         """Glorot-uniform weights, unit BN scales, zero shifts and output bias, as numpy arrays."""
@@ -64,31 +63,32 @@ class ConvNet:
         arrays: dict[str, np.ndarray] = {}
         channels = self.in_channels
         for block in range(self.blocks):
-            shape = (self.hidden, channels, 3, 3)
+            shape = (self.width, channels, 3, 3)
             arrays[f"conv{block}.weight"] = _glorot_uniform(
-                rng, shape, channels * 9, self.hidden * 9
+                rng, shape, channels * 9, self.width * 9
             )
-            arrays[f"bn{block}.scale"] = np.ones(self.hidden)
-            arrays[f"bn{block}.shift"] = np.zeros(self.hidden)
-            channels = self.hidden
-        arrays["head.weight"] = _glorot_uniform(
-            rng, (self.hidden, self.n_way), self.hidden, self.n_way
-        )
+            arrays[f"bn{block}.scale"] = np.ones(self.width)
+            arrays[f"bn{block}.shift"] = np.zeros(self.width)
+            channels = self.width
+        features = self._features()
+        arrays["head.weight"] = _glorot_uniform(rng, (features, self.n_way), features, self.n_way)
         arrays["head.bias"] = np.zeros(self.n_way)
         return {name: value.astype(dtype) for name, value in arrays.items()}
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
-        """Logits [batch, n_way] for images ``x`` [batch, channels, 28, 28] under ``params``."""
-        act = _activation(self.activation)
-        for block in range(self.blocks):
-            x = ops.conv2d(x, params[f"conv{block}.weight"], stride=2, padding=1)
-            x = _batch_norm(x, params[f"bn{block}.scale"], params[f"bn{block}.shift"], self.bn_eps)
-            x = act(x)
-        features = x.mean(axis=[2, 3])
-        return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
+    def check_input(self, x: paddle.Tensor) -> None:
+        """Refuse images of another shape than the network was built for (a wiring mistake)."""
+        expected = [self.in_channels, self.image_size, self.image_size]
+        if list(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
+            )
 
-    metric_name = "accuracy"
-    task_batched = False
+    def _block(self, x, params, block: int, stride: int) -> paddle.Tensor:
+        x = ops.conv2d(x, params[f"conv{block}.weight"], stride=stride, padding=1)
+        return _batch_norm(x, params[f"bn{block}.scale"], params[f"bn{block}.shift"], self.bn_eps)
+
+    def _head(self, features: paddle.Tensor, params) -> paddle.Tensor:
+        return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         return ops.cross_entropy(output, target)
@@ -98,6 +98,126 @@ class ConvNet:
 
     def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         return (output.argmax(axis=1) == target).astype("float32").mean().reshape([1])
+
+
+class ConvNet(_BlockNet):
+    """The paper's Omniglot network: 4 × [3×3 conv (stride 2), batch norm, ReLU], spatial mean, linear.
+
+    Stride-2 convolutions replace max-pooling, as in Finn et al. for Omniglot (28 → 14 → 7 → 4 → 2).
+    The spatial mean makes the parameters independent of the image size, so the same network runs
+    on any size and channel count (``image_size`` is recorded and checked, nothing more).
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        n_way: int,
+        in_channels: int = 1,
+        image_size: int = OMNIGLOT_SIZE,
+        hidden: int = 64,
+        blocks: int = 4,
+        activation: str = "relu",
+        bn_eps: float = 1e-3,
+    ):
+        self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
+        self.hidden = self.width = hidden
+        self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
+        self._check_shape()
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this architecture (stored in checkpoints).
+
+        ``image_size`` is left out at Omniglot's 28, so the configs of Omniglot runs stay equal
+        to those written before it existed (checkpoints compare configs key by key).
+        """
+        config = {
+            "kind": self.kind,
+            "n_way": self.n_way,
+            "in_channels": self.in_channels,
+            "hidden": self.hidden,
+            "blocks": self.blocks,
+            "activation": self.activation,
+        }
+        if self.image_size != OMNIGLOT_SIZE:
+            config["image_size"] = self.image_size
+        return config
+
+    def _features(self) -> int:
+        return self.hidden
+
+    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        """Logits [batch, n_way] for images ``x`` [batch, channels, size, size] under ``params``."""
+        self.check_input(x)
+        act = _activation(self.activation)
+        for block in range(self.blocks):
+            x = act(self._block(x, params, block, stride=2))
+        return self._head(x.mean(axis=[2, 3]), params)
+
+
+class PoolConvNet(_BlockNet):
+    """The paper's MiniImagenet network: 4 × [3×3 conv (32 filters, stride 1, padding 1), batch
+    norm, ReLU, 2×2 max-pool], flattened, linear.
+
+    Pooling drops an odd last row/column (floor, like TensorFlow's 'VALID' in the paper's code):
+    84 → 42 → 21 → 10 → 5, so the head sees 32·5·5 = 800 features. The pooling is applied before
+    the activation: ReLU (or tanh) is monotone, so max-pooling and the activation commute exactly
+    (values and derivatives), and the activation then touches a quarter of the values.
+    """
+
+    kind = "pool"
+
+    def __init__(
+        self,
+        n_way: int,
+        in_channels: int = 3,
+        image_size: int = 84,
+        filters: int = 32,
+        blocks: int = 4,
+        activation: str = "relu",
+        bn_eps: float = 1e-3,
+    ):
+        self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
+        self.filters = self.width = filters
+        self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
+        self._check_shape()
+        if self.pooled_size() < 1:
+            raise UserError(
+                f"images of {image_size}×{image_size} are too small for {blocks} 2×2 max-pools "
+                f"(at least {2**blocks} pixels a side)"
+            )
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this architecture (stored in checkpoints)."""
+        return {
+            "kind": self.kind,
+            "n_way": self.n_way,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "filters": self.filters,
+            "blocks": self.blocks,
+            "activation": self.activation,
+        }
+
+    def pooled_size(self) -> int:
+        """Side of the last block's output (each pool halves it, rounding down)."""
+        size = self.image_size
+        for _ in range(self.blocks):
+            size //= 2
+        return size
+
+    def _features(self) -> int:
+        return self.filters * self.pooled_size() ** 2
+
+    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        """Logits [batch, n_way] for images ``x`` [batch, channels, size, size] under ``params``."""
+        self.check_input(x)
+        act = _activation(self.activation)
+        for block in range(self.blocks):
+            x = act(ops.max_pool2x2(self._block(x, params, block, stride=1)))
+        return self._head(
+            x.reshape([x.shape[0], -1]), params
+        )  # reshape: flatten has no double-grad
 
 
 class MLP:
@@ -171,10 +291,14 @@ def _batch_norm(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, ep
 
 
 def build_network(config: dict):
-    """Rebuild a network from :meth:`config` output (checkpoints store it)."""
+    """Rebuild a network from :meth:`config` output (checkpoints store it; a config without
+    "kind" predates the pool network and is the Omniglot ConvNet)."""
+    kind = config.get("kind", ConvNet.kind)
     options = {key: value for key, value in config.items() if key != "kind"}
-    if config["kind"] == ConvNet.kind:
+    if kind == ConvNet.kind:
         return ConvNet(**options)
-    if config["kind"] == MLP.kind:
+    if kind == PoolConvNet.kind:
+        return PoolConvNet(**options)
+    if kind == MLP.kind:
         return MLP(sizes=tuple(options["sizes"]), activation=options["activation"])
-    raise ValueError(f"unknown network kind {config['kind']!r}")
+    raise ValueError(f"unknown network kind {kind!r}")

@@ -34,24 +34,23 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from metalearn import images, packing
 from metalearn.errors import UserError
-from metalearn.fileio import atomic_write, file_lock, fsync_dir
+from metalearn.fileio import atomic_write
+from metalearn.images import ImageTooLarge  # noqa: F401  (the service catches it from here)
 
 SPLIT_SEED = 0
 """Default seed of ``numpy.random.default_rng`` for the character split (``--seed`` overrides)."""
@@ -65,7 +64,7 @@ NUM_CHARACTERS = sum(chars for _, chars in EXPECTED.values())  # 1623
 NUM_DRAWINGS = 20
 ORIGINAL_SIZE = 105
 IMAGE_SIZE = 28
-RESIZE_FILTER = "LANCZOS"
+RESIZE_FILTER = images.RESIZE_FILTER
 FORMAT_VERSION = 1
 MANIFEST_NAME = "omniglot_manifest.json"
 DEFAULT_SOURCE = Path("data") / "omniglot"
@@ -83,8 +82,8 @@ SUPPORTED_ZIP_METHODS = {
     zipfile.ZIP_LZMA: "lzma",
 }
 """Compression methods Python's zipfile can read (Deflate64, say, it cannot)."""
-_STAGING_PREFIX = ".omniglot-staging-"
-_COMMITTED = ".omniglot-pack-commit"
+PACK_TAG = "omniglot"
+"""Names the staging and commit folders of :func:`metalearn.packing.replace_set`."""
 PIXELS = "float32, ink (stroke) = 1.0, background = 0.0: x = 1 - gray / 255 after resizing"
 LAYOUT_HINT = "<set>/<Alphabet>/characterNN/NNNN_DD.png"
 
@@ -357,10 +356,6 @@ def _decode_chunk(sources: dict[str, Path], chars: Sequence[CharacterRef]) -> np
     return out
 
 
-class ImageTooLarge(UserError):
-    """An image above the size a caller accepts (refused before its pixels are decoded)."""
-
-
 def decode_drawing(data: bytes, name: str = "image") -> np.ndarray:
     """One original 105x105 Omniglot PNG -> 28x28 float32 with ink = 1.0, background = 0.0."""
     return decode_ink(data, name, size=ORIGINAL_SIZE)
@@ -371,36 +366,14 @@ def decode_ink(
 ) -> np.ndarray:
     """Any drawing (dark ink on a light background) -> the 28x28 array the networks see.
 
-    The one preprocessing of Omniglot packing and of drawings sent to the service: grayscale,
-    Pillow's LANCZOS resize to 28x28, ink = 1 - gray / 255. Transparent pixels count as white
-    background (a browser canvas may be transparent where nothing was drawn). ``size`` demands
-    an exact square size; ``max_side`` bounds the size, checked before any pixel is decoded.
+    The one preprocessing of Omniglot packing and of drawings sent to the service:
+    :func:`metalearn.images.preprocess` to 28x28 grayscale (transparent pixels count as white
+    background: a browser canvas is transparent where nothing was drawn), then the paper's
+    ink = 1 - gray / 255. ``size`` demands an exact square size; ``max_side`` bounds the size,
+    checked before any pixel is decoded.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if size is not None and (width, height) != (size, size):
-                raise UserError(f"{name} is {width}x{height}, expected {size}x{size} (original)")
-            if max_side is not None and max(width, height) > max_side:
-                raise ImageTooLarge(
-                    f"{name} is {width}x{height}, larger than {max_side}x{max_side}"
-                )
-            image.load()
-            gray = _on_white(image).convert("L")
-    except UserError:
-        raise
-    except Exception as error:  # Pillow raises many types for broken files; all mean unreadable.
-        raise UserError(f"cannot decode {name}: {error}") from None
-    small = gray.resize((IMAGE_SIZE, IMAGE_SIZE), getattr(Image.Resampling, RESIZE_FILTER))
-    return 1.0 - np.asarray(small, dtype=np.float32) / np.float32(255.0)
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    """Composite an image with transparency onto white; others are returned unchanged."""
-    if "A" not in image.getbands() and "transparency" not in image.info:
-        return image
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    gray = images.preprocess(data, IMAGE_SIZE, 1, name, max_side=max_side, exact_side=size)[0]
+    return 1.0 - images.to_float(gray)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,12 +454,6 @@ def split_characters(
     }
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def write_pack(
     images: np.ndarray,
     chars: Sequence[CharacterRef],
@@ -499,63 +466,21 @@ def write_pack(
     The set replaces any previous one as a whole (see the module docstring).
     """
     splits = split_characters(chars, counts, seed)
-    contents, files, rows = {}, {}, {}
+    writers, files, rows = {}, {}, {}
     for split, indices in splits.items():
         array = np.ascontiguousarray(images[indices], dtype=np.float32)
-        contents[npy_name(split)] = data = _npy_bytes(array)
+        writers[npy_name(split)] = partial(packing.write_npy, array=array)
         files[split] = {
             "file": npy_name(split),
             "shape": list(array.shape),
             "dtype": "float32",
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": packing.npy_sha256(array),
         }
         rows[split] = [chars[i].row(r) for r, i in enumerate(indices)]
-    manifest = json.dumps(_manifest(seed, counts, files, rows), indent=2) + "\n"
-    contents[MANIFEST_NAME] = manifest.encode("utf-8")  # last: moved into place last
-    _replace_set(Path(out_dir), contents)
-    return {"files": files, "manifest_sha256": hashlib.sha256(contents[MANIFEST_NAME]).hexdigest()}
-
-
-def _replace_set(out_dir: Path, contents: dict[str, bytes]) -> None:
-    """Stage ``contents`` (name -> bytes) in ``out_dir``, commit them with one rename, move them in.
-
-    One writer at a time (a lock on ``out_dir``); leftovers of killed writers are finished
-    (a committed set) or removed (a staging folder) first.
-    """
-    staging = None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with file_lock(out_dir, wait=False):
-            finish_interrupted_pack(out_dir)
-            for stale in out_dir.glob(f"{_STAGING_PREFIX}*"):
-                shutil.rmtree(stale)
-            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
-            for name, data in contents.items():
-                atomic_write(staging / name, lambda handle, data=data: handle.write(data))
-            fsync_dir(staging)
-            os.replace(staging, out_dir / _COMMITTED)  # the commit: the new set is decided
-            staging = None
-            finish_interrupted_pack(out_dir)
-    except BlockingIOError:
-        raise UserError(f"another make_data.py is writing into {out_dir}; wait for it") from None
-    except OSError as error:
-        raise UserError(f"cannot write the packed data into {out_dir}: {error}") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def finish_interrupted_pack(out_dir: Path) -> None:
-    """Move a committed set into place, manifest last (idempotent; several processes may race)."""
-    committed = Path(out_dir) / _COMMITTED
-    if not committed.is_dir():
-        return
-    for name in [*map(npy_name, SPLITS), MANIFEST_NAME]:
-        with suppress(FileNotFoundError):  # moved already (by us before a kill, or by a reader)
-            os.replace(committed / name, Path(out_dir) / name)
-    fsync_dir(out_dir)
-    with suppress(OSError):  # gone already, or (racing a new commit) not empty: leave it
-        committed.rmdir()
+    manifest = (json.dumps(_manifest(seed, counts, files, rows), indent=2) + "\n").encode("utf-8")
+    writers[MANIFEST_NAME] = lambda handle: handle.write(manifest)
+    packing.replace_set(Path(out_dir), PACK_TAG, writers, MANIFEST_NAME)
+    return {"files": files, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
 
 
 def _manifest(seed: int, counts: Sequence[int], files: dict, rows: dict) -> dict[str, object]:
@@ -620,44 +545,21 @@ def load_split(data_dir: Path, split: str) -> np.ndarray:
     path = Path(data_dir) / npy_name(split)
     hint = f"run `python make_data.py --out {data_dir}` to create it"
     try:
-        finish_interrupted_pack(Path(data_dir))
+        packing.finish_interrupted_pack(Path(data_dir), PACK_TAG, MANIFEST_NAME)
     except OSError as error:
         raise UserError(
             f"{data_dir} holds a new packed set that an interrupted make_data.py did not move into "
             f"place, and it cannot be moved from here ({error}); {hint}"
         ) from None
-    if not path.is_file():
-        raise UserError(f"{path} not found; {hint}")
-    try:
-        with open(path, "rb") as handle:
-            shape, offset = _read_npy_header(handle, path, hint)
-            handle.seek(0)
-            data = handle.read()
-    except OSError as error:
-        raise UserError(f"cannot read {path} ({error}); {hint}") from None
-    if len(data) != offset + 4 * int(np.prod(shape)):
-        raise UserError(
-            f"{path} is truncated or has extra bytes (size does not match its header); {hint}"
-        )
-    _check_against_manifest(path, data, hint)
-    return np.frombuffer(data, np.float32, offset=offset).reshape(shape).copy()
+    array, sha256 = packing.load_npy(path, partial(_check_header, path, hint), hint)
+    _check_against_manifest(path, sha256, hint)
+    return array
 
 
-def _read_npy_header(handle: io.BufferedIOBase, path: Path, hint: str) -> tuple[tuple, int]:
-    """Shape and data offset of a packed split's .npy header; anything else is refused."""
-    try:
-        version = np.lib.format.read_magic(handle)
-        read_header = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }.get(version)
-        if read_header is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = read_header(handle)  # bounded header size, no pickle
-    except (ValueError, SyntaxError, TypeError, EOFError) as error:
-        raise UserError(f"{path} is not a valid .npy file ({error}); {hint}") from None
+def _check_header(path: Path, hint: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """A packed split is ``(N, 20, 1, 28, 28)`` little-endian float32 with N <= 1623."""
     expected = (NUM_DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE)
-    if dtype != np.dtype("<f4") or fortran or len(shape) != 5 or tuple(shape[1:]) != expected:
+    if dtype != np.dtype("<f4") or len(shape) != 5 or tuple(shape[1:]) != expected:
         raise UserError(
             f"{path} has shape {shape} {dtype}, expected (N, 20, 1, 28, 28) float32; {hint}"
         )
@@ -665,11 +567,10 @@ def _read_npy_header(handle: io.BufferedIOBase, path: Path, hint: str) -> tuple[
         raise UserError(
             f"{path} claims {shape[0]} characters, Omniglot has {NUM_CHARACTERS}; {hint}"
         )
-    return tuple(shape), handle.tell()
 
 
-def _check_against_manifest(path: Path, data: bytes, hint: str) -> None:
-    """If a manifest sits beside ``path``, its recorded sha256 must match ``data``."""
+def _check_against_manifest(path: Path, sha256: str, hint: str) -> None:
+    """If a manifest sits beside ``path``, its recorded sha256 must match the file's."""
     manifest = _read_manifest(path.parent)
     if manifest is None:
         return
@@ -682,7 +583,7 @@ def _check_against_manifest(path: Path, data: bytes, hint: str) -> None:
             f"{path.parent / MANIFEST_NAME} records no sha256 for {split} (not an Omniglot "
             "manifest, or edited); re-run make_data.py"
         )
-    if recorded != hashlib.sha256(data).hexdigest():
+    if recorded != sha256:
         raise UserError(f"{path} does not match {MANIFEST_NAME} (stale or edited); {hint}")
 
 

@@ -3,16 +3,20 @@
 Paddle's built-in ``F.conv2d`` double-grad runs but returns wrong numbers, and ``cross_entropy``,
 ``log_softmax``, ``flatten`` and ``max_pool2d`` have no double-grad at all (see docs/design.md).
 MAML differentiates through the inner-loop gradient, so every op on that path needs a correct
-derivative of its own backward pass. This module supplies the two the networks need:
+derivative of its own backward pass. This module supplies the three the networks need:
 
 * :func:`conv2d`: the native convolution kernels for the forward and backward passes, with the
   double-backward written out by hand. The backward of a convolution is bilinear, so its own
   derivatives are again plain convolution forward / input-gradient / weight-gradient calls, which
   Paddle computes correctly. No third derivative is ever needed by MAML.
+* :func:`max_pool2x2`: Paddle's max-pooling kernels for the forward and backward passes, with the
+  backward's own derivative written out (the backward routes gradients through a fixed mask).
 * :func:`cross_entropy`: mean cross-entropy from ``exp``/``log``/``sum`` only.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import paddle
 from paddle import _C_ops
@@ -99,6 +103,27 @@ def _as_input_grad(grad, like):
     return paddle.zeros_like(like) if grad is None else grad
 
 
+class _ConvWeightGrad(PyLayer):
+    """(x, dy) -> dw alone, for inputs that need no gradient (the images at the first layer).
+
+    The same weight-gradient kernel as :class:`_ConvGrad`'s (so dw is bit-identical) without the
+    wasted input-gradient. dw is linear in dy and does not depend on the weights, so its
+    derivative is the convolution of x with the incoming cotangent. ``weight`` only gives the
+    shape and is passed detached.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, grad_out, stride, padding):
+        ctx.save_for_backward(x)
+        ctx.stride, ctx.padding = stride, padding
+        return _kernels.backward_weights(x, weight, grad_out, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_dw):
+        (x,) = ctx.saved_tensor()
+        return None, None, _kernels.forward(x, grad_dw, ctx.stride, ctx.padding)
+
+
 class _Conv(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
@@ -109,6 +134,11 @@ class _Conv(PyLayer):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensor()
+        if x.stop_gradient:
+            grad_weight = _ConvWeightGrad.apply(
+                x, weight.detach(), grad_out, ctx.stride, ctx.padding
+            )
+            return None, _as_input_grad(grad_weight, weight)
         grad_x, grad_weight = _ConvGrad.apply(x, weight, grad_out, ctx.stride, ctx.padding)
         return _as_input_grad(grad_x, x), _as_input_grad(grad_weight, weight)
 
@@ -118,6 +148,84 @@ def conv2d(
 ) -> paddle.Tensor:
     """Bias-free NCHW convolution with exact first and second derivatives."""
     return _Conv.apply(x, weight, stride, padding)
+
+
+_POOL = (
+    [2, 2],
+    [2, 2],
+    [0, 0],
+    False,
+    False,
+    False,
+)  # kernel, stride, padding, global, adaptive, ceil
+
+
+class _MaxPoolGrad(PyLayer):
+    """The map dy -> dx of 2×2 max-pooling's backward pass, as a differentiable op.
+
+    With ``index`` (each window's argmax) fixed, dx is dy scattered to the argmax positions: linear
+    in dy, so its derivative along dy is the gather ``g -> g[index]`` (the forward pass with the
+    same mask). ``index`` is piecewise constant in x, so the derivative along x is zero wherever
+    no window has a tie; x only gives the shape and receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, grad_out):
+        ctx.save_for_backward(index)
+        return _C_ops.max_pool2d_with_index_grad(x, index, grad_out, *_POOL)
+
+    @staticmethod
+    def backward(ctx, grad_dx):
+        (index,) = ctx.saved_tensor()
+        n, c, h, w = grad_dx.shape
+        picked = paddle.take_along_axis(
+            grad_dx.reshape([n, c, h * w]), index.reshape([n, c, -1]), axis=2
+        )
+        return None, None, picked.reshape(index.shape)
+
+
+_pool_index_log: list | None = None
+
+
+@contextlib.contextmanager
+def recording_pool_indices():
+    """Collect the argmax indices (numpy) of every :func:`max_pool2x2` call in the block.
+
+    Finite-difference checks use it: max-pooling is smooth only while no window's maximum
+    changes place, so a check is valid only if the indices at θ ± εd equal those at θ.
+    """
+    global _pool_index_log
+    previous, _pool_index_log = _pool_index_log, []
+    try:
+        yield _pool_index_log
+    finally:
+        _pool_index_log = previous
+
+
+class _MaxPool(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        out, index = _C_ops.max_pool2d_with_index(x, *_POOL)
+        ctx.save_for_backward(x, index)
+        if _pool_index_log is not None:
+            _pool_index_log.append(index.numpy())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, index = ctx.saved_tensor()
+        return _MaxPoolGrad.apply(x.detach(), index, grad_out)
+
+
+def max_pool2x2(x: paddle.Tensor) -> paddle.Tensor:
+    """2×2 max-pooling with stride 2 (NCHW) with exact first and second derivatives.
+
+    Odd rows/columns at the bottom/right are dropped (floor, like TensorFlow's 'VALID': 21 -> 10).
+    A tie inside a window sends the whole gradient to its first maximum in row-major order, the
+    subgradient Paddle's and PyTorch's CPU kernels pick. Away from ties the function is linear in
+    x with a locally constant mask, so these derivatives are the true ones.
+    """
+    return _MaxPool.apply(x)
 
 
 def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:

@@ -225,8 +225,13 @@ def task_preview(
     x_query: np.ndarray,
     y_query: np.ndarray,
     title: str | None = None,
+    ink: bool = True,
 ) -> Path:
-    """A grid with one row per class: its support images, then its query images."""
+    """A grid with one row per class: its support images, then its query images.
+
+    Images are [C, H, W] in [0, 1]: RGB is drawn as it is; one channel is ink (Omniglot's
+    1 = stroke, drawn dark) when ``ink``, else intensity (1 = white, image folders).
+    """
     classes = sorted({int(c) for c in np.concatenate([np.ravel(y_support), np.ravel(y_query)])})
     support = {c: x_support[np.ravel(y_support) == c] for c in classes}
     query = {c: x_query[np.ravel(y_query) == c] for c in classes}
@@ -246,7 +251,7 @@ def task_preview(
             if image is None:
                 axis.set_axis_off()
                 continue
-            axis.imshow(np.squeeze(image), cmap="gray_r", vmin=0.0, vmax=1.0)
+            _show(axis, image, ink)
             for spine in axis.spines.values():
                 spine.set_color("tab:blue" if col < k_spt else "tab:orange")
                 spine.set_linewidth(2)
@@ -263,8 +268,15 @@ def task_preview(
     return _save(figure, path)
 
 
+def _show(axis: Any, image: np.ndarray, ink: bool) -> None:
+    if image.ndim == 3 and image.shape[0] == 3:
+        axis.imshow(np.clip(image.transpose(1, 2, 0), 0.0, 1.0))
+    else:
+        axis.imshow(np.squeeze(image), cmap="gray_r" if ink else "gray", vmin=0.0, vmax=1.0)
+
+
 def _image_axis(axis: Any, image: np.ndarray, title: str, color: str) -> None:
-    axis.imshow(np.squeeze(image), cmap="gray_r", vmin=0.0, vmax=1.0)
+    _show(axis, image, ink=True)
     axis.set_xticks([])
     axis.set_yticks([])
     axis.set_title(title, fontsize="small")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metalearn import omniglot, ops
-from metalearn.nets import MLP, ConvNet
-from metalearn.tasks import ImageTasks, SinusoidTasks
+import numpy as np
+
+from metalearn import folders, omniglot, ops
+from metalearn.nets import MLP, ConvNet, PoolConvNet
+from metalearn.tasks import ClassImages, ImageTasks, SinusoidTasks
 
 
 @dataclass
@@ -19,17 +21,39 @@ class Problem:
 
 
 def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> Problem:
-    """The network and the samplers of ``splits`` for ``config['dataset']``."""
+    """The network and the samplers of ``splits`` for ``config['dataset']``.
+
+    For images the network's input shape comes from the data, and ``config['net']`` is filled in
+    when left to its default, so the run's config.json says which network it used.
+    """
     if config["dataset"] == "sinusoid":
         sampler = SinusoidTasks(config["k_spt"], config["k_query"])
         return Problem(MLP(), {split: sampler for split in splits}, higher_is_better=False)
     samplers = {}
     for split in splits:
-        images = omniglot.load_split(config["data_dir"], split)
-        # Rotation is a training augmentation; validation and test tasks use the images as drawn.
+        images = _load_images(config, split)
+        # Augmentation is for training; validation and test tasks use the images as they are.
         augment = config.get("augment", "none") if split == "train" else "none"
         samplers[split] = ImageTasks(
-            images, config["n_way"], config["k_spt"], config["k_query"], augment
+            images,
+            config["n_way"],
+            config["k_spt"],
+            config["k_query"],
+            augment,
+            where=f"the {split} split",
         )
+    channels, size = next(iter(samplers.values())).classes.pixels.shape[1:3]
+    config["net"] = config.get("net") or ("conv4" if channels == 1 else "pool4")
     config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
-    return Problem(ConvNet(n_way=config["n_way"]), samplers, higher_is_better=True)
+    net = NETS[config["net"]](config["n_way"], in_channels=int(channels), image_size=int(size))
+    return Problem(net, samplers, higher_is_better=True)
+
+
+NETS = {"conv4": ConvNet, "pool4": PoolConvNet}
+"""``--net``: the paper's Omniglot network and its MiniImagenet network."""
+
+
+def _load_images(config: dict, split: str) -> np.ndarray | ClassImages:
+    if config["dataset"] == "folder":
+        return folders.load_split(config["data_dir"], config["data"], split)
+    return omniglot.load_split(config["data_dir"], split)

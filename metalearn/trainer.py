@@ -8,6 +8,7 @@ resumed run sees exactly the tasks an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -21,7 +22,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from metalearn import distributed, omniglot
+from metalearn import distributed, folders, omniglot
 from metalearn.algorithms import (
     MetaLearner,
     NonFiniteError,
@@ -101,12 +102,11 @@ def optimizer_shapes(algo: str, params: dict[str, tuple]) -> dict[str, tuple]:
 
 
 def run_name_for(config: dict) -> str:
-    shots = (
-        f"{config['n_way']}w{config['k_spt']}s"
-        if config["dataset"] == "omniglot"
-        else (f"k{config['k_spt']}")
-    )
-    return f"{config['dataset']}_{shots}_{config['algo']}_seed{config['seed']}"
+    """``omniglot_5w1s_maml_seed0``, ``NAME_5w1s_...`` for an image folder, ``sinusoid_k10_...``."""
+    if config["dataset"] == "sinusoid":
+        return f"sinusoid_k{config['k_spt']}_{config['algo']}_seed{config['seed']}"
+    dataset = config["data"] if config["dataset"] == "folder" else config["dataset"]
+    return f"{dataset}_{config['n_way']}w{config['k_spt']}s_{config['algo']}_seed{config['seed']}"
 
 
 def prepare_config(given: dict) -> dict:
@@ -413,10 +413,18 @@ class Trainer:
             "network": self.problem.net.config(),
             "paddle_version": paddle.__version__,
             "device": self.device,
-            "data_manifest_sha256": omniglot.manifest_sha256(self.config["data_dir"])
-            if self.config["dataset"] == "omniglot"
-            else None,
+            "data_manifest_sha256": data_manifest_sha256(self.config),
         }
+
+
+def data_manifest_sha256(config: dict) -> str | None:
+    """sha256 of the manifest of the image data a run uses (None for sinusoids or no manifest)."""
+    if config["dataset"] == "omniglot":
+        return omniglot.manifest_sha256(config["data_dir"])
+    if config["dataset"] == "folder":
+        path = Path(config["data_dir"]) / folders.manifest_name(config["data"])
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return None
 
 
 def train(given: dict) -> TrainState:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from metalearn import omniglot
+from metalearn import omniglot, packing
 from metalearn.errors import UserError
 from metalearn.omniglot import CharacterRef
 
@@ -422,14 +422,14 @@ def test_full_disk_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = tmp_path / "out"
     old = packed_tiny(out, 1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_write = omniglot.atomic_write
+    real_write = packing.atomic_write
 
     def write_until_full(path, write):
         if path.name == omniglot.npy_name("test"):  # the third file of the new set
             raise OSError(28, "No space left on device")
         real_write(path, write)
 
-    monkeypatch.setattr(omniglot, "atomic_write", write_until_full)
+    monkeypatch.setattr(packing, "atomic_write", write_until_full)
     with pytest.raises(UserError, match=r"cannot write the packed data .*No space left"):
         packed_tiny(out, 2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left

@@ -261,7 +261,7 @@ def test_flags_describe_train_py(client) -> None:
         ({"n_way": "five"}, "n_way", "invalid int"),
         ({"n_way": 2.5}, "n_way", "invalid int"),
         ({"glob_base_lr": -1}, "glob_base_lr", "positive number"),
-        ({"augment": "flip"}, "augment", "invalid choice"),
+        ({"augment": "blur"}, "augment", "unknown augmentation"),
         ({"k_spt": 10, "k_query": 15}, None, "20 drawings"),
         ({"resume": "work/x"}, "resume", "/resume"),
         ({"work_dir": "/"}, "work_dir", "server"),

@@ -166,7 +166,7 @@ def test_evaluate_writes_per_step_results_with_intervals(omniglot_dir, tmp_path)
     ("flags", "message"),
     [
         (["--k_spt", "10", "--k_query", "15"], "only 20 drawings"),
-        (["--n_way", "400"], "larger than the 325 characters"),
+        (["--n_way", "400"], "larger than the 325 classes"),
         (["--glob_meta_lr", "-1"], "--glob_meta_lr must be a positive number"),
         (["--task_num", "0"], "--task_num must be a positive integer"),
     ],
