@@ -14,6 +14,7 @@ import paddle
 import paddle.nn.functional as F
 
 from metalearn import ops
+from metalearn.metrics import ACCURACY, MSE
 
 Params = "OrderedDict[str, paddle.Tensor]"
 
@@ -87,7 +88,7 @@ class ConvNet:
         features = x.mean(axis=[2, 3])
         return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
 
-    metric_name = "accuracy"
+    metric = ACCURACY
     task_batched = False
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
@@ -133,7 +134,7 @@ class MLP:
                 x = act(x)
         return x
 
-    metric_name = "mse"
+    metric = MSE
     task_batched = True
 
     def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:

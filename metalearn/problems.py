@@ -11,18 +11,17 @@ from metalearn.tasks import ImageTasks, SinusoidTasks
 
 @dataclass
 class Problem:
-    """A network plus a sampler per split; ``higher_is_better`` orders validation scores."""
+    """A network (whose ``metric`` scores tasks) plus a sampler per split."""
 
     net: object
     samplers: dict
-    higher_is_better: bool
 
 
 def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> Problem:
     """The network and the samplers of ``splits`` for ``config['dataset']``."""
     if config["dataset"] == "sinusoid":
         sampler = SinusoidTasks(config["k_spt"], config["k_query"])
-        return Problem(MLP(), {split: sampler for split in splits}, higher_is_better=False)
+        return Problem(MLP(), {split: sampler for split in splits})
     samplers = {}
     for split in splits:
         images = omniglot.load_split(config["data_dir"], split)
@@ -32,4 +31,4 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
             images, config["n_way"], config["k_spt"], config["k_query"], augment
         )
     config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
-    return Problem(ConvNet(n_way=config["n_way"]), samplers, higher_is_better=True)
+    return Problem(ConvNet(n_way=config["n_way"]), samplers)

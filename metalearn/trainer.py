@@ -197,8 +197,8 @@ class Trainer:
             self.config,
             self.state,
             resumed=bool(self.config.get("resume")),
-            metric=self.problem.net.metric_name,
-            higher_is_better=self.problem.higher_is_better,
+            metric=self.problem.net.metric.name,
+            higher_is_better=self.problem.net.metric.higher_is_better,
             device=self.device,
             paddle_version=paddle.__version__,
             force=self.force,
@@ -249,11 +249,11 @@ class Trainer:
                 self._say(f"time budget of {budget} min reached at iteration {iteration}")
                 break
         progress.close()
-        metric = self.problem.net.metric_name
+        metric = self.problem.net.metric
         if self.state.best_score is None:  # resumed at its last iteration: nothing was run
             return self.state
         self._say(
-            f"best validation {metric}: {self.state.best_score:.4f} "
+            f"best validation {metric.name}: {metric.format(self.state.best_score)} "
             f"(iteration {self.state.best_iteration}); run folder: {self.run_dir}"
         )
         return self.state
@@ -293,7 +293,7 @@ class Trainer:
                 }
             )
             self._say(
-                f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric_name} "
+                f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric.name} "
                 f"per inner step {per_step}"
             )
 
@@ -315,15 +315,14 @@ class Trainer:
                 "elapsed": round(state.elapsed_seconds, 2),
             }
         )
-        better = state.best_score is None or (
-            score > state.best_score if self.problem.higher_is_better else score < state.best_score
-        )
+        metric = self.problem.net.metric
+        better = metric.better(score, state.best_score)
         if better:
             state.best_score, state.best_iteration = score, state.iteration
             self._save_best()
         self._say(
-            f"validation at it {state.iteration}: {self.problem.net.metric_name} "
-            f"{score:.4f} after {config['glob_update_step_test']} steps"
+            f"validation at it {state.iteration}: {metric.name} "
+            f"{metric.format(score)} after {config['glob_update_step_test']} steps"
             f"{' (best so far)' if better else ''}"
         )
 
