@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from metalearn import distributed
-from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
 from metalearn.args import (
     check_saved_config,
     check_work_dir,
@@ -123,16 +123,12 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, ("test",))
-    shapes = {k: v.shape for k, v in problem.net.init_params(0).items()}
+    fresh = initial_arrays(problem.net, trained, seed=0)  # θ and the learned rates it trained
+    shapes = {k: v.shape for k, v in fresh.items()}
     checkpoint = load_checkpoint(path, shapes)
     check_compatible(checkpoint, problem.net.config(), shapes)
-    learner = MetaLearner(
-        problem.net,
-        make_parameters(checkpoint.params),
-        config["algo"],
-        config["glob_base_lr"],
-        config["glob_update_step_test"],
-    )
+    params = make_parameters({k: checkpoint.params[k] for k in fresh})
+    learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
     sampler, steps = problem.samplers["test"], config["glob_update_step_test"]
     distributed.init()
     shares = distributed.my_share(given["tasks"])

@@ -31,6 +31,9 @@ class ConvNet:
     The convolutions have no bias: batch norm subtracts the batch mean right after, so a bias would
     compute the same function and always receive a zero gradient. Batch norm always normalises with
     the current batch's statistics (meta-train and meta-test alike), as the paper's code does.
+
+    With ``bn_steps`` > 0 (MAML++'s per-step batch norm) every BN scale and shift gets a leading
+    step axis: the weights after k inner steps are run with row min(k, bn_steps − 1).
     """
 
     kind = "conv"
@@ -43,10 +46,11 @@ class ConvNet:
         blocks: int = 4,
         activation: str = "relu",
         bn_eps: float = 1e-3,
+        bn_steps: int = 0,
     ):
         self.n_way, self.in_channels, self.hidden, self.blocks = n_way, in_channels, hidden, blocks
         self.activation = activation
-        self.bn_eps = bn_eps
+        self.bn_eps, self.bn_steps = bn_eps, bn_steps
 
     def config(self) -> dict:
         """Everything needed to rebuild this architecture (stored in checkpoints)."""
@@ -57,6 +61,7 @@ class ConvNet:
             "hidden": self.hidden,
             "blocks": self.blocks,
             "activation": self.activation,
+            **({"bn_steps": self.bn_steps} if self.bn_steps else {}),  # older checkpoints lack it
         }
 
     def init_params(self, seed: int, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -69,8 +74,9 @@ class ConvNet:
             arrays[f"conv{block}.weight"] = _glorot_uniform(
                 rng, shape, channels * 9, self.hidden * 9
             )
-            arrays[f"bn{block}.scale"] = np.ones(self.hidden)
-            arrays[f"bn{block}.shift"] = np.zeros(self.hidden)
+            bn_shape = (self.bn_steps, self.hidden) if self.bn_steps else (self.hidden,)
+            arrays[f"bn{block}.scale"] = np.ones(bn_shape)
+            arrays[f"bn{block}.shift"] = np.zeros(bn_shape)
             channels = self.hidden
         arrays["head.weight"] = _glorot_uniform(
             rng, (self.hidden, self.n_way), self.hidden, self.n_way
@@ -78,14 +84,36 @@ class ConvNet:
         arrays["head.bias"] = np.zeros(self.n_way)
         return {name: value.astype(dtype) for name, value in arrays.items()}
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
-        """Logits [batch, n_way] for images ``x`` [batch, channels, 28, 28] under ``params``."""
+    head_names = ("head.weight", "head.bias")
+
+    def per_step_names(self) -> tuple[str, ...]:
+        """Parameters with a leading inner-step axis (per-step batch norm), or none."""
+        if not self.bn_steps:
+            return ()
+        return tuple(f"bn{b}.{p}" for b in range(self.blocks) for p in ("scale", "shift"))
+
+    def forward(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """Logits [batch, n_way] for images ``x`` [batch, channels, 28, 28] under ``params``, the
+        weights after ``step`` inner steps (which only per-step batch norm looks at)."""
+        return self.head(self.features(x, params, step), params)
+
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """The body's output [batch, hidden]: everything before the linear head."""
         act = _activation(self.activation)
         for block in range(self.blocks):
+            scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+            if self.bn_steps:
+                row = min(step, self.bn_steps - 1)
+                scale, shift = scale[row : row + 1], shift[row : row + 1]
             x = ops.conv2d(x, params[f"conv{block}.weight"], stride=2, padding=1)
-            x = _batch_norm(x, params[f"bn{block}.scale"], params[f"bn{block}.shift"], self.bn_eps)
-            x = act(x)
-        features = x.mean(axis=[2, 3])
+            x = act(_batch_norm(x, scale, shift, self.bn_eps))
+        return x.mean(axis=[2, 3])
+
+    def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
 
     metric = ACCURACY
@@ -121,18 +149,38 @@ class MLP:
             arrays[f"fc{layer}.bias"] = np.zeros(fan_out)
         return {name: value.astype(dtype) for name, value in arrays.items()}
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        last = len(self.sizes) - 2
+        return (f"fc{last}.weight", f"fc{last}.bias")
+
+    def per_step_names(self) -> tuple[str, ...]:
+        return ()
+
+    def forward(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
         """Outputs [points, 1] for x [points, 1], or [tasks, points, 1] with per-task weights."""
+        return self.head(self.features(x, params, step), params)
+
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """The last hidden layer's activations (everything before the linear head)."""
         act = _activation(self.activation)
-        layers = len(self.sizes) - 1
-        for layer in range(layers):
-            bias = params[f"fc{layer}.bias"]
-            if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
-                bias = bias.unsqueeze(1)
-            x = paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
-            if layer < layers - 1:
-                x = act(x)
+        for layer in range(len(self.sizes) - 2):
+            x = act(self._linear(x, params, layer))
         return x
+
+    def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        return self._linear(features, params, len(self.sizes) - 2)
+
+    @staticmethod
+    def _linear(x: paddle.Tensor, params: dict[str, paddle.Tensor], layer: int) -> paddle.Tensor:
+        bias = params[f"fc{layer}.bias"]
+        if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
+            bias = bias.unsqueeze(1)
+        return paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
 
     metric = MSE
     task_batched = True

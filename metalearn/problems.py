@@ -31,4 +31,6 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
             images, config["n_way"], config["k_spt"], config["k_query"], augment
         )
     config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
-    return Problem(ConvNet(n_way=config["n_way"]), samplers)
+    # Per-step batch norm (MAML++): one row per inner step's weights θ_0..θ_K of training.
+    bn_steps = config["glob_update_step"] + 1 if config.get("per_step_bn") else 0
+    return Problem(ConvNet(n_way=config["n_way"], bn_steps=bn_steps), samplers)
