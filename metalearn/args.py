@@ -72,6 +72,7 @@ COMMON_DEFAULTS = {
     "multi_step_loss_epochs": None,
     "first_order_epochs": None,
     "cosine_meta_lr": None,
+    "cosine_meta_lr_epochs": None,
     "min_meta_lr": 1e-5,  # HowToTrainYourMAMLPytorch's min_learning_rate
 }
 
@@ -108,6 +109,7 @@ LEARNER_KEYS = (
     "multi_step_loss_epochs",
     "first_order_epochs",
     "cosine_meta_lr",
+    "cosine_meta_lr_epochs",
     "min_meta_lr",
 )
 
@@ -206,6 +208,12 @@ def train_parser() -> argparse.ArgumentParser:
         help="cosine-anneal the meta learning rate from --glob_meta_lr to --min_meta_lr",
     )
     parser.add_argument(
+        "--cosine_meta_lr_epochs",
+        type=int,
+        help="iterations the cosine takes to reach --min_meta_lr (default: --epochs when the run "
+        "starts; a run resumed with more --epochs stays at the minimum)",
+    )
+    parser.add_argument(
         "--min_meta_lr", type=float, help="end of the cosine annealing (default 1e-5)"
     )
     parser.add_argument("--meta_step", type=float, help="Reptile's outer step ε (default 1.0)")
@@ -286,6 +294,8 @@ def resolve_defaults(given: dict) -> dict:
         config["multi_step_loss_epochs"] = max(
             round(config["epochs"] * MULTI_STEP_LOSS_FRACTION), 1
         )
+    if config["cosine_meta_lr_epochs"] is None:
+        config["cosine_meta_lr_epochs"] = config["epochs"]
     if config["first_order_epochs"] is None:
         config["first_order_epochs"] = round(config["epochs"] * preset["first_order_fraction"])
     return config
@@ -301,6 +311,7 @@ _POSITIVE_INTS = (
     "val_every",
     "val_tasks",
     "ckpt_every",
+    "cosine_meta_lr_epochs",
 )
 _NON_NEGATIVE_INTS = (
     "glob_update_step",

@@ -10,7 +10,7 @@ ever call the methods below.
   ∇θ_K L_q (θ_K = θ − constants) and the learned rates their first-order gradient −g·∇L_q, as in
   MAML++'s code. ``first_order_until`` = N anneals the derivative order: first order for
   iterations 1..N, second order afterwards. Outer optimiser: Adam, optionally with the meta
-  learning rate cosine-annealed to a minimum over ``--epochs`` (MAML++).
+  learning rate cosine-annealed to a minimum (MAML++).
 * :class:`Reptile` — θ − θ_K from a plain inner loop, stepped by SGD with ε annealed linearly.
 * :class:`Pretrain` — ∇θ of the loss on all of the task's points, no inner loop (the paper's
   sinusoid baseline), Adam.
@@ -40,8 +40,8 @@ class QueryGradient:
     name: str = "maml"
     first_order_until: float = 0  # iterations 1..N are first order; math.inf: always
     meta_lr: float = 0.001
-    min_meta_lr: float | None = None  # cosine annealing to this value over ``epochs``
-    epochs: int = 1
+    min_meta_lr: float | None = None  # cosine annealing to this value over ``cosine_epochs``
+    cosine_epochs: int = 1
     inner_loop = True
     learns_inner_rates = True
 
@@ -60,10 +60,11 @@ class QueryGradient:
         return paddle.optimizer.Adam(learning_rate=self.meta_lr, parameters=parameters)
 
     def learning_rate(self, iteration: int) -> float:
-        """The meta learning rate of ``iteration`` (1-based): constant, or cosine-annealed."""
+        """The meta learning rate of ``iteration`` (1-based): constant, or cosine-annealed
+        (as MAML++'s CosineAnnealingLR), staying at the minimum after ``cosine_epochs``."""
         if self.min_meta_lr is None:
             return self.meta_lr
-        progress = (iteration - 1) / max(self.epochs, 1)
+        progress = min((iteration - 1) / max(self.cosine_epochs, 1), 1.0)
         span = self.meta_lr - self.min_meta_lr
         return self.min_meta_lr + 0.5 * span * (1 + math.cos(math.pi * progress))
 
@@ -137,7 +138,7 @@ def make_variant(algo: str, config: dict | None = None):
     adam = {
         "meta_lr": config.get("glob_meta_lr", 0.001),
         "min_meta_lr": config.get("min_meta_lr") if config.get("cosine_meta_lr") else None,
-        "epochs": epochs,
+        "cosine_epochs": config.get("cosine_meta_lr_epochs") or epochs,
     }
     if algo == "pretrain":
         return Pretrain(**adam)

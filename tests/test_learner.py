@@ -243,12 +243,15 @@ def test_per_step_batch_norm_uses_the_row_of_the_step() -> None:
 
 def test_outer_schedules_live_in_the_variants() -> None:
     cosine = make_variant(
-        "maml++", {"glob_meta_lr": 1e-3, "cosine_meta_lr": True, "min_meta_lr": 1e-5, "epochs": 100}
+        "maml++",
+        {"glob_meta_lr": 1e-3, "cosine_meta_lr": True, "min_meta_lr": 1e-5, "epochs": 300}
+        | {"cosine_meta_lr_epochs": 100},
     )
     assert cosine.learning_rate(1) == pytest.approx(1e-3)
     assert cosine.learning_rate(51) == pytest.approx((1e-3 + 1e-5) / 2)
     rates = [cosine.learning_rate(i) for i in range(1, 101)]
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 1e-5
+    assert cosine.learning_rate(101) == cosine.learning_rate(250) == pytest.approx(1e-5)
     constant = make_variant("maml", {"glob_meta_lr": 1e-3, "min_meta_lr": 1e-5, "epochs": 100})
     assert constant.learning_rate(50) == 1e-3
     reptile = make_variant("reptile", {"meta_step": 1.0, "meta_step_final": 0.0, "epochs": 11})
@@ -273,6 +276,7 @@ def test_algo_presets_and_single_ingredient_flags(tmp_path) -> None:
     assert (plus["inner_rule"], plus["adapt"], plus["per_step_bn"]) == ("lslr", "all", True)
     assert plus["multi_step_loss"] and plus["cosine_meta_lr"] and plus["min_meta_lr"] == 1e-5
     assert (plus["multi_step_loss_epochs"], plus["first_order_epochs"]) == (150, 500)
+    assert plus["cosine_meta_lr_epochs"] == 1500
     ablation = resolve_defaults({"algo": "maml++", "inner_rule": "sgd", "multi_step_loss": False})
     assert ablation["inner_rule"] == "sgd" and ablation["multi_step_loss_epochs"] == 0
     assert resolve_defaults({"algo": "metasgd"})["inner_rule"] == "metasgd"
