@@ -11,7 +11,8 @@ module gathers what users reach for::
     direction, stats = learner.task_direction(task)
 
 ``python MAML.py`` proves the meta-gradient on this Paddle install: it compares the second-order
-gradient with finite differences (float64, tanh network) for 1 and 2 inner steps.
+gradient with finite differences (float64, tanh network) for 1 and 2 inner steps, for MAML and
+for the learned inner loops (MAML++, Meta-SGD, ANIL).
 """
 
 from metalearn.algorithms import ALGORITHMS, MetaLearner, apply_direction, make_parameters
@@ -23,13 +24,25 @@ __all__ = ["ALGORITHMS", "MLP", "ConvNet", "MetaLearner", "apply_direction", "ma
 def _self_check() -> None:
     from metalearn.gradcheck import meta_gradient_error
 
-    for steps in (1, 2):
-        error = meta_gradient_error("conv", steps)
-        verdict = "ok" if error < 1e-4 else "WRONG"
-        print(
-            f"second-order meta-gradient, {steps} inner step(s): relative error {error:.2e} "
-            f"vs finite differences ({verdict})"
-        )
+    learners = {
+        "maml": {},
+        "maml++ (lslr, per-step BN, multi-step loss)": {
+            "rule": "lslr",
+            "per_step_bn": True,
+            "multi_step_loss_for": 10,
+            "iteration": 4,
+        },
+        "metasgd": {"rule": "metasgd"},
+        "anil": {"adapt": "head"},
+    }
+    for name, options in learners.items():
+        for steps in (1, 2):
+            error = meta_gradient_error("conv", steps, **options)
+            verdict = "ok" if error < 1e-4 else "WRONG"
+            print(
+                f"{name}: second-order meta-gradient (θ and learned rates), {steps} inner "
+                f"step(s): relative error {error:.2e} vs finite differences ({verdict})"
+            )
 
 
 if __name__ == "__main__":

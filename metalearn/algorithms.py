@@ -185,9 +185,9 @@ class MetaLearner:
         self.adapted = adapted_names(net, params, adapt)
         self.theta = [k for k in params if not k.startswith(RATE_PREFIX)]
         self.multi_step_loss_for = multi_step_loss_for
-        missing = set(self.rule.init_arrays(dict.fromkeys(self.adapted, ()), 1, "float32"))
-        if not missing <= set(params):
-            raise ValueError(f"inner rule {rule!r} needs the meta-parameters {sorted(missing)}")
+        needed = set(self.rule.init_arrays(dict.fromkeys(self.adapted, ()), 1, "float32"))
+        if not needed <= set(params):
+            raise ValueError(f"inner rule {rule!r} needs the meta-parameters {sorted(needed)}")
 
     @classmethod
     def from_config(cls, net, params: TensorDict, config: dict, steps: int) -> MetaLearner:

@@ -369,7 +369,9 @@ def check_learner(config: dict) -> None:
     """Refuse combinations of the learner's ingredients that mean nothing."""
     algo = config.get("algo")
     ingredients = [
-        f"--inner_rule {config.get('inner_rule')}" if config.get("inner_rule") != "sgd" else "",
+        f"--inner_rule {config['inner_rule']}"
+        if config.get("inner_rule") not in (None, "sgd")
+        else "",
         "--adapt head" if config.get("adapt") == "head" else "",
         "--per_step_bn" if config.get("per_step_bn") else "",
         "--multi_step_loss" if config.get("multi_step_loss") else "",
