@@ -11,8 +11,9 @@ module gathers what users reach for::
     direction, stats = learner.task_direction(task)
 
 ``python MAML.py`` proves the meta-gradient on this Paddle install: it compares the second-order
-gradient with finite differences (float64, tanh networks) for 1 and 2 inner steps, for the
-Omniglot network (stride-2 convolutions) and the MiniImagenet network (max-pooling, flatten).
+gradient with finite differences (float64, tanh networks) for 1 and 2 inner steps, for MAML on
+the Omniglot network (stride-2 convolutions) and the MiniImagenet network (max-pooling, flatten),
+and for the learned inner loops (MAML++, Meta-SGD, ANIL).
 """
 
 from metalearn.algorithms import ALGORITHMS, MetaLearner, apply_direction, make_parameters
@@ -32,13 +33,23 @@ __all__ = [
 def _self_check() -> None:
     from metalearn.gradcheck import meta_gradient_error
 
-    for kind, name in (("conv", "Omniglot conv net"), ("pool", "max-pool net")):
+    learners = {
+        "maml, Omniglot conv net": ("conv", {}),
+        "maml, max-pool net": ("pool", {}),
+        "maml++ (lslr, per-step BN, multi-step loss)": (
+            "conv",
+            {"rule": "lslr", "per_step_bn": True, "multi_step_loss_for": 10, "iteration": 4},
+        ),
+        "metasgd": ("conv", {"rule": "metasgd"}),
+        "anil": ("conv", {"adapt": "head"}),
+    }
+    for name, (kind, options) in learners.items():
         for steps in (1, 2):
-            error = meta_gradient_error(kind, steps)
+            error = meta_gradient_error(kind, steps, **options)
             verdict = "ok" if error < 1e-4 else "WRONG"
             print(
-                f"second-order meta-gradient, {name}, {steps} inner step(s): relative error "
-                f"{error:.2e} vs finite differences ({verdict})"
+                f"{name}: second-order meta-gradient (θ and learned rates), {steps} inner "
+                f"step(s): relative error {error:.2e} vs finite differences ({verdict})"
             )
 
 

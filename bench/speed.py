@@ -33,7 +33,6 @@ from metalearn.runtime import tune_allocator
 
 tune_allocator()  # as train.py does, before Paddle loads (re-executes this script once)
 
-import paddle
 
 from metalearn import ops
 from metalearn.algorithms import MetaLearner, make_parameters
@@ -62,6 +61,8 @@ class Config:
     def image_shape(self) -> tuple[int, int, int]:
         return (3, 84, 84) if self.net == "pool" else (1, 28, 28)
 
+    adapt: str = "all"  # "head": ANIL (ours only: the reference adapts every weight)
+
 
 CONFIGS = [
     Config("maml 5w1s 1 step mb32", steps=1),
@@ -70,6 +71,11 @@ CONFIGS = [
     Config("fomaml 5w1s 5 steps mb32", algo="fomaml", steps=5),
     Config("reptile 5w1s 5 steps mb32", algo="reptile", steps=5),
     Config("eval 5w1s 5 steps", steps=5, batch=1, evaluation=True),
+    # Test-time adaptation, MAML (every weight) against ANIL (head only, body features once).
+    Config("eval maml 5w1s 10 steps", steps=10, batch=4, evaluation=True),
+    Config("eval anil 5w1s 10 steps", steps=10, batch=4, evaluation=True, adapt="head"),
+    Config("eval maml 20w1s 10 steps", n_way=20, steps=10, batch=4, evaluation=True),
+    Config("eval anil 20w1s 10 steps", n_way=20, steps=10, batch=4, evaluation=True, adapt="head"),
     Config("sinusoid maml K10 mb25", dataset="sinusoid", batch=25, inner_lr=0.01),
     Config("maml 5w1s pool84 5 steps mb4", steps=5, batch=4, inner_lr=0.01, net="pool"),
 ]
@@ -118,14 +124,9 @@ class Ours:
             self.net = ConvNet(n_way=config.n_way)
         self.params = make_parameters(self.net.init_params(0))
         self.learner = MetaLearner(
-            self.net, self.params, config.algo, config.inner_lr, config.steps
+            self.net, self.params, config.algo, config.inner_lr, config.steps, adapt=config.adapt
         )
-        params = list(self.params.values())
-        self.optimizer = (
-            paddle.optimizer.SGD(learning_rate=1.0, parameters=params)
-            if config.algo == "reptile"
-            else paddle.optimizer.Adam(learning_rate=1e-3, parameters=params)
-        )
+        self.optimizer = self.learner.make_optimizer()  # Adam 1e-3, or Reptile's SGD with ε = 1
 
     def step(self, tasks) -> None:
         if self.config.evaluation:
@@ -250,7 +251,8 @@ class Reference:
 
 def measure(config: Config, repeats: int, warmup: int, rss: PeakRSS) -> dict:
     ours = Ours(config)
-    reference = Reference(config, ours.net.init_params(0)) if torch is not None else None
+    same_math = torch is not None and config.adapt == "all"
+    reference = Reference(config, ours.net.init_params(0)) if same_math else None
     times = {"ours": [], "ref": []}
     peaks = {"ours": 0, "ref": 0}
     for i in range(warmup + repeats):

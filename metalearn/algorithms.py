@@ -1,28 +1,36 @@
-"""MAML, first-order MAML and Reptile as one meta-learner whose variants differ only in direction.
+"""The meta-learner: an inner loop over a chosen subset of θ with an inner update rule, and the
+direction each task asks of the meta-parameters, given by an algorithm variant (variants.py).
 
-Each task yields an *update direction* for θ; the meta-batch average of the directions is handed
-to the meta-optimiser as if it were a gradient:
+Meta-parameters are θ plus the inner rule's learned rates (inner_rules.py), one flat dict of
+Paddle parameters keyed by stable names; the meta-batch average of the directions is handed to
+the variant's meta-optimiser as if it were a gradient. ``--algo`` names a preset:
 
-* ``maml``:    ∇θ L_query(θ_K(θ)), differentiating through every inner step (second order);
-* ``fomaml``:  ∇θ' L_query(θ') at the adapted weights, treated as constants (first order);
-* ``reptile``: θ − θ' so that plain SGD with step ε gives φ ← φ + ε·(mean θ' − φ) (Nichol et al.);
-* ``pretrain``: ∇θ L(θ) on all of the task's points, no inner loop: the paper's "pretrained"
-  baseline for sinusoid regression, fine-tuned with the same inner steps only at test time.
-  (Classification tasks relabel their classes per task, so there it is meaningless; the flags
-  refuse it for Omniglot.)
+* ``maml``:    second order through every inner step; ``fomaml``: first order;
+* ``reptile``: θ − θ_K with SGD and an annealed ε (Nichol et al.);
+* ``pretrain``: ∇θ L(θ) on all of the task's points, no inner loop (the paper's sinusoid baseline;
+  the flags refuse it for Omniglot, whose tasks relabel their classes);
+* ``maml++``:  MAML with learned per-layer per-step rates, per-step batch norm, the multi-step
+  loss, derivative-order annealing and a cosine meta learning rate (Antoniou et al. 2019);
+* ``metasgd``: MAML with a learned rate per weight (Li et al. 2017);
+* ``anil``:    MAML adapting only the head; the body's features are computed once per task
+  (Raghu et al. 2020).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
 
+from metalearn.inner_rules import RATE_PREFIX, make_rule
 from metalearn.tasks import Task
+from metalearn.variants import Order, make_variant
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
+ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain", "maml++", "metasgd", "anil")
+ADAPT = ("all", "head")
 
 TensorDict = dict[str, paddle.Tensor]
 
@@ -98,8 +106,58 @@ def to_tensors(tasks: Sequence[Task]) -> tuple[paddle.Tensor, ...]:
     return tuple(paddle.to_tensor(np.stack([getattr(t, f) for t in tasks])) for f in fields)
 
 
+@dataclass
+class Batch:
+    """One chunk's tensors: a single task, or several stacked on a leading task axis."""
+
+    x_support: paddle.Tensor
+    y_support: paddle.Tensor
+    x_query: paddle.Tensor
+    y_query: paddle.Tensor
+    count: int
+
+
+@dataclass
+class InnerRun:
+    """An inner loop's weights before and after each step and how to score the query set.
+
+    ``query_inputs`` are the query images, or for head-only adaptation the body's features of
+    them (computed once); ``output(inputs, weights, step)`` maps them to network outputs.
+    """
+
+    trajectory: list[TensorDict]
+    query_inputs: paddle.Tensor
+    y_query: paddle.Tensor
+    output: Callable[[paddle.Tensor, TensorDict, int], paddle.Tensor]
+
+
+def multi_step_loss_weights(steps: int, iteration: int | None, anneal_for: int) -> np.ndarray:
+    """MAML++'s importance of the query loss after each inner step 1..K at ``iteration``.
+
+    As in HowToTrainYourMAMLPytorch's ``get_per_step_loss_importance_vector``: uniform 1/K at the
+    start; the non-final weights fall linearly to 0.03/K and the final one rises to
+    1 − (K−1)·0.03/K over the first ``anneal_for`` iterations (their code counts epochs of 500
+    iterations, so its weights move in steps; ours move every iteration); afterwards only the
+    final step's loss counts.
+    """
+    final_only = np.eye(steps)[-1]
+    if iteration is None or anneal_for <= 0 or iteration > anneal_for or steps < 2:
+        return final_only
+    progress = (iteration - 1) / anneal_for
+    floor = 0.03 / steps
+    weights = np.maximum(np.full(steps, 1.0 / steps) - progress / steps, floor)
+    weights[-1] = min(1.0 / steps + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
+    return weights
+
+
 class MetaLearner:
-    """Adapts a functional network to tasks and computes meta-update directions for its θ.
+    """Adapts a functional network to tasks and computes meta-update directions.
+
+    ``variant`` (a name of :data:`ALGORITHMS` or a variants.py object) chooses the direction and
+    the outer optimiser; ``rule`` (inner_rules.py) the inner update; ``adapt`` the subset of θ
+    the inner loop changes (``"all"`` or ``"head"``: ANIL). Per-step parameters of the network
+    (per-step batch norm) are meta-learned but never adapted, as in MAML++'s code.
+    ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
     Networks that declare ``task_batched`` (the sinusoid MLP) process a whole meta-batch at once:
     θ gets a leading task axis, every task adapts its own copy with batched matrix products, and
@@ -107,30 +165,121 @@ class MetaLearner:
     Others (the convolutional net) go through the tasks one at a time.
     """
 
-    def __init__(self, net, params: TensorDict, algo: str, inner_lr: float, inner_steps: int):
-        if algo not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}")
-        self.net, self.params, self.algo = net, params, algo
-        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+    def __init__(
+        self,
+        net,
+        params: TensorDict,
+        variant,
+        inner_lr: float,
+        inner_steps: int,
+        rule: str = "sgd",
+        adapt: str = "all",
+        multi_step_loss_for: int = 0,
+    ):
+        self.variant = make_variant(variant) if isinstance(variant, str) else variant
+        if adapt not in ADAPT:
+            raise ValueError(f"unknown adapted subset {adapt!r}; choose one of {ADAPT}")
+        self.net, self.params, self.inner_steps = net, params, inner_steps
+        self.rule = make_rule(rule, inner_lr)
+        self.head_only = adapt == "head"
+        self.adapted = adapted_names(net, params, adapt)
+        self.theta = [k for k in params if not k.startswith(RATE_PREFIX)]
+        self.multi_step_loss_for = multi_step_loss_for
+        needed = set(self.rule.init_arrays(dict.fromkeys(self.adapted, ()), 1, "float32"))
+        if not needed <= set(params):
+            raise ValueError(f"inner rule {rule!r} needs the meta-parameters {sorted(needed)}")
 
-    def adapt(
-        self, params: TensorDict, x: paddle.Tensor, y: paddle.Tensor, steps: int, create_graph: bool
-    ) -> list[TensorDict]:
-        """Gradient steps on the support loss; returns the weights before and after each step.
+    @classmethod
+    def from_config(cls, net, params: TensorDict, config: dict, steps: int) -> MetaLearner:
+        """The learner a run's ``config`` describes, adapting for ``steps`` inner steps."""
+        return cls(
+            net,
+            params,
+            make_variant(config["algo"], config),
+            config["glob_base_lr"],
+            steps,
+            rule=config.get("inner_rule") or "sgd",
+            adapt=config.get("adapt") or "all",
+            multi_step_loss_for=config.get("multi_step_loss_epochs") or 0,
+        )
 
-        With ``create_graph`` the adapted weights remain differentiable functions of ``params``
-        (second order); without it each step's weights are fresh leaves (first order).
+    # -- the inner loop ------------------------------------------------------------------------
+    def inner_loop(self, batch: Batch, order: Order, steps: int | None = None) -> InnerRun:
+        """Adapt the chosen subset of θ on the support loss for ``steps`` (default: training's).
+
+        SECOND keeps the inner gradients' graph (second order); FIRST computes them at detached
+        weights, so the adapted weights depend on the meta-parameters only through the update
+        arithmetic; NONE detaches everything (evaluation, Reptile).
         """
-        trajectory = [params]
-        for _ in range(steps):
+        steps = self.inner_steps if steps is None else steps
+        start = self._start(batch.count, differentiable=order is not Order.NONE)
+        if self.head_only:  # ANIL: the body's features once per task, outside the inner loop
+            with paddle.no_grad() if order is Order.NONE else nullcontext():
+                support = self.net.features(batch.x_support, start)
+                query = self.net.features(batch.x_query, start)
+
+            def output(inputs, weights, step):
+                return self.net.head(inputs, weights)
+
+        else:
+            support, query, output = batch.x_support, batch.x_query, self.net.forward
+        trajectory = [start]
+        for step in range(steps):
             current = trajectory[-1]
-            loss = self.net.loss(self.net.forward(x, current), y)
-            grads = paddle.grad(loss, list(current.values()), create_graph=create_graph)
-            updated = {k: w - self.inner_lr * g for (k, w), g in zip(current.items(), grads)}
-            trajectory.append(
-                updated if create_graph else {k: _leaf(w) for k, w in updated.items()}
-            )
-        return trajectory
+            if order is Order.SECOND:
+                loss = self.net.loss(output(support, current, step), batch.y_support)
+                wrt = [current[k] for k in self.adapted]
+                grads = paddle.grad(loss, wrt, create_graph=True)
+            else:
+                leaves = {
+                    k: _leaf(w) if k in self.adapted else w.detach() for k, w in current.items()
+                }
+                loss = self.net.loss(output(support.detach(), leaves, step), batch.y_support)
+                grads = paddle.grad(loss, [leaves[k] for k in self.adapted])
+            updated = dict(current)
+            for name, grad in zip(self.adapted, grads):
+                value = self.rule.update(name, current[name], grad, step, self.params)
+                updated[name] = value.detach() if order is Order.NONE else value
+            trajectory.append(updated)
+        return InnerRun(trajectory, query, batch.y_query, output)
+
+    def pooled(self, batch: Batch) -> InnerRun:
+        """No inner loop: θ scored on all of the task's points (the pretrained baseline)."""
+        x = paddle.concat([batch.x_support, batch.x_query], axis=-2)
+        y = paddle.concat([batch.y_support, batch.y_query], axis=-2)
+        return InnerRun([self._start(batch.count, True)], x, y, self.net.forward)
+
+    def query_losses(self, run: InnerRun, iteration: int | None) -> paddle.Tensor:
+        """Per task, the query loss after the inner loop, or MAML++'s weighted multi-step loss
+        (the query losses after steps 1..K) while it is switched on at ``iteration``."""
+        steps = len(run.trajectory) - 1
+        weights = (
+            multi_step_loss_weights(steps, iteration, self.multi_step_loss_for)
+            if steps
+            else np.ones(1)
+        )
+        total = None
+        for offset, weight in enumerate(weights):
+            if weight == 0:
+                continue
+            step = steps - len(weights) + 1 + offset
+            out = run.output(run.query_inputs, run.trajectory[step], step)
+            losses = self.net.task_losses(out, run.y_query) * float(weight)
+            total = losses if total is None else total + losses
+        return total
+
+    def gradient(self, objective: paddle.Tensor) -> TensorDict:
+        """∇ of ``objective`` for every meta-parameter (zeros where it does not depend on one)."""
+        names = list(self.params)
+        grads = paddle.grad(objective, [self.params[k] for k in names], allow_unused=True)
+        return {
+            k: paddle.zeros_like(self.params[k]) if g is None else g for k, g in zip(names, grads)
+        }
+
+    @staticmethod
+    def task_sum(value: paddle.Tensor, count: int) -> paddle.Tensor:
+        """Sum over the leading task axis of a stacked chunk (a single task has none)."""
+        return value.sum(axis=0) if count > 1 else value
 
     def _chunks(self, tasks: Sequence[Task]) -> list[Sequence[Task]]:
         """How tasks are computed: all stacked at once, or one by one (none: no chunk)."""
@@ -139,64 +288,58 @@ class MetaLearner:
         return [[t] for t in tasks]
 
     def _start(self, count: int, differentiable: bool) -> TensorDict:
-        """θ, or for a stacked chunk one copy of θ per task; leaves unless ``differentiable``."""
-        base = self.params if differentiable else {k: w.detach() for k, w in self.params.items()}
+        """θ, or for a stacked chunk one copy of θ per task; detached unless ``differentiable``."""
+        base = {k: self.params[k] for k in self.theta}
+        if not differentiable:
+            base = {k: w.detach() for k, w in base.items()}
         if count > 1:
             base = {
                 k: w.unsqueeze(0) + paddle.zeros([count, *w.shape], w.dtype)
                 for k, w in base.items()
             }
-        return base if differentiable else {k: _leaf(w) for k, w in base.items()}
+        return base
 
-    def _chunk_direction(self, tasks: Sequence[Task], track_steps: bool):
+    def _chunk_direction(self, tasks: Sequence[Task], track_steps: bool, iteration: int | None):
         """Summed direction and per-task statistics of one chunk (one task, or a stacked batch)."""
-        x_s, y_s, x_q, y_q = to_tensors(tasks)
-        count, second_order = len(tasks), self.algo == "maml"
-        start = self._start(count, differentiable=second_order)
-        if self.algo == "pretrain":  # the paper's baseline: regress on all of the task's points
-            trajectory = [start]
-            x_q, y_q = paddle.concat([x_s, x_q], axis=-2), paddle.concat([y_s, y_q], axis=-2)
-        else:
-            trajectory = self.adapt(start, x_s, y_s, self.inner_steps, create_graph=second_order)
-        adapted = trajectory[-1]
-        task_losses = self.net.task_losses(self.net.forward(x_q, adapted), y_q)
-        if self.algo == "reptile":
-            direction = {k: _task_sum(self.params[k] - adapted[k], count).detach() for k in adapted}
-        else:
-            wrt = self.params if second_order else adapted
-            grads = paddle.grad(task_losses.sum(), list(wrt.values()))
-            direction = {
-                k: g if second_order else _task_sum(g, count) for k, g in zip(self.params, grads)
-            }
+        batch = Batch(*to_tensors(tasks), count=len(tasks))
+        direction, task_losses, run = self.variant.direction(self, batch, iteration)
         losses = task_losses.numpy().reshape(-1).tolist()
-        metrics = self._query_metrics(trajectory, x_q, y_q) if track_steps else [[]] * count
+        metrics = self._query_metrics(run) if track_steps else [[]] * batch.count
         return direction, [TaskStats(loss, m) for loss, m in zip(losses, metrics)]
 
-    def _query_metrics(self, trajectory: Sequence[TensorDict], x_q, y_q) -> list[list[float]]:
-        """Per task, the network's metric (accuracy or MSE) on the query set after each step."""
+    def _query_metrics(self, run: InnerRun) -> list[list[float]]:
+        """Per task, the network's metric on the query set after each step."""
         with paddle.no_grad():
             per_step = [
-                self.net.task_metrics(self.net.forward(x_q, w), y_q).numpy() for w in trajectory
+                self.net.task_metrics(run.output(run.query_inputs, w, step), run.y_query).numpy()
+                for step, w in enumerate(run.trajectory)
             ]
-        return np.stack(per_step, axis=-1).reshape(-1, len(trajectory)).tolist()
+        return np.stack(per_step, axis=-1).reshape(-1, len(run.trajectory)).tolist()
 
-    def task_direction(self, task: Task, track_steps: bool = False) -> tuple[TensorDict, TaskStats]:
-        """The update direction one task asks of θ, and its query statistics."""
-        direction, stats = self._chunk_direction([task], track_steps)
+    def task_direction(
+        self, task: Task, track_steps: bool = False, iteration: int | None = None
+    ) -> tuple[TensorDict, TaskStats]:
+        """The update direction one task asks of the meta-parameters, and its query statistics
+        (``iteration`` selects the schedules' state; None: after they have all ended)."""
+        direction, stats = self._chunk_direction([task], track_steps, iteration)
         return direction, stats[0]
 
     def batch_direction(
-        self, tasks: Sequence[Task], track_steps: bool = False
+        self, tasks: Sequence[Task], track_steps: bool = False, iteration: int | None = None
     ) -> tuple[TensorDict, list[TaskStats]]:
         """Sum of the task directions (not the mean, so several processes can add theirs)."""
         total: TensorDict = {}
         stats: list[TaskStats] = []
         for chunk in self._chunks(tasks):
-            direction, chunk_stats = self._chunk_direction(chunk, track_steps)
+            direction, chunk_stats = self._chunk_direction(chunk, track_steps, iteration)
             for name, value in direction.items():
                 total[name] = value if name not in total else total[name] + value
             stats.extend(chunk_stats)
         return total, stats
+
+    def make_optimizer(self) -> paddle.optimizer.Optimizer:
+        """The variant's meta-optimiser over every meta-parameter."""
+        return self.variant.make_optimizer(list(self.params.values()))
 
     def meta_update(
         self,
@@ -205,20 +348,22 @@ class MetaLearner:
         batch_size: int,
         track_steps: bool = False,
         reduce: Callable[[TensorDict], TensorDict] = lambda tensors: tensors,
+        iteration: int | None = None,
     ) -> tuple[float, list[float]]:
         """One meta-iteration: directions of ``tasks``, summed by ``reduce`` over processes,
-        averaged over the whole meta-batch of ``batch_size`` tasks, then applied to θ.
+        averaged over the whole meta-batch of ``batch_size`` tasks, then applied to the
+        meta-parameters with the variant's learning rate of ``iteration``.
 
         Returns the mean query loss and, with ``track_steps``, the mean query metric after each
         inner step. Raises :class:`NonFiniteError` (before touching θ) on NaN or inf.
         """
-        direction, stats = self.batch_direction(tasks, track_steps)
+        direction, stats = self.batch_direction(tasks, track_steps, iteration)
         if not direction:  # a process with no task of this meta-batch still joins the sum
             direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
         dtype = next(iter(direction.values())).dtype  # one dtype: the sums travel in one buffer
         totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype=dtype)}
         if track_steps:
-            steps = 1 if self.algo == "pretrain" else self.inner_steps + 1
+            steps = self.inner_steps + 1 if self.variant.inner_loop else 1
             per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
             totals[_METRIC] = paddle.to_tensor(np.sum(per_task, axis=0), dtype=dtype)
         summed = reduce({**direction, **totals})
@@ -227,33 +372,47 @@ class MetaLearner:
         mean = {k: v * (1.0 / batch_size) for k, v in summed.items()}
         if not (np.isfinite(loss) and all(bool(paddle.isfinite(v).all()) for v in mean.values())):
             raise NonFiniteError(loss)
+        if iteration is not None:
+            optimizer.set_lr(self.variant.learning_rate(iteration))
         apply_direction(self.params, optimizer, mean)
         return loss, per_step
 
     def evaluate(self, tasks: Sequence[Task], steps: int) -> np.ndarray:
-        """Adapt each task (first order: no meta-gradient is needed) and score its query set after
+        """Adapt each task (no meta-gradient is needed) and score its query set after
         0..steps inner steps; returns an array [tasks, steps + 1]."""
         rows = []
         for chunk in self._chunks(tasks):
-            x_s, y_s, x_q, y_q = to_tensors(chunk)
-            trajectory = self.adapt(self._start(len(chunk), False), x_s, y_s, steps, False)
-            rows.extend(self._query_metrics(trajectory, x_q, y_q))
+            batch = Batch(*to_tensors(chunk), count=len(chunk))
+            rows.extend(self._query_metrics(self.inner_loop(batch, Order.NONE, steps)))
         return np.array(rows, dtype=np.float64).reshape(len(rows), steps + 1)
 
     def predict_after_steps(
         self, task: Task, x: np.ndarray, steps: Sequence[int]
     ) -> dict[int, np.ndarray]:
         """Outputs for inputs ``x`` after adapting to ``task`` for each number of ``steps``."""
-        x_s, y_s, _, _ = to_tensors([task])
-        trajectory = self.adapt(self._start(1, False), x_s, y_s, max(steps), False)
+        batch = Batch(*to_tensors([task]), count=1)
+        trajectory = self.inner_loop(batch, Order.NONE, max(steps)).trajectory
         with paddle.no_grad():
             inputs = paddle.to_tensor(x)
-            return {k: self.net.forward(inputs, trajectory[k]).numpy() for k in steps}
+            return {k: self.net.forward(inputs, trajectory[k], k).numpy() for k in steps}
 
 
-def _task_sum(value: paddle.Tensor, count: int) -> paddle.Tensor:
-    """Sum over the leading task axis of a stacked chunk (a single task has none)."""
-    return value.sum(axis=0) if count > 1 else value
+def adapted_names(net, params: TensorDict, adapt: str = "all") -> list[str]:
+    """The weights the inner loop changes: all of θ or the head (ANIL), minus per-step ones."""
+    pool = net.head_names if adapt == "head" else params
+    fixed = set(net.per_step_names())
+    return [k for k in pool if k in params and k not in fixed and not k.startswith(RATE_PREFIX)]
+
+
+def initial_arrays(
+    net, config: dict, seed: int | None = None, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """A run's initial meta-parameters: θ of ``net``, then the inner rule's rates (if learned)."""
+    theta = net.init_params(config["seed"] if seed is None else seed, dtype)
+    adapted = adapted_names(net, theta, config.get("adapt") or "all")
+    rule = make_rule(config.get("inner_rule") or "sgd", config["glob_base_lr"])
+    shapes = {k: theta[k].shape for k in adapted}
+    return {**theta, **rule.init_arrays(shapes, config["glob_update_step"], dtype)}
 
 
 def apply_direction(

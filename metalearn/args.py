@@ -82,7 +82,54 @@ COMMON_DEFAULTS = {
     "max_minutes": None,
     "kernels": "fast",
     "resume": None,
+    # The learner's ingredients; None: from the --algo preset (LEARNER_PRESETS).
+    "inner_rule": None,
+    "adapt": None,
+    "per_step_bn": None,
+    "multi_step_loss": None,
+    "multi_step_loss_epochs": None,
+    "first_order_epochs": None,
+    "cosine_meta_lr": None,
+    "cosine_meta_lr_epochs": None,
+    "min_meta_lr": 1e-5,  # HowToTrainYourMAMLPytorch's min_learning_rate
 }
+
+# What each --algo switches on; flags given explicitly win (ablations: --algo maml++
+# --inner_rule sgd). MAML++'s schedules follow Antoniou et al. 2019 and their public code, which
+# trains 150 epochs of 500 iterations: the multi-step loss is annealed over the first 15 epochs
+# and the first 50 epochs are first order (the paper's §4; their configs use up to 80). Here they
+# are the same fractions of --epochs (meta-iterations), fixed when the run starts.
+LEARNER_PRESETS = {
+    "maml++": {
+        "inner_rule": "lslr",
+        "per_step_bn": True,
+        "multi_step_loss": True,
+        "cosine_meta_lr": True,
+        "first_order_fraction": 50 / 150,
+    },
+    "metasgd": {"inner_rule": "metasgd"},
+    "anil": {"adapt": "head"},
+}
+_PLAIN_LEARNER = {
+    "inner_rule": "sgd",
+    "adapt": "all",
+    "per_step_bn": False,
+    "multi_step_loss": False,
+    "cosine_meta_lr": False,
+    "first_order_fraction": 0.0,
+}
+MULTI_STEP_LOSS_FRACTION = 15 / 150
+LEARNER_KEYS = (
+    "inner_rule",
+    "adapt",
+    "per_step_bn",
+    "multi_step_loss",
+    "multi_step_loss_epochs",
+    "first_order_epochs",
+    "cosine_meta_lr",
+    "cosine_meta_lr_epochs",
+    "min_meta_lr",
+)
 
 
 def _add_task_flags(parser: argparse.ArgumentParser) -> None:
@@ -134,9 +181,12 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     # Imported here: records, runs.py and the service import this module for check_run_name,
     # and must not load Paddle for that.
-    from metalearn.algorithms import ALGORITHMS
+    from metalearn.algorithms import ADAPT, ALGORITHMS
+    from metalearn.inner_rules import INNER_RULES
 
-    parser = argparse.ArgumentParser(description="Meta-train MAML / FOMAML / Reptile.")
+    parser = argparse.ArgumentParser(
+        description="Meta-train MAML / FOMAML / Reptile / MAML++ / Meta-SGD / ANIL."
+    )
     _add_task_flags(parser)
     parser.add_argument(
         "--net",
@@ -151,8 +201,57 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--algo",
         choices=ALGORITHMS,
-        help="maml (second order, default), fomaml (first order), reptile, or pretrain "
-        "(sinusoid only: the paper's baseline, plain regression on the tasks' points)",
+        help="maml (second order, default), fomaml (first order), reptile, pretrain "
+        "(sinusoid only: the paper's baseline, plain regression on the tasks' points), "
+        "maml++ (all of the ingredients below), metasgd (--inner_rule metasgd) or anil "
+        "(--adapt head); the flags below switch single ingredients on or off",
+    )
+    parser.add_argument(
+        "--inner_rule",
+        choices=tuple(INNER_RULES),
+        help="inner update: sgd (fixed α), lslr (learned rate per layer and step, init α; "
+        "MAML++) or metasgd (learned rate per weight, init α)",
+    )
+    parser.add_argument(
+        "--adapt",
+        choices=ADAPT,
+        help="what the inner loop adapts: all of θ, or the head only (ANIL)",
+    )
+    parser.add_argument(
+        "--per_step_bn",
+        action=argparse.BooleanOptionalAction,
+        help="batch-norm scale and shift per inner step (MAML++; meta-learned, not adapted)",
+    )
+    parser.add_argument(
+        "--multi_step_loss",
+        action=argparse.BooleanOptionalAction,
+        help="MAML++'s multi-step loss: weighted query losses after every inner step, "
+        "annealed towards the last step",
+    )
+    parser.add_argument(
+        "--multi_step_loss_epochs",
+        type=int,
+        help="iterations over which the multi-step loss anneals (default 10%% of --epochs)",
+    )
+    parser.add_argument(
+        "--first_order_epochs",
+        type=int,
+        help="derivative-order annealing: first order for this many iterations, then second "
+        "order (maml++ default: a third of --epochs; 0: second order throughout)",
+    )
+    parser.add_argument(
+        "--cosine_meta_lr",
+        action=argparse.BooleanOptionalAction,
+        help="cosine-anneal the meta learning rate from --glob_meta_lr to --min_meta_lr",
+    )
+    parser.add_argument(
+        "--cosine_meta_lr_epochs",
+        type=int,
+        help="iterations the cosine takes to reach --min_meta_lr (default: --epochs when the run "
+        "starts; a run resumed with more --epochs stays at the minimum)",
+    )
+    parser.add_argument(
+        "--min_meta_lr", type=float, help="end of the cosine annealing (default 1e-5)"
     )
     parser.add_argument("--meta_step", type=float, help="Reptile's outer step ε (default 1.0)")
     parser.add_argument(
@@ -223,6 +322,20 @@ def resolve_defaults(given: dict) -> dict:
         config["k_query"] = config["k_spt"]
     if config["meta_step_final"] is None:
         config["meta_step_final"] = config["meta_step"]
+    preset = {**_PLAIN_LEARNER, **LEARNER_PRESETS.get(config["algo"], {})}
+    for key in ("inner_rule", "adapt", "per_step_bn", "multi_step_loss", "cosine_meta_lr"):
+        if config[key] is None:
+            config[key] = preset[key]
+    if not config["multi_step_loss"]:
+        config["multi_step_loss_epochs"] = 0
+    elif config["multi_step_loss_epochs"] is None:
+        config["multi_step_loss_epochs"] = max(
+            round(config["epochs"] * MULTI_STEP_LOSS_FRACTION), 1
+        )
+    if config["cosine_meta_lr_epochs"] is None:
+        config["cosine_meta_lr_epochs"] = config["epochs"]
+    if config["first_order_epochs"] is None:
+        config["first_order_epochs"] = round(config["epochs"] * preset["first_order_fraction"])
     return config
 
 
@@ -236,8 +349,14 @@ _POSITIVE_INTS = (
     "val_every",
     "val_tasks",
     "ckpt_every",
+    "cosine_meta_lr_epochs",
 )
-_NON_NEGATIVE_INTS = ("glob_update_step", "glob_update_step_test")
+_NON_NEGATIVE_INTS = (
+    "glob_update_step",
+    "glob_update_step_test",
+    "multi_step_loss_epochs",
+    "first_order_epochs",
+)
 MAX_TASKS = 10_000
 """Upper bound of --task_num and --val_tasks: every task of a meta-batch (or of the validation set)
 is held in memory at once, ~250 KB each for 5-way Omniglot, so 10,000 is already ~2.5 GB; the paper
@@ -266,6 +385,7 @@ def validate_config(config: dict) -> None:
         value = config.get(key)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{key} must be a positive number, got {value}")
+    check_learner(config)
     final = config.get("meta_step_final")
     if final is not None and not (math.isfinite(final) and final >= 0):
         raise UserError(f"--meta_step_final must be zero or more, got {final}")
@@ -284,6 +404,41 @@ def validate_config(config: dict) -> None:
         )
 
 
+def check_learner(config: dict) -> None:
+    """Refuse combinations of the learner's ingredients that mean nothing."""
+    algo = config.get("algo")
+    ingredients = [
+        f"--inner_rule {config['inner_rule']}"
+        if config.get("inner_rule") not in (None, "sgd")
+        else "",
+        "--adapt head" if config.get("adapt") == "head" else "",
+        "--per_step_bn" if config.get("per_step_bn") else "",
+        "--multi_step_loss" if config.get("multi_step_loss") else "",
+        "--first_order_epochs" if config.get("first_order_epochs") else "",
+        "--cosine_meta_lr" if config.get("cosine_meta_lr") else "",
+    ]
+    used = [flag for flag in ingredients if flag]
+    if algo in ("reptile", "pretrain") and used:
+        raise UserError(
+            f"{used[0]} needs a meta-gradient through the inner loop; --algo {algo} has none "
+            "(use maml, fomaml, maml++, metasgd or anil)"
+        )
+    if config.get("per_step_bn") and config.get("dataset") == "sinusoid":
+        raise UserError("--per_step_bn: the sinusoid network has no batch norm")
+    if config.get("per_step_bn") and config.get("adapt") == "head":
+        raise UserError(
+            "--per_step_bn with --adapt head: ANIL computes the body's features once per task, "
+            "so they cannot change with the inner step"
+        )
+    if config.get("export_pkl") and config.get("inner_rule") not in (None, "sgd"):
+        raise UserError(
+            "--export_pkl writes θ only, the seed's layout; it cannot hold learned rates"
+        )
+    low = config.get("min_meta_lr")
+    if low is not None and not (math.isfinite(low) and low >= 0):
+        raise UserError(f"--min_meta_lr must be zero or more, got {low}")
+
+
 def check_saved_config(config: object, source: str, fill_defaults: bool = False) -> dict:
     """A run's saved config (config.json, a checkpoint's meta) from this version of the code.
 
@@ -300,6 +455,8 @@ def check_saved_config(config: object, source: str, fill_defaults: bool = False)
     defaults = resolve_defaults({"dataset": dataset})
     if fill_defaults:
         config = {**defaults, **config}
+    else:  # a run from before the learner's ingredients existed trained without them
+        config = {**{k: defaults[k] for k in LEARNER_KEYS}, **config}
     for action in train_parser()._actions:
         if action.dest not in defaults:
             continue
@@ -322,7 +479,7 @@ def _has_flag_type(value: object, action: argparse.Action, nullable: bool) -> bo
         return type(value) is int
     if action.type is float:
         return type(value) in (int, float)
-    if action.const is True:  # store_true
+    if action.const is True or isinstance(action, argparse.BooleanOptionalAction):
         return type(value) is bool
     return isinstance(value, str)
 

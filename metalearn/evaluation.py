@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from metalearn import distributed
-from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
 from metalearn.args import (
     check_saved_config,
     check_work_dir,
@@ -21,6 +21,7 @@ from metalearn.checkpoint import check_compatible, load_checkpoint, read_checkpo
 from metalearn.device import select_device
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
+from metalearn.metrics import MSE, results_metric
 from metalearn.omniglot import check_seed
 from metalearn.problems import build_problem
 from metalearn.records import PLOT_TROUBLE, TestSession
@@ -99,10 +100,11 @@ def evaluate(given: dict) -> dict:
 def _plot_steps(png: Path, results: dict) -> None:
     from metalearn import plots  # matplotlib only when needed
 
-    key = next(k[: -len("_mean")] for k in results if k.endswith("_mean"))
+    metric = results_metric(results)
+    key = metric.key
     shape = (
         f"K={results['k_spt']}"
-        if key == "mse"
+        if metric is MSE
         else f"{results['n_way']}-way {results['k_spt']}-shot"
     )
     label = f"{results['tasks']} test tasks, mean ± 95% CI"
@@ -110,7 +112,7 @@ def _plot_steps(png: Path, results: dict) -> None:
         plots.steps_curve(
             png,
             {label: (results[f"{key}_mean"], results[f"{key}_ci95"])},
-            "accuracy" if key == "acc" else key,
+            metric.name,
             title=f"{png.parent.name}: {shape}",
         )
     except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
@@ -132,23 +134,19 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, ("test",))
-    shapes = {k: v.shape for k, v in problem.net.init_params(0).items()}
+    fresh = initial_arrays(problem.net, trained, seed=0)  # θ and the learned rates it trained
+    shapes = {k: v.shape for k, v in fresh.items()}
     checkpoint = load_checkpoint(path, shapes)
     check_compatible(checkpoint, problem.net.config(), shapes)
-    learner = MetaLearner(
-        problem.net,
-        make_parameters(checkpoint.params),
-        config["algo"],
-        config["glob_base_lr"],
-        config["glob_update_step_test"],
-    )
+    params = make_parameters({k: checkpoint.params[k] for k in fresh})
+    learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
     sampler, steps = problem.samplers["test"], config["glob_update_step_test"]
     distributed.init()
     shares = distributed.my_share(given["tasks"])
     tasks = [sampler.sample(given["seed"], "test", 0, index) for index in shares]
     mean, ci95 = summarise(distributed.gather_rows(learner.evaluate(tasks, steps)))
-    metric = problem.net.metric_name
-    key = "acc" if metric == "accuracy" else metric
+    metric = problem.net.metric
+    key = metric.key
     results = {
         f"{key}_mean": mean.tolist(),
         f"{key}_ci95": ci95.tolist(),
@@ -164,7 +162,7 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     if not distributed.is_main():
         return results
     for step, (m, c) in enumerate(zip(mean, ci95)):
-        print(f"step {step}: {metric} {m:.4f} ± {c:.4f}")
+        print(f"step {step}: {metric.name} {metric.format(m)} ± {metric.format(c)}")
     write_json(path.parent / "test_results.json", results)
     print(f"results written to {path.parent / 'test_results.json'}")
     if config["dataset"] == "sinusoid":

@@ -2,10 +2,11 @@
 
 With ReLU the inner gradient jumps where a unit changes sign, so finite differences of the MAML
 objective diverge; the check therefore uses the same network with a smooth activation (tanh),
-float64, and compares the analytic directional derivative of L_query(θ_K(θ)) along a random
-direction with a central difference. Max-pooling is piecewise linear: the check is valid as long
-as no window's maximum changes place within the finite-difference step, which random inputs
-make all but certain (tests/test_nets_pool.py verifies it for the pool network's check).
+float64, and compares the analytic directional derivative of the meta-objective along a random
+direction of every meta-parameter (θ, learned inner rates, per-step batch norm) with a central
+difference. Max-pooling is piecewise linear: the check is valid as long as no window's maximum
+changes place within the finite-difference step, which random inputs make all but certain
+(tests/test_nets_pool.py verifies it for the pool network's check).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import numpy as np
 import paddle
 
 from metalearn import ops
-from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
+from metalearn.inner_rules import RATE_PREFIX
 from metalearn.nets import MLP, ConvNet, PoolConvNet
 from metalearn.tasks import Task
 
 
-def tiny_problem(kind: str, seed: int = 0):
+def tiny_problem(kind: str, seed: int = 0, bn_steps: int = 0):
     """A small tanh network and one task for it, both float64.
 
     ``pool`` is the MiniImagenet network on 18×18×3 images (18 → 9 → 4 → 2 → 1: both an odd size
@@ -28,9 +30,12 @@ def tiny_problem(kind: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     if kind in ("conv", "pool"):
         if kind == "conv":
-            net, shape = ConvNet(n_way=3, hidden=4, activation="tanh"), (1, 28, 28)
+            net = ConvNet(n_way=3, hidden=4, activation="tanh", bn_steps=bn_steps)
+            shape = (1, 28, 28)
         else:
-            net = PoolConvNet(n_way=3, image_size=18, filters=4, activation="tanh")
+            net = PoolConvNet(
+                n_way=3, image_size=18, filters=4, activation="tanh", bn_steps=bn_steps
+            )
             shape = (3, 18, 18)
         labels = np.arange(3).repeat(2)
         task = Task(rng.random((6, *shape)), labels, rng.random((6, *shape)), labels)
@@ -41,10 +46,32 @@ def tiny_problem(kind: str, seed: int = 0):
     return net, task
 
 
+def tiny_arrays(net, inner_lr: float, steps: int, rule: str, adapt: str, seed: int) -> dict:
+    """float64 meta-parameters; learned rates and per-step rows spread around their initial
+    values, so that a check cannot pass by their symmetry."""
+    config = {"seed": seed, "glob_base_lr": inner_lr, "glob_update_step": steps}
+    arrays = initial_arrays(net, {**config, "inner_rule": rule, "adapt": adapt}, dtype="float64")
+    rng = np.random.default_rng(seed + 2)
+    for name in arrays:
+        if name.startswith(RATE_PREFIX) or name in net.per_step_names():
+            arrays[name] = arrays[name] * (1 + 0.3 * rng.uniform(-1, 1, arrays[name].shape))
+    return arrays
+
+
 def meta_gradient_error(
-    kind: str = "conv", steps: int = 1, inner_lr: float = 0.5, eps: float = 1e-5, seed: int = 0
+    kind: str = "conv",
+    steps: int = 1,
+    inner_lr: float = 0.5,
+    eps: float = 1e-5,
+    seed: int = 0,
+    rule: str = "sgd",
+    adapt: str = "all",
+    per_step_bn: bool = False,
+    multi_step_loss_for: int = 0,
+    iteration: int | None = None,
 ) -> float:
-    """Relative error |analytic − finite difference| / |finite difference| of the MAML gradient.
+    """Relative error |analytic − finite difference| / |finite difference| of the meta-gradient
+    of one task's meta-objective (at ``iteration`` of the schedules; None: after them).
 
     If a max-pool window's argmax differs at θ ± εd from θ, the step is divided by 10 (at most
     three times): the difference would cross a kink of the piecewise-linear pooling.
@@ -52,20 +79,22 @@ def meta_gradient_error(
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
     try:
-        net, task = tiny_problem(kind, seed)
-        arrays = net.init_params(seed, dtype="float64")
+        net, task = tiny_problem(kind, seed, steps + 1 if per_step_bn else 0)
+        arrays = tiny_arrays(net, inner_lr, steps, rule, adapt, seed)
         rng = np.random.default_rng(seed + 1)
         direction = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
 
+        def learner(values: dict[str, np.ndarray]) -> MetaLearner:
+            options = {"rule": rule, "adapt": adapt, "multi_step_loss_for": multi_step_loss_for}
+            return MetaLearner(net, make_parameters(values), "maml", inner_lr, steps, **options)
+
         def meta_loss(values: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
-            learner = MetaLearner(net, make_parameters(values), "maml", inner_lr, steps)
             with ops.recording_pool_indices() as indices:
-                loss = learner.task_direction(task)[1].loss
+                loss = learner(values).task_direction(task, iteration=iteration)[1].loss
             return loss, indices
 
-        learner = MetaLearner(net, make_parameters(arrays), "maml", inner_lr, steps)
         with ops.recording_pool_indices() as indices:
-            grads, _ = learner.task_direction(task)
+            grads, _ = learner(arrays).task_direction(task, iteration=iteration)
         analytic = sum(float((grads[k].numpy() * direction[k]).sum()) for k in arrays)
         for _ in range(4):
             plus, plus_indices = meta_loss({k: v + eps * direction[k] for k, v in arrays.items()})

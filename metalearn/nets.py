@@ -15,6 +15,7 @@ import paddle.nn.functional as F
 
 from metalearn import ops
 from metalearn.errors import UserError
+from metalearn.metrics import ACCURACY, MSE
 
 Params = "OrderedDict[str, paddle.Tensor]"
 
@@ -34,16 +35,21 @@ class _BlockNet:
     The convolutions have no bias: batch norm subtracts the batch mean right after, so a bias would
     compute the same function and always receive a zero gradient. Batch norm always normalises with
     the current batch's statistics (meta-train and meta-test alike), as the paper's code does.
+
+    With ``bn_steps`` > 0 (MAML++'s per-step batch norm) every BN scale and shift gets a leading
+    step axis: the weights after k inner steps are run with row min(k, bn_steps − 1).
     """
 
-    metric_name = "accuracy"
+    metric = ACCURACY
     task_batched = False
+    head_names = ("head.weight", "head.bias")
 
     n_way: int
     in_channels: int
     image_size: int
     width: int
     blocks: int
+    bn_steps: int
 
     def _check_shape(self) -> None:
         for name in ("n_way", "in_channels", "image_size", "width", "blocks"):
@@ -53,7 +59,7 @@ class _BlockNet:
                     f"{type(self).__name__}: {name} must be a positive integer, not {value!r}"
                 )
 
-    def _features(self) -> int:
+    def _feature_count(self) -> int:
         """Length of the vector the head sees."""
         raise NotImplementedError
 
@@ -67,13 +73,36 @@ class _BlockNet:
             arrays[f"conv{block}.weight"] = _glorot_uniform(
                 rng, shape, channels * 9, self.width * 9
             )
-            arrays[f"bn{block}.scale"] = np.ones(self.width)
-            arrays[f"bn{block}.shift"] = np.zeros(self.width)
+            bn_shape = (self.bn_steps, self.width) if self.bn_steps else (self.width,)
+            arrays[f"bn{block}.scale"] = np.ones(bn_shape)
+            arrays[f"bn{block}.shift"] = np.zeros(bn_shape)
             channels = self.width
-        features = self._features()
+        features = self._feature_count()
         arrays["head.weight"] = _glorot_uniform(rng, (features, self.n_way), features, self.n_way)
         arrays["head.bias"] = np.zeros(self.n_way)
         return {name: value.astype(dtype) for name, value in arrays.items()}
+
+    def per_step_names(self) -> tuple[str, ...]:
+        """Parameters with a leading inner-step axis (per-step batch norm), or none."""
+        if not self.bn_steps:
+            return ()
+        return tuple(f"bn{b}.{p}" for b in range(self.blocks) for p in ("scale", "shift"))
+
+    def _bn_config(self) -> dict:
+        return {"bn_steps": self.bn_steps} if self.bn_steps else {}  # older checkpoints lack it
+
+    def forward(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """Logits [batch, n_way] for images ``x`` [batch, channels, size, size] under ``params``,
+        the weights after ``step`` inner steps (which only per-step batch norm looks at)."""
+        return self.head(self.features(x, params, step), params)
+
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """The body's output [batch, features]: everything before the linear head."""
+        raise NotImplementedError
 
     def check_input(self, x: paddle.Tensor) -> None:
         """Refuse images of another shape than the network was built for (a wiring mistake)."""
@@ -83,11 +112,15 @@ class _BlockNet:
                 f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
             )
 
-    def _block(self, x, params, block: int, stride: int) -> paddle.Tensor:
+    def _block(self, x, params, block: int, stride: int, step: int) -> paddle.Tensor:
+        scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+        if self.bn_steps:
+            row = min(step, self.bn_steps - 1)
+            scale, shift = scale[row : row + 1], shift[row : row + 1]
         x = ops.conv2d(x, params[f"conv{block}.weight"], stride=stride, padding=1)
-        return _batch_norm(x, params[f"bn{block}.scale"], params[f"bn{block}.shift"], self.bn_eps)
+        return _batch_norm(x, scale, shift, self.bn_eps)
 
-    def _head(self, features: paddle.Tensor, params) -> paddle.Tensor:
+    def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
@@ -119,10 +152,12 @@ class ConvNet(_BlockNet):
         blocks: int = 4,
         activation: str = "relu",
         bn_eps: float = 1e-3,
+        bn_steps: int = 0,
     ):
         self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
         self.hidden = self.width = hidden
         self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
+        self.bn_steps = bn_steps
         self._check_shape()
 
     def config(self) -> dict:
@@ -138,21 +173,23 @@ class ConvNet(_BlockNet):
             "hidden": self.hidden,
             "blocks": self.blocks,
             "activation": self.activation,
+            **self._bn_config(),
         }
         if self.image_size != OMNIGLOT_SIZE:
             config["image_size"] = self.image_size
         return config
 
-    def _features(self) -> int:
+    def _feature_count(self) -> int:
         return self.hidden
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
-        """Logits [batch, n_way] for images ``x`` [batch, channels, size, size] under ``params``."""
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
         self.check_input(x)
         act = _activation(self.activation)
         for block in range(self.blocks):
-            x = act(self._block(x, params, block, stride=2))
-        return self._head(x.mean(axis=[2, 3]), params)
+            x = act(self._block(x, params, block, stride=2, step=step))
+        return x.mean(axis=[2, 3])
 
 
 class PoolConvNet(_BlockNet):
@@ -176,10 +213,12 @@ class PoolConvNet(_BlockNet):
         blocks: int = 4,
         activation: str = "relu",
         bn_eps: float = 1e-3,
+        bn_steps: int = 0,
     ):
         self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
         self.filters = self.width = filters
         self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
+        self.bn_steps = bn_steps
         self._check_shape()
         if self.pooled_size() < 1:
             raise UserError(
@@ -197,6 +236,7 @@ class PoolConvNet(_BlockNet):
             "filters": self.filters,
             "blocks": self.blocks,
             "activation": self.activation,
+            **self._bn_config(),
         }
 
     def pooled_size(self) -> int:
@@ -206,18 +246,17 @@ class PoolConvNet(_BlockNet):
             size //= 2
         return size
 
-    def _features(self) -> int:
+    def _feature_count(self) -> int:
         return self.filters * self.pooled_size() ** 2
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
-        """Logits [batch, n_way] for images ``x`` [batch, channels, size, size] under ``params``."""
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
         self.check_input(x)
         act = _activation(self.activation)
         for block in range(self.blocks):
-            x = act(ops.max_pool2x2(self._block(x, params, block, stride=1)))
-        return self._head(
-            x.reshape([x.shape[0], -1]), params
-        )  # reshape: flatten has no double-grad
+            x = act(ops.max_pool2x2(self._block(x, params, block, stride=1, step=step)))
+        return x.reshape([x.shape[0], -1])  # reshape: flatten has no double-grad
 
 
 class MLP:
@@ -240,20 +279,40 @@ class MLP:
             arrays[f"fc{layer}.bias"] = np.zeros(fan_out)
         return {name: value.astype(dtype) for name, value in arrays.items()}
 
-    def forward(self, x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        last = len(self.sizes) - 2
+        return (f"fc{last}.weight", f"fc{last}.bias")
+
+    def per_step_names(self) -> tuple[str, ...]:
+        return ()
+
+    def forward(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
         """Outputs [points, 1] for x [points, 1], or [tasks, points, 1] with per-task weights."""
+        return self.head(self.features(x, params, step), params)
+
+    def features(
+        self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
+    ) -> paddle.Tensor:
+        """The last hidden layer's activations (everything before the linear head)."""
         act = _activation(self.activation)
-        layers = len(self.sizes) - 1
-        for layer in range(layers):
-            bias = params[f"fc{layer}.bias"]
-            if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
-                bias = bias.unsqueeze(1)
-            x = paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
-            if layer < layers - 1:
-                x = act(x)
+        for layer in range(len(self.sizes) - 2):
+            x = act(self._linear(x, params, layer))
         return x
 
-    metric_name = "mse"
+    def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        return self._linear(features, params, len(self.sizes) - 2)
+
+    @staticmethod
+    def _linear(x: paddle.Tensor, params: dict[str, paddle.Tensor], layer: int) -> paddle.Tensor:
+        bias = params[f"fc{layer}.bias"]
+        if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
+            bias = bias.unsqueeze(1)
+        return paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
+
+    metric = MSE
     task_batched = True
 
     def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:

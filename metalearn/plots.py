@@ -22,13 +22,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from metalearn.fileio import atomic_path
+from metalearn.metrics import metric_named
 
 PREDICTION_COLORS = ("tab:green", "tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:cyan")
-LABELS = {"accuracy": "accuracy", "acc": "accuracy", "mse": "MSE"}
 
 
 def _label(metric: str) -> str:
-    return LABELS.get(metric, metric)
+    known = metric_named(metric)
+    return metric if known is None else known.label
 
 
 def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
@@ -95,8 +96,9 @@ def training_curves(
         val.legend(fontsize="small")
     else:
         _empty(val)
-    better = "lower" if metric == "mse" else "higher"
-    val.set(title=f"validation {label} ({better} is better)", xlabel="iteration", ylabel=label)
+    known = metric_named(metric)
+    better = f" ({known.direction} is better)" if known else ""
+    val.set(title=f"validation {label}{better}", xlabel="iteration", ylabel=label)
     for axis in axes[0]:
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)

@@ -13,11 +13,10 @@ from metalearn.tasks import ClassImages, ImageTasks, SinusoidTasks
 
 @dataclass
 class Problem:
-    """A network plus a sampler per split; ``higher_is_better`` orders validation scores."""
+    """A network (whose ``metric`` scores tasks) plus a sampler per split."""
 
     net: object
     samplers: dict
-    higher_is_better: bool
 
 
 def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> Problem:
@@ -28,7 +27,7 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
     """
     if config["dataset"] == "sinusoid":
         sampler = SinusoidTasks(config["k_spt"], config["k_query"])
-        return Problem(MLP(), {split: sampler for split in splits}, higher_is_better=False)
+        return Problem(MLP(), {split: sampler for split in splits})
     samplers = {}
     for split in splits:
         images = _load_images(config, split)
@@ -45,8 +44,12 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
     channels, size = next(iter(samplers.values())).classes.pixels.shape[1:3]
     config["net"] = config.get("net") or ("conv4" if channels == 1 else "pool4")
     config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
-    net = NETS[config["net"]](config["n_way"], in_channels=int(channels), image_size=int(size))
-    return Problem(net, samplers, higher_is_better=True)
+    # Per-step batch norm (MAML++): one row per inner step's weights θ_0..θ_K of training.
+    bn_steps = config["glob_update_step"] + 1 if config.get("per_step_bn") else 0
+    net = NETS[config["net"]](
+        config["n_way"], in_channels=int(channels), image_size=int(size), bn_steps=bn_steps
+    )
+    return Problem(net, samplers)
 
 
 NETS = {"conv4": ConvNet, "pool4": PoolConvNet}

@@ -23,7 +23,6 @@ from metalearn.records_db import (
     RunConflict,
     RunRecords,
     describe_failure,
-    metric_for,
     remove_run,
 )
 from metalearn.records_schema import RecordsError, db_path
@@ -39,6 +38,5 @@ __all__ = [
     "db_path",
     "describe_failure",
     "git_commit",
-    "metric_for",
     "remove_run",
 ]

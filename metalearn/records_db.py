@@ -19,6 +19,7 @@ from typing import Any
 from metalearn.args import check_run_name, check_work_dir
 from metalearn.errors import UserError
 from metalearn.liveness import HEARTBEAT_TIMEOUT_SECONDS, now, owner_alive, this_process
+from metalearn.metrics import metric_for, results_metric
 from metalearn.records_schema import RecordsError, connect, db_path
 
 STATUSES = ("training", "complete", "failed", "interrupted")
@@ -27,11 +28,6 @@ EVALUATION_STATUSES = ("running", "complete", "failed", "interrupted")
 
 class RunConflict(UserError):
     """Another live process is training (or evaluating) under this run name."""
-
-
-def metric_for(dataset: str | None) -> tuple[str, bool]:
-    """(metric name, higher is better) of a dataset: accuracy for images, MSE for sinusoids."""
-    return ("mse", False) if dataset == "sinusoid" else ("accuracy", True)
 
 
 def describe_failure(error: BaseException) -> tuple[str, str]:
@@ -368,7 +364,7 @@ class RunRecords:
         """Create a record from a checkpoint's meta for a run trained without one (if missing)."""
         config = meta.get("config", {})
         state = meta.get("state", {})
-        metric, higher = metric_for(config.get("dataset"))
+        metric = metric_for(config.get("dataset"))
         iteration = state.get("iteration", 0)
         planned = config.get("epochs")
         with self._transaction() as con:
@@ -389,8 +385,8 @@ class RunRecords:
                     config.get("n_way"),
                     config.get("k_spt"),
                     config.get("k_query"),
-                    metric,
-                    int(higher),
+                    metric.name,
+                    int(metric.higher_is_better),
                     _dumps(config),
                     planned,
                     iteration,
@@ -451,9 +447,9 @@ class RunRecords:
             raise ValueError(f"unknown evaluation status {status!r}")
         summary: dict[str, Any] = {}
         if results is not None:
-            key = next(k[: -len("_mean")] for k in results if k.endswith("_mean"))
+            key = results_metric(results).key
             summary = {
-                "metric": "accuracy" if key == "acc" else key,
+                "metric": results_metric(results).name,
                 "mean": _dumps(results[f"{key}_mean"]),
                 "ci95": _dumps(results[f"{key}_ci95"]),
                 "tasks": results.get("tasks"),

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from metalearn.args import check_run_name, check_work_dir
 from metalearn.errors import UserError
+from metalearn.metrics import metric_named
 from metalearn.records import RunRecords, remove_run
-
-SHORT = {"accuracy": "acc", "mse": "mse"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,7 +132,8 @@ def _test(evaluation: dict | None) -> str:
 
 
 def _metric(run: dict) -> str:
-    return SHORT.get(run.get("metric") or "", run.get("metric") or "?")
+    known = metric_named(run.get("metric"))
+    return known.key if known else run.get("metric") or "?"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -26,6 +26,7 @@ from metalearn import distributed, folders, omniglot
 from metalearn.algorithms import (
     MetaLearner,
     NonFiniteError,
+    initial_arrays,
     load_optimizer_state,
     make_parameters,
     optimizer_state,
@@ -52,6 +53,7 @@ from metalearn.records import (  # run record: work_dir/runs.sqlite + curves.png
     Recorder,
     describe_failure,
 )
+from metalearn.variants import make_variant
 
 
 @dataclass
@@ -89,24 +91,13 @@ class TrainState:
         return cls(**saved)
 
 
-def optimizer_shapes(algo: str, params: dict[str, tuple]) -> dict[str, tuple]:
-    """The arrays :func:`optimizer_state` holds after a step: Adam's two moments and two
-    β-power accumulators per weight (Paddle's names); Reptile's plain SGD keeps none."""
-    if algo == "reptile":
-        return {}
-    shapes = {}
-    for name, shape in params.items():
-        shapes.update({f"{name}_moment1_0": shape, f"{name}_moment2_0": shape})
-        shapes.update({f"{name}_beta1_pow_acc_0": (1,), f"{name}_beta2_pow_acc_0": (1,)})
-    return shapes
-
-
 def run_name_for(config: dict) -> str:
     """``omniglot_5w1s_maml_seed0``, ``NAME_5w1s_...`` for an image folder, ``sinusoid_k10_...``."""
     if config["dataset"] == "sinusoid":
         return f"sinusoid_k{config['k_spt']}_{config['algo']}_seed{config['seed']}"
     dataset = config["data"] if config["dataset"] == "folder" else config["dataset"]
-    return f"{dataset}_{config['n_way']}w{config['k_spt']}s_{config['algo']}_seed{config['seed']}"
+    algo = config["algo"].replace("+", "p")  # maml++ -> mamlpp: run names have no '+'
+    return f"{dataset}_{config['n_way']}w{config['k_spt']}s_{algo}_seed{config['seed']}"
 
 
 def prepare_config(given: dict) -> dict:
@@ -150,19 +141,15 @@ class Trainer:
         self.problem: Problem = build_problem(config, ("train", "val"))
         self.run_dir = Path(config["work_dir"]) / config["run_name"]
         self.state = TrainState()
-        arrays = self.problem.net.init_params(config["seed"])
+        arrays = initial_arrays(self.problem.net, config)  # θ, then learned inner rates
         resume = self._load_resume_checkpoint(arrays) if config.get("resume") else None
         if resume is not None:
-            arrays = resume.params
+            arrays = {name: resume.params[name] for name in arrays}
         self.params = make_parameters(arrays)
-        self.learner = MetaLearner(
-            self.problem.net,
-            self.params,
-            config["algo"],
-            config["glob_base_lr"],
-            config["glob_update_step"],
+        self.learner = MetaLearner.from_config(
+            self.problem.net, self.params, config, config["glob_update_step"]
         )
-        self.optimizer = self._make_optimizer()
+        self.optimizer = self.learner.make_optimizer()
         self.stop_requested = False
         if resume is not None:
             load_optimizer_state(self.optimizer, self.params, resume.optimizer)
@@ -177,24 +164,19 @@ class Trainer:
         return self.run_dir / "last.npz"
 
     def _load_resume_checkpoint(self, fresh: dict[str, np.ndarray]) -> Checkpoint:
-        """last.npz, refused in one line unless θ and the optimiser state fit this network and
-        this version's optimiser (Paddle refuses a wrong or missing moment with a traceback)."""
+        """last.npz, refused in one line unless the meta-parameters (θ and learned rates) and the
+        optimiser state fit this network, inner rule and optimiser (Paddle refuses a wrong or
+        missing moment with a traceback)."""
         shapes = {k: tuple(v.shape) for k, v in fresh.items()}
         checkpoint = load_checkpoint(self._last_path(), shapes)
         check_compatible(checkpoint, self.problem.net.config(), shapes)
         found = {k: tuple(v.shape) for k, v in checkpoint.optimizer.items()}
-        if found != optimizer_shapes(self.config["algo"], shapes):
+        if found != make_variant(self.config["algo"], self.config).optimizer_shapes(shapes):
             raise UserError(
                 f"{self._last_path()}: its optimiser state is not the one this version keeps "
                 f"for --algo {self.config['algo']} (written by another version of the code?)"
             )
         return checkpoint
-
-    def _make_optimizer(self) -> paddle.optimizer.Optimizer:
-        params = list(self.params.values())
-        if self.config["algo"] == "reptile":
-            return paddle.optimizer.SGD(learning_rate=self.config["meta_step"], parameters=params)
-        return paddle.optimizer.Adam(learning_rate=self.config["glob_meta_lr"], parameters=params)
 
     # -- run record (metalearn/records.py): runs.sqlite status, history, curves.png --------------
     def run(self) -> TrainState:
@@ -207,8 +189,8 @@ class Trainer:
             self.config,
             self.state,
             resumed=bool(self.config.get("resume")),
-            metric=self.problem.net.metric_name,
-            higher_is_better=self.problem.higher_is_better,
+            metric=self.problem.net.metric.name,
+            higher_is_better=self.problem.net.metric.higher_is_better,
             device=self.device,
             paddle_version=paddle.__version__,
             force=self.force,
@@ -296,11 +278,11 @@ class Trainer:
                     f"{self.run_dir}"
                 )
         progress.close()
-        metric = self.problem.net.metric_name
+        metric = self.problem.net.metric
         if self.state.best_score is None:  # resumed at its last iteration: nothing was run
             return self.state
         self._say(
-            f"best validation {metric}: {self.state.best_score:.4f} "
+            f"best validation {metric.name}: {metric.format(self.state.best_score)} "
             f"(iteration {self.state.best_iteration}); run folder: {self.run_dir}"
         )
         return self.state
@@ -314,14 +296,14 @@ class Trainer:
             sampler.sample(config["seed"], "train", iteration, index)
             for index in distributed.my_share(config["task_num"])
         ]
-        if config["algo"] == "reptile":
-            fraction = (iteration - 1) / max(config["epochs"] - 1, 1)
-            self.optimizer.set_lr(
-                config["meta_step"] + fraction * (config["meta_step_final"] - config["meta_step"])
-            )
         try:
             loss, per_step = self.learner.meta_update(
-                tasks, self.optimizer, config["task_num"], track, distributed.sum_over_processes
+                tasks,
+                self.optimizer,
+                config["task_num"],
+                track,
+                distributed.sum_over_processes,
+                iteration=iteration,
             )
         except NonFiniteError as error:
             raise UserError(
@@ -340,7 +322,7 @@ class Trainer:
                 }
             )
             self._say(
-                f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric_name} "
+                f"it {iteration}: meta-loss {loss:.4f}  query {self.problem.net.metric.name} "
                 f"per inner step {per_step}"
             )
 
@@ -362,15 +344,14 @@ class Trainer:
                 "elapsed": round(state.elapsed_seconds, 2),
             }
         )
-        better = state.best_score is None or (
-            score > state.best_score if self.problem.higher_is_better else score < state.best_score
-        )
+        metric = self.problem.net.metric
+        better = metric.better(score, state.best_score)
         if better:
             state.best_score, state.best_iteration = score, state.iteration
             self._save_best()
         self._say(
-            f"validation at it {state.iteration}: {self.problem.net.metric_name} "
-            f"{score:.4f} after {config['glob_update_step_test']} steps"
+            f"validation at it {state.iteration}: {metric.name} "
+            f"{metric.format(score)} after {config['glob_update_step_test']} steps"
             f"{' (best so far)' if better else ''}"
         )
 
@@ -397,7 +378,7 @@ class Trainer:
         theta = self._theta()
         save_checkpoint(self.run_dir / "best.npz", Checkpoint(theta, self._meta()))
         if self.config.get("export_pkl"):
-            export_legacy_pkl(self.run_dir / "best.pkl", theta)
+            export_legacy_pkl(self.run_dir / "best.pkl", {k: theta[k] for k in self.learner.theta})
 
     def _save_last(self) -> None:
         if not distributed.is_main():

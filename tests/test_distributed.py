@@ -21,9 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+# Learned inner rules: schedules fixed, so that a run started with --epochs 2 has the same.
+LEARNED = {"glob_update_step": 2, "first_order_epochs": 1, "cosine_meta_lr_epochs": 3}
+
+
 def flags(omniglot_dir: Path, work: Path, algo: str) -> list[str]:
     # 3 tasks over 2 processes: an uneven split (2 + 1) that must still average correctly.
-    return as_flags(tiny(omniglot_dir, work, algo=algo, task_num=3, ckpt_every=1))
+    learned = LEARNED if algo in ("maml++", "metasgd") else {}
+    return as_flags(tiny(omniglot_dir, work, algo=algo, task_num=3, ckpt_every=1, **learned))
 
 
 def launch(args: list[str], log_dir: Path) -> subprocess.Popen:
@@ -43,9 +48,10 @@ def launch(args: list[str], log_dir: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("algo", ["maml", "reptile"])
+@pytest.mark.parametrize("algo", ["maml", "reptile", "maml++", "metasgd"])
 def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, algo) -> None:
-    """One process for 3 iterations == two processes for 2, then resumed under the launcher."""
+    """One process for 3 iterations == two processes for 2, then resumed under the launcher;
+    learned inner rates (param:lr:...) travel in the same all-reduce and must agree too."""
     args = flags(omniglot_dir, tmp_path, algo)
     single = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, "--epochs", "3", "--run_name", "one"],
@@ -64,6 +70,8 @@ def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, al
         assert job.returncode == 0, output
     one = load_checkpoint(tmp_path / "one" / "last.npz").params
     two = load_checkpoint(tmp_path / "two" / "last.npz").params
+    assert list(one) == list(two)
+    assert any(k.startswith("lr:") for k in one) == (algo in ("maml++", "metasgd"))
     for name in one:
         np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-5, err_msg=name)
     # One writer: the record exists once and is complete; only rank 0 printed progress.

@@ -234,8 +234,8 @@ def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> 
     trainer = Trainer(prepare_config(sine(tmp_path, run_name="nan", epochs=6)))
     real = algorithms.MetaLearner.batch_direction
 
-    def poisoned(self, tasks, track_steps=False):
-        direction, stats = real(self, tasks, track_steps)
+    def poisoned(self, tasks, *args):
+        direction, stats = real(self, tasks, *args)
         if trainer.state.iteration >= 2:
             direction = {k: v * float("nan") for k, v in direction.items()}
         return direction, stats
@@ -248,7 +248,7 @@ def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> 
     assert run["error"].startswith("non-finite meta-update") and "at iteration 3" in run["error"]
     assert run["completed_iterations"] == 2 and run["metric"] == "mse"
 
-    def broken(self, tasks, track_steps=False):
+    def broken(self, tasks, *args):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(algorithms.MetaLearner, "batch_direction", broken)

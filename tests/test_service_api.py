@@ -250,7 +250,8 @@ def test_flags_describe_train_py(client) -> None:
     assert flags["n_way"]["type"] == "int" and flags["n_way"]["default"] == 5
     assert flags["k_spt"]["defaults"]["sinusoid"] == 10
     assert flags["glob_base_lr"]["type"] == "float" and flags["use_gpu"]["type"] == "bool"
-    assert flags["algo"]["choices"] == ["maml", "fomaml", "reptile", "pretrain"]
+    assert flags["algo"]["choices"][:4] == ["maml", "fomaml", "reptile", "pretrain"]
+    assert {"maml++", "metasgd", "anil"} <= set(flags["algo"]["choices"])
     assert flags["epochs"]["help"]
 
 

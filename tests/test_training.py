@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, as_flags, assert_one_line_error, run_script, tiny
+from helpers import REPO, TINY, as_flags, assert_one_line_error, run_script, tiny
 
 from metalearn import algorithms
 from metalearn.checkpoint import load_checkpoint
@@ -20,6 +20,8 @@ from metalearn.errors import UserError
 from metalearn.evaluation import evaluate
 from metalearn.records import RunRecords
 from metalearn.trainer import Trainer, prepare_config, train
+
+TINY_LR = TINY["glob_base_lr"]
 
 
 def theta(path: Path) -> dict[str, np.ndarray]:
@@ -33,12 +35,34 @@ def assert_same_theta(a: Path, b: Path) -> None:
         np.testing.assert_allclose(left[name], right[name], rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_resume_ends_with_the_same_theta(omniglot_dir, tmp_path) -> None:
-    train(tiny(omniglot_dir, tmp_path, run_name="whole", epochs=4, ckpt_every=2))
-    train(tiny(omniglot_dir, tmp_path, run_name="split", epochs=2, ckpt_every=2))
+# The schedules fixed explicitly, so that a run started with --epochs 2 and resumed to 4 has the
+# same ones as a run started with 4: first order at iteration 1, multi-step loss over 1..2.
+LEARNED = {
+    "glob_update_step": 2,
+    "first_order_epochs": 1,
+    "multi_step_loss_epochs": 2,
+    "cosine_meta_lr_epochs": 4,
+}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        pytest.param({"algo": "maml++", **LEARNED}, marks=pytest.mark.slow, id="maml++"),
+        pytest.param({"algo": "metasgd", **LEARNED}, marks=pytest.mark.slow, id="metasgd"),
+    ],
+)
+def test_resume_ends_with_the_same_theta(omniglot_dir, tmp_path, options) -> None:
+    """θ and, for learned inner rules, their rates (checkpointed as param:lr:...)."""
+    train(tiny(omniglot_dir, tmp_path, run_name="whole", epochs=4, ckpt_every=2, **options))
+    train(tiny(omniglot_dir, tmp_path, run_name="split", epochs=2, ckpt_every=2, **options))
     state = train({"resume": str(tmp_path / "split"), "epochs": 4})
     assert state.iteration == 4
     assert_same_theta(tmp_path / "whole" / "last.npz", tmp_path / "split" / "last.npz")
+    rates = {k: v for k, v in theta(tmp_path / "split" / "last.npz").items() if "lr:" in k}
+    assert bool(rates) == bool(options)
+    assert all(not np.allclose(v, TINY_LR) for v in rates.values())  # they were meta-learned
     resumed = load_checkpoint(tmp_path / "split" / "last.npz").meta["state"]
     assert [entry["iteration"] for entry in resumed["log"]] == [1, 2, 4]
 
@@ -56,8 +80,8 @@ def test_nan_meta_loss_stops_and_keeps_the_last_good_checkpoint(
     trainer = Trainer(config)
     real = algorithms.MetaLearner.batch_direction
 
-    def poisoned(self, tasks, track_steps=False):
-        direction, stats = real(self, tasks, track_steps)
+    def poisoned(self, tasks, *args):
+        direction, stats = real(self, tasks, *args)
         if trainer.state.iteration >= 2:  # the third step goes wrong
             direction = {k: v * float("nan") for k, v in direction.items()}
         return direction, stats
