@@ -51,13 +51,23 @@ class _BlockNet:
     blocks: int
     bn_steps: int
 
-    def _check_shape(self) -> None:
-        for name in ("n_way", "in_channels", "image_size", "width", "blocks"):
-            value = getattr(self, name)
+    def _set_shape(
+        self, n_way: int, in_channels: int, image_size: int, width: int, blocks: int
+    ) -> None:
+        """Set and check the sizes (checkpoint configs come from outside)."""
+        shape = {
+            "n_way": n_way,
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "width": width,
+            "blocks": blocks,
+        }
+        for name, value in shape.items():
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(
                     f"{type(self).__name__}: {name} must be a positive integer, not {value!r}"
                 )
+            setattr(self, name, value)
 
     def _feature_count(self) -> int:
         """Length of the vector the head sees."""
@@ -154,11 +164,9 @@ class ConvNet(_BlockNet):
         bn_eps: float = 1e-3,
         bn_steps: int = 0,
     ):
-        self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
-        self.hidden = self.width = hidden
-        self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
-        self.bn_steps = bn_steps
-        self._check_shape()
+        self.hidden = hidden
+        self._set_shape(n_way, in_channels, image_size, hidden, blocks)
+        self.activation, self.bn_eps, self.bn_steps = activation, bn_eps, bn_steps
 
     def config(self) -> dict:
         """Everything needed to rebuild this architecture (stored in checkpoints).
@@ -215,11 +223,9 @@ class PoolConvNet(_BlockNet):
         bn_eps: float = 1e-3,
         bn_steps: int = 0,
     ):
-        self.n_way, self.in_channels, self.image_size = n_way, in_channels, image_size
-        self.filters = self.width = filters
-        self.blocks, self.activation, self.bn_eps = blocks, activation, bn_eps
-        self.bn_steps = bn_steps
-        self._check_shape()
+        self.filters = filters
+        self._set_shape(n_way, in_channels, image_size, filters, blocks)
+        self.activation, self.bn_eps, self.bn_steps = activation, bn_eps, bn_steps
         if self.pooled_size() < 1:
             raise UserError(
                 f"images of {image_size}×{image_size} are too small for {blocks} 2×2 max-pools "

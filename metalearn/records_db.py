@@ -499,27 +499,12 @@ class RunRecords:
         with self._transaction(write=False) as con:
             run = _run_dict(self._run_row(con, name))
             run_id = run["id"]
-            run["log"] = [
-                {
-                    "iteration": r["iteration"],
-                    "loss": r["loss"],
-                    "query_per_step": json.loads(r["query_per_step"]),
-                    "elapsed": r["elapsed"],
-                }
-                for r in con.execute(
-                    "SELECT * FROM log_points WHERE run_id = ? ORDER BY iteration", (run_id,)
-                )
-            ]
-            run["validation"] = [
-                {
-                    "iteration": r["iteration"],
-                    "per_step": json.loads(r["per_step"]),
-                    "elapsed": r["elapsed"],
-                }
-                for r in con.execute(
-                    "SELECT * FROM validations WHERE run_id = ? ORDER BY iteration", (run_id,)
-                )
-            ]
+            run["log"] = _history(
+                con, "log_points", run_id, ("iteration", "loss", "query_per_step", "elapsed")
+            )
+            run["validation"] = _history(
+                con, "validations", run_id, ("iteration", "per_step", "elapsed")
+            )
             run["evaluations"] = [
                 _evaluation_dict(r)
                 for r in con.execute(
@@ -567,6 +552,17 @@ def _testing(con: sqlite3.Connection, run_id: int) -> bool:
         ).fetchone()
         is not None
     )
+
+
+_JSON_COLUMNS = ("query_per_step", "per_step")
+
+
+def _history(
+    con: sqlite3.Connection, table: str, run_id: int, columns: tuple[str, ...]
+) -> list[dict]:
+    """One run's rows of a history table (a constant name of ours) in iteration order."""
+    rows = con.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY iteration", (run_id,))
+    return [{c: json.loads(r[c]) if c in _JSON_COLUMNS else r[c] for c in columns} for r in rows]
 
 
 def _existing(path: Path) -> str | None:

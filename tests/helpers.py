@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,3 +54,34 @@ def tiny(omniglot_dir: Path, work: Path, **overrides) -> dict:
 def as_flags(config: dict) -> list[str]:
     """The same settings as train.py's command line."""
     return [item for key, value in config.items() for item in (f"--{key}", str(value))]
+
+
+SINE_RECORD = {
+    "config": {"dataset": "sinusoid", "epochs": 5},
+    "log": [],
+    "validation": [],
+    "iteration": 0,
+    "elapsed_seconds": 0.0,
+    "best_score": None,
+    "best_iteration": None,
+    "metric": "mse",
+    "higher_is_better": False,
+}
+"""What ``RunRecords.start_training`` needs of a fresh sinusoid run (records tests)."""
+
+
+def fresh_state(iteration: int = 0) -> SimpleNamespace:
+    """A training state as the Recorder reads it, with nothing trained yet."""
+    return SimpleNamespace(
+        iteration=iteration, elapsed_seconds=0.0, best_score=None, best_iteration=None, log=[],
+        validation=[],
+    )  # fmt: skip
+
+
+def start_script(script: str, *args: str) -> subprocess.Popen:
+    """Start one of the project's scripts in the background, its output discarded (kill tests)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

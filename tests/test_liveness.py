@@ -14,10 +14,9 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from helpers import assert_one_line_error, run_script
+from helpers import SINE_RECORD, assert_one_line_error, fresh_state, run_script
 
 from metalearn import distributed, liveness, plots
 from metalearn.errors import UserError
@@ -26,17 +25,6 @@ from metalearn.records_schema import MIGRATIONS, SCHEMA_VERSION, db_path
 from metalearn.trainer import Trainer, prepare_config, train
 
 SINE = {"dataset": "sinusoid", "task_num": 2, "val_tasks": 2, "val_every": 2, "log_every": 1}
-RECORD = {
-    "config": {"dataset": "sinusoid", "epochs": 5},
-    "log": [],
-    "validation": [],
-    "iteration": 0,
-    "elapsed_seconds": 0.0,
-    "best_score": None,
-    "best_iteration": None,
-    "metric": "mse",
-    "higher_is_better": False,
-}
 
 
 def ago(seconds: float) -> str:
@@ -57,7 +45,7 @@ def dead_pid() -> int:
 
 def record(work: Path, name: str = "x") -> RunRecords:
     records = RunRecords(work)
-    records.start_training(name, resumed=False, run_dir=work / name, **RECORD)
+    records.start_training(name, resumed=False, run_dir=work / name, **SINE_RECORD)
     return records
 
 
@@ -72,14 +60,14 @@ def test_another_hosts_run_is_live_until_its_heartbeat_is_stale(tmp_path) -> Non
     records = record(tmp_path)
     set_columns(tmp_path, "runs", host="old-container", pid=1, heartbeat_at=ago(5))
     with pytest.raises(RunConflict, match=r"training right now.*--force"):
-        records.start_training("x", resumed=True, run_dir=tmp_path / "x", **RECORD)
+        records.start_training("x", resumed=True, run_dir=tmp_path / "x", **SINE_RECORD)
     assert_one_line_error(runs_py(tmp_path, "delete", "x", "--yes"), "training right now")
     assert records.get_run("x")["status"] == "training"
 
     set_columns(tmp_path, "runs", heartbeat_at=ago(liveness.HEARTBEAT_TIMEOUT_SECONDS + 5))
     run = records.get_run("x")
     assert run["status"] == "interrupted" and "old-container" in run["error"]
-    records.start_training("x", resumed=True, run_dir=tmp_path / "x", **RECORD)
+    records.start_training("x", resumed=True, run_dir=tmp_path / "x", **SINE_RECORD)
     assert records.get_run("x")["host"] == socket.gethostname()
 
 
@@ -108,10 +96,7 @@ def test_heartbeat_freshness_edge_cases() -> None:
 
 
 def test_the_recorder_beats_with_its_counters_but_not_every_iteration(tmp_path) -> None:
-    state = SimpleNamespace(
-        iteration=0, elapsed_seconds=0.0, best_score=None, best_iteration=None, log=[],
-        validation=[],
-    )  # fmt: skip
+    state = fresh_state()
     quiet = Recorder(tmp_path, "quiet", curves=False, heartbeat_interval=3600)
     quiet.start({"epochs": 9}, state, resumed=False, metric="mse", higher_is_better=False)
     state.iteration = 3
@@ -131,10 +116,7 @@ def test_the_recorder_beats_with_its_counters_but_not_every_iteration(tmp_path) 
 def test_a_slow_owner_takes_its_record_back_and_a_replaced_one_stops_writing(
     tmp_path, capsys
 ) -> None:
-    state = SimpleNamespace(
-        iteration=1, elapsed_seconds=0.0, best_score=None, best_iteration=None, log=[],
-        validation=[],
-    )  # fmt: skip
+    state = fresh_state(iteration=1)
     recorder = Recorder(tmp_path, "x", curves=False, heartbeat_interval=0)
     recorder.start({"epochs": 9}, state, resumed=False, metric="mse", higher_is_better=False)
     set_columns(tmp_path, "runs", status="interrupted", error="taken for dead")
@@ -287,10 +269,7 @@ def test_the_launchers_sigterm_is_not_swallowed_by_the_records(
 
     monkeypatch.setattr(plots, "training_curves", stopped_while_drawing)
     recorder = Recorder(tmp_path, "p")
-    state = SimpleNamespace(
-        iteration=1, elapsed_seconds=0.0, best_score=None, best_iteration=None, log=[],
-        validation=[],
-    )  # fmt: skip
+    state = fresh_state(iteration=1)
     recorder.start({"epochs": 2}, state, resumed=False, metric="mse", higher_is_better=False)
     state.validation.append({"iteration": 1, "per_step": [1.0]})
     with pytest.raises(UserError, match="stopped by the launcher"):

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, TINY, as_flags, assert_one_line_error, run_script
+from helpers import (
+    REPO,
+    SINE_RECORD,
+    TINY,
+    as_flags,
+    assert_one_line_error,
+    run_script,
+    start_script,
+)
 from helpers import tiny as tiny_run
 from PIL import Image
 
@@ -172,14 +180,10 @@ def test_two_concurrent_trainings_both_record(omniglot_dir, tmp_path) -> None:
 
 
 def test_killed_training_shows_as_interrupted(tmp_path) -> None:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, str(REPO / "train.py"), "--dataset", "sinusoid"),
-            *("--epochs", "100000", "--log_every", "1", "--val_every", "100000"),
-            *("--task_num", "2", "--work_dir", str(tmp_path), "--run_name", "victim"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = start_script(
+        *("train.py", "--dataset", "sinusoid"),
+        *("--epochs", "100000", "--log_every", "1", "--val_every", "100000"),
+        *("--task_num", "2", "--work_dir", str(tmp_path), "--run_name", "victim"),
     )
     records = RunRecords(tmp_path)
     deadline = time.time() + 120
@@ -206,18 +210,7 @@ def test_killed_training_shows_as_interrupted(tmp_path) -> None:
 
 def test_a_dead_process_is_reaped_and_a_live_one_is_protected(tmp_path) -> None:
     records = RunRecords(tmp_path)
-    common = {
-        "config": {"dataset": "sinusoid", "epochs": 5},
-        "log": [],
-        "validation": [],
-        "iteration": 0,
-        "elapsed_seconds": 0.0,
-        "best_score": None,
-        "best_iteration": None,
-        "metric": "mse",
-        "higher_is_better": False,
-        "run_dir": tmp_path / "x",
-    }
+    common = {**SINE_RECORD, "run_dir": tmp_path / "x"}
     records.start_training("x", resumed=False, **common)
     with pytest.raises(RunConflict):  # this very process holds it
         records.start_training("x", resumed=True, **common)
@@ -434,14 +427,10 @@ def test_remove_run_keeps_the_record_when_the_folder_cannot_go(tmp_path, monkeyp
 @pytest.mark.slow
 def test_a_sigkilled_evaluation_leaves_the_run_complete(tmp_path) -> None:
     train(sine(tmp_path, run_name="judged", epochs=2))
-    process = subprocess.Popen(
-        [
-            *(sys.executable, str(REPO / "evaluate.py"), "--dataset", "sinusoid"),
-            *("--ckpt", str(tmp_path / "judged"), "--tasks", "2"),
-            *("--glob_update_step_test", "1000000", "--work_dir", str(tmp_path)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = start_script(
+        *("evaluate.py", "--dataset", "sinusoid"),
+        *("--ckpt", str(tmp_path / "judged"), "--tasks", "2"),
+        *("--glob_update_step_test", "1000000", "--work_dir", str(tmp_path)),
     )
     records = RunRecords(tmp_path)
     deadline = time.time() + 120
