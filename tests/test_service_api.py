@@ -29,7 +29,7 @@ from metalearn.records import RunRecords
 from metalearn.runs_cli import LIST_HEADER, list_row
 from metalearn.service import app as service_app
 from metalearn.service.app import create_app
-from metalearn.service.flags import REFUSED
+from metalearn.service.flags import REFUSED, parse_train_argv, training_argv
 from metalearn.service.server import parser as serve_parser
 from metalearn.service.server import settings_from
 from metalearn.service.settings import Settings
@@ -253,6 +253,18 @@ def test_flags_describe_train_py(client) -> None:
     assert flags["algo"]["choices"][:4] == ["maml", "fomaml", "reptile", "pretrain"]
     assert {"maml++", "metasgd", "anil"} <= set(flags["algo"]["choices"])
     assert flags["epochs"]["help"]
+
+
+def test_preset_switches_can_be_set_on_and_off() -> None:
+    """MAML++'s ingredients are --flag/--no-flag: false must reach train.py as --no-flag."""
+    assert training_argv({"algo": "maml++", "per_step_bn": False, "cosine_meta_lr": True}) == [
+        "--algo=maml++",
+        "--no-per_step_bn",
+        "--cosine_meta_lr",
+    ]
+    assert training_argv({"use_gpu": False, "export_pkl": True}) == ["--export_pkl"]
+    config = parse_train_argv(training_argv({"algo": "maml++", "multi_step_loss": False}))
+    assert config["multi_step_loss"] is False
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ def _actions() -> Iterator[argparse.Action]:
 
 
 def _kind(action: argparse.Action) -> str:
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         return "bool"
     return {int: "int", float: "float"}.get(action.type, "str")
 
@@ -62,6 +62,7 @@ def describe_flags() -> list[dict]:
 def training_argv(body: dict) -> list[str]:
     """train.py arguments (``--flag=value``) for a JSON object of flags; unknown keys are refused."""
     kinds = {action.dest: _kind(action) for action in _actions()}
+    switchable = {a.dest for a in _actions() if isinstance(a, argparse.BooleanOptionalAction)}
     argv = []
     for key, value in body.items():
         if key in REFUSED:
@@ -73,7 +74,10 @@ def training_argv(body: dict) -> list[str]:
         if kinds[key] == "bool":
             if not isinstance(value, bool):
                 raise invalid(f"--{key} is a switch: send true or false", key)
-            argv += [f"--{key}"] if value else []
+            if value:
+                argv.append(f"--{key}")
+            elif key in switchable:  # off even where a preset (--algo maml++) turns it on
+                argv.append(f"--no-{key}")
         elif isinstance(value, (bool, list, dict)):
             raise invalid(f"--{key} takes one {kinds[key]} value, got {value!r:.64}", key)
         else:
@@ -86,7 +90,8 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _parse(argv: list[str]) -> dict:
+def parse_train_argv(argv: list[str]) -> dict:
+    """train.py's parser on ``argv``, raising UserError instead of printing usage and exiting."""
     parser = train_parser()
     parser.__class__ = _RaisingParser  # report instead of printing usage and exiting
     return vars(parser.parse_args(argv))
@@ -96,7 +101,7 @@ def validate_training(body: dict, work_dir: str, data_dir: str) -> tuple[dict, l
     """(resolved config, argv without folders) for a training request, or a 422 naming the flag."""
     argv = training_argv(body)
     try:
-        given = _parse(argv)
+        given = parse_train_argv(argv)
         config = prepare_config({**given, "work_dir": work_dir, "data_dir": data_dir})
     except UserError as error:
         raise invalid(str(error), field_of(str(error))) from None
