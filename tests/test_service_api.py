@@ -7,6 +7,7 @@ Other job tests replace the script with a few lines of Python that echo their ar
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -25,6 +26,7 @@ from metalearn import omniglot
 from metalearn.args import train_parser
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.liveness import process_started
+from metalearn.metrics import ACCURACY
 from metalearn.records import RunRecords
 from metalearn.runs_cli import LIST_HEADER, list_row
 from metalearn.service import app as service_app
@@ -119,6 +121,8 @@ def test_run_detail_has_its_history_and_files(client) -> None:
     assert run["evaluations"] == [] and run["config"]["n_way"] == 5
     assert run["commands"] and run["has_best"] and run["has_last"]
     assert "curves.png" in run["files"]
+    assert run["metric_info"] == dataclasses.asdict(ACCURACY)
+    assert run["columns"]["metric"] == ACCURACY.key
 
 
 def test_run_pngs_are_served_from_a_whitelist_only(client, work) -> None:

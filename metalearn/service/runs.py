@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 from pathlib import Path
 
 from metalearn.errors import UserError
+from metalearn.metrics import metric_named
 from metalearn.records import RunRecords, remove_run
 from metalearn.runs_cli import LIST_HEADER, list_row
 from metalearn.service.errors import conflict, not_found
@@ -26,8 +28,16 @@ def list_runs(work_dir: Path) -> list[dict]:
         return []
     runs = records.list_runs()
     for run in runs:
-        run["columns"] = dict(zip(LIST_HEADER, list_row(run)))
+        _describe(run)
     return runs
+
+
+def _describe(run: dict) -> None:
+    """Add ``runs.py list``'s cells (``columns``) and the metric's description (``metric_info``:
+    name, direction, key, label), so the pages know no metric of their own."""
+    run["columns"] = dict(zip(LIST_HEADER, list_row(run)))
+    metric = metric_named(run.get("metric"))
+    run["metric_info"] = dataclasses.asdict(metric) if metric else None
 
 
 def find_run(work_dir: Path, name: str) -> dict | None:
@@ -37,7 +47,7 @@ def find_run(work_dir: Path, name: str) -> dict | None:
         return None
     run = records.get_run(name)
     run["test"] = run["evaluations"][-1] if run["evaluations"] else None
-    run["columns"] = dict(zip(LIST_HEADER, list_row(run)))
+    _describe(run)
     folder = run_folder(work_dir, name, None)
     run["files"] = [png for png in RUN_PNGS if (folder / png).is_file()]
     run["has_best"] = (folder / "best.npz").is_file()

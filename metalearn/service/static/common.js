@@ -98,7 +98,7 @@ const Fmt = {
     return `${run.completed_iterations || 0}/${run.planned_iterations || "?"}`;
   },
   metric(run) {
-    return { accuracy: "acc", mse: "mse" }[run.metric] || run.metric || "?";
+    return run.metric_info ? run.metric_info.key : run.metric || "?";
   },
   best(run) {
     return run.best_score === null || run.best_score === undefined

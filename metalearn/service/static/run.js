@@ -36,7 +36,7 @@ function currentStatus() {
 function renderStats() {
   const run = state.run || {};
   const p = state.progress || {};
-  const metric = run.metric || p.metric || "accuracy";
+  const metric = run.metric_info ? run.metric_info.label : run.metric || p.metric || "score";
   const iteration = p.iteration ?? run.completed_iterations ?? 0;
   const planned = p.planned ?? run.planned_iterations;
   const lastLog = (run.log || [])[run.log ? run.log.length - 1 : 0];
@@ -72,7 +72,7 @@ function stepSeries(entries, key) {
 
 function renderCharts() {
   const run = state.run;
-  const metric = run.metric || "accuracy";
+  const metric = run.metric_info ? run.metric_info.label : run.metric || "score";
   for (const node of document.querySelectorAll(".metric-name")) node.textContent = metric;
   const log = run.log || [];
   Charts.line(ui.loss, {
