@@ -23,7 +23,7 @@ from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.metrics import MSE, results_metric
 from metalearn.omniglot import check_seed
-from metalearn.problems import build_problem
+from metalearn.problems import Problem, build_problem
 from metalearn.records import PLOT_TROUBLE, TestSession
 from metalearn.tasks import task_rng
 
@@ -121,25 +121,39 @@ def _plot_steps(png: Path, results: dict) -> None:
     print(f"plot written to {png}")
 
 
-def _evaluate(given: dict, request: dict, path: Path) -> dict:
-    # Only the meta record first: the network it names is built before any array is read.
-    meta = read_checkpoint_meta(path)
+def load_trained(
+    path: str | Path, overrides: dict, splits: tuple[str, ...] = ("test",)
+) -> tuple[Problem, MetaLearner, dict]:
+    """A checkpoint as (problem, learner, config): its network, θ and learned inner rates, with
+    the run's own task shape and inner-loop settings unless ``overrides`` names them (None: the
+    run's). ``overrides`` also gives ``data_dir`` and ``use_gpu``.
+
+    Only the meta record is read first, so the network it names is built, and every array's
+    shape checked, before any array is read (the file is hostile until then).
+    """
+    meta = read_checkpoint_meta(Path(path))
     trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
-    # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
-    config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
+    config = {**trained, "data_dir": overrides["data_dir"], "use_gpu": overrides["use_gpu"]}
     keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels")
     for key in keys:
-        if given.get(key) is not None:
-            config[key] = given[key]
+        if overrides.get(key) is not None:
+            config[key] = overrides[key]
     validate_config(config)
     select_device(bool(config["use_gpu"]))
-    problem = build_problem(config, ("test",))
+    problem = build_problem(config, splits)
     fresh = initial_arrays(problem.net, trained, seed=0)  # θ and the learned rates it trained
     shapes = {k: v.shape for k, v in fresh.items()}
-    checkpoint = load_checkpoint(path, shapes)
+    checkpoint = load_checkpoint(Path(path), shapes)
     check_compatible(checkpoint, problem.net.config(), shapes)
     params = make_parameters({k: checkpoint.params[k] for k in fresh})
     learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
+    return problem, learner, config
+
+
+def _evaluate(given: dict, request: dict, path: Path) -> dict:
+    # given: only the flags the user typed (None otherwise); request: with the defaults resolved
+    overrides = {**given, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
+    problem, learner, config = load_trained(path, overrides)
     sampler, steps = problem.samplers["test"], config["glob_update_step_test"]
     distributed.init()
     shares = distributed.my_share(given["tasks"])

@@ -13,11 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from metalearn import omniglot, plots
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.checkpoint import check_compatible, load_checkpoint
-from metalearn.device import select_device
 from metalearn.errors import UserError
-from metalearn.problems import build_problem
+from metalearn.evaluation import load_trained
 from metalearn.trainer import train
 
 
@@ -58,22 +55,11 @@ def show_adaptation(
     Batch norm uses the batch's statistics, so predictions are made on the whole query set, as in
     evaluation. Returns the query accuracy of this task after 0, 1, … inner steps.
     """
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = {**checkpoint.meta["config"], "data_dir": str(data_dir)}
-    if config.get("dataset") != "omniglot":
+    overrides = {"data_dir": str(data_dir), "use_gpu": use_gpu}
+    problem, learner, config = load_trained(checkpoint_path, overrides)
+    if config["dataset"] != "omniglot":
         raise UserError(f"{checkpoint_path} is not an Omniglot model")
-    select_device(use_gpu)
-    problem = build_problem(config, ("test",))
-    shapes = {name: value.shape for name, value in problem.net.init_params(0).items()}
-    check_compatible(checkpoint, problem.net.config(), shapes)
     steps = config["glob_update_step_test"]
-    learner = MetaLearner(
-        problem.net,
-        make_parameters(checkpoint.params),
-        config["algo"],
-        config["glob_base_lr"],
-        steps,
-    )
     task = problem.samplers["test"].sample(seed, "test", 0, task_index)
     logits = learner.predict_after_steps(task, task.x_query, list(range(steps + 1)))
     probabilities = [softmax(logits[step]) for step in range(steps + 1)]

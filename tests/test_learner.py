@@ -8,6 +8,7 @@ import math
 import numpy as np
 import paddle
 import pytest
+from helpers import tiny
 
 from metalearn.algorithms import (
     MetaLearner,
@@ -16,11 +17,15 @@ from metalearn.algorithms import (
     multi_step_loss_weights,
 )
 from metalearn.args import check_saved_config, resolve_defaults, validate_config
+from metalearn.checkpoint import load_checkpoint
 from metalearn.errors import UserError
+from metalearn.evaluation import load_trained
 from metalearn.gradcheck import meta_gradient_error, tiny_arrays, tiny_problem
-from metalearn.inner_rules import rate_name
+from metalearn.inner_rules import RATE_PREFIX, rate_name
 from metalearn.nets import MLP, ConvNet
+from metalearn.notebook import show_adaptation
 from metalearn.tasks import SinusoidTasks
+from metalearn.trainer import train
 from metalearn.variants import Order, QueryGradient, make_variant
 
 
@@ -309,3 +314,24 @@ def test_algo_presets_and_single_ingredient_flags(tmp_path) -> None:
 def test_meaningless_combinations_are_refused(given, message) -> None:
     with pytest.raises(UserError, match=message):
         validate_config(resolve_defaults(given))
+
+
+@pytest.mark.slow
+def test_a_trained_maml_plus_plus_run_reloads_with_its_rates_and_per_step_rows(
+    omniglot_dir, tmp_path
+) -> None:
+    """Evaluation, the notebook and the playground load a run through one function; a learned
+    inner loop must come back as trained (rates and per-step BN rows), not as plain MAML."""
+    train(tiny(omniglot_dir, tmp_path, run_name="pp", epochs=2, algo="maml++"))
+    best = tmp_path / "pp" / "best.npz"
+    saved = load_checkpoint(best).params
+    overrides = {"data_dir": str(omniglot_dir), "use_gpu": False}
+    problem, learner, config = load_trained(best, overrides)
+    assert config["inner_rule"] == "lslr" and problem.net.bn_steps == 2
+    loaded = {name: value.numpy() for name, value in learner.params.items()}
+    assert set(loaded) == set(saved) and any(name.startswith(RATE_PREFIX) for name in loaded)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    accuracies = show_adaptation(best, omniglot_dir, tmp_path / "adaptation.png")
+    assert len(accuracies) == config["glob_update_step_test"] + 1
+    assert (tmp_path / "adaptation.png").stat().st_size > 0
