@@ -244,7 +244,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/playground/runs", summary="Runs the playground can use, and the default")
     def playground() -> dict:
         limits = {"max_upload_bytes": settings.max_upload_bytes}
-        return {**playground_runs(work_dir), "limits": limits}
+        return {**playground_runs(work_dir, specs), "limits": limits}
 
     def best_of(run: str) -> Path:
         best = run_folder(work_dir, run, "run") / "best.npz"

@@ -249,18 +249,23 @@ class PlaygroundEngine:
         }
 
 
-def playground_runs(work_dir: Path) -> dict:
+def playground_runs(work_dir: Path, specs: ImageSpecs) -> dict:
     """Completed image runs with a best.npz; the default is the best tested Omniglot run (else
-    the best tested run, else the newest)."""
+    the best tested run, else the newest). A run whose images cannot be made (its folder set is
+    not in the server's data_dir, say) is listed with the ``problem``."""
     runs = []
     for run in list_runs(work_dir):
         config = run["config"]
+        best = work_dir / run["name"] / "best.npz"
         if run["status"] != "complete" or run.get("dataset") not in IMAGE_DATASETS:
             continue
-        if not (work_dir / run["name"] / "best.npz").is_file():
+        if not best.is_file():
             continue
+        try:
+            spec, problem = specs.get(best), None
+        except UserError as error:
+            spec, problem = None, str(error)
         test = run["test"]
-        network = config.get("network") if isinstance(config.get("network"), dict) else {}
         runs.append(
             {
                 "name": run["name"],
@@ -269,8 +274,9 @@ def playground_runs(work_dir: Path) -> dict:
                 "data": config.get("data") if run.get("dataset") == "folder" else None,
                 "input": "drawing" if run.get("dataset") == "omniglot" else "upload",
                 "net": config.get("net"),
-                "image_size": network.get("image_size", omniglot.IMAGE_SIZE),
-                "channels": network.get("in_channels", 1),
+                "image_size": spec.size if spec else None,
+                "channels": spec.channels if spec else None,
+                "problem": problem,
                 "n_way": run.get("n_way"),
                 "k_spt": run.get("k_spt"),
                 "inner_lr": config.get("glob_base_lr"),
