@@ -614,6 +614,28 @@ def test_adapt_on_a_folder_run_sees_uploads_as_the_set_was_packed(glyph_client, 
     assert seen[4].shape == (3, GLYPH_SIZE, GLYPH_SIZE)  # grayscale upload to the set's RGB
 
 
+def test_a_run_adapts_with_its_learned_inner_rates(glyph_runs, tmp_path) -> None:
+    """MAML++'s per-step rates come from the checkpoint: set to zero, steps 1..3 are all alike
+    (step 0 differs only by its own batch-norm row)."""
+    work = tmp_path / "work"
+    shutil.copytree(glyph_runs[0], work)
+    client = make_client(work, glyph_runs[1])
+    body = folder_task(client, "glyph_mamlpp")
+    learned = np.array(client.post("/api/adapt", json=body).json()["probabilities"])
+    assert not np.allclose(learned[:, 1], learned[:, 3], atol=1e-4)
+    best = work / "glyph_mamlpp" / "best.npz"
+    checkpoint = load_checkpoint(best)
+    rates = [name for name in checkpoint.params if name.startswith("lr:")]
+    assert rates
+    for name in rates:
+        checkpoint.params[name] = np.zeros_like(checkpoint.params[name])
+    save_checkpoint(best, checkpoint)
+    frozen = np.array(
+        make_client(work, glyph_runs[1]).post("/api/adapt", json=body).json()["probabilities"]
+    )
+    np.testing.assert_allclose(frozen[:, 1], frozen[:, 3], atol=1e-6)
+
+
 def huge_png_header(side: int) -> bytes:
     """A few bytes that claim a side x side image: decoding it would need gigabytes."""
 
