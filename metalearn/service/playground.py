@@ -203,12 +203,15 @@ class PlaygroundEngine:
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, best: Path) -> LoadedRun:
-        key = (str(best), best.stat().st_mtime_ns)
+    def _load(self, best: Path, spec: ImageSpec) -> LoadedRun:
+        """The run for images made for ``spec`` (a re-packed set is a new key)."""
+        key = (str(best), best.stat().st_mtime_ns, spec)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         loaded = load_run(best, self._data_dir)
+        if loaded.spec != spec:  # the run or its set changed since the images were decoded
+            raise UserError(f"{best.parent.name} changed while its images were read; try again")
         self._cache[key] = loaded
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -222,9 +225,7 @@ class PlaygroundEngine:
         # it (measured: SIGSEGV in the OpenMP runtime); Paddle's own kernels compute the same
         # function and are safe here. Set per call: an in-process training may switch back.
         ops.use_kernels("native")
-        run = self._load(best)
-        if run.spec != spec:  # the run or its set changed since the images were decoded
-            raise UserError(f"{best.parent.name} changed while its images were read; try again")
+        run = self._load(best, spec)
         labels = sorted(set(support_y.tolist()))
         if labels != list(range(run.n_way)):
             raise UserError(
