@@ -121,6 +121,19 @@ def _plot_steps(png: Path, results: dict) -> None:
     print(f"plot written to {png}")
 
 
+def trained_arrays(net, trained: dict, path: Path) -> dict[str, np.ndarray]:
+    """θ and the learned inner rates that the run configured by ``trained`` saved in ``path``.
+
+    The shapes come from ``net`` and are checked before any array is read, so a file cannot
+    make us allocate more than the network needs; the file's architecture must equal ``net``'s.
+    """
+    fresh = initial_arrays(net, trained, seed=0)
+    shapes = {k: v.shape for k, v in fresh.items()}
+    checkpoint = load_checkpoint(path, shapes)
+    check_compatible(checkpoint, net.config(), shapes)
+    return {k: checkpoint.params[k] for k in fresh}
+
+
 def load_trained(
     path: str | Path, overrides: dict, splits: tuple[str, ...] = ("test",)
 ) -> tuple[Problem, MetaLearner, dict]:
@@ -141,11 +154,7 @@ def load_trained(
     validate_config(config)
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, splits)
-    fresh = initial_arrays(problem.net, trained, seed=0)  # θ and the learned rates it trained
-    shapes = {k: v.shape for k, v in fresh.items()}
-    checkpoint = load_checkpoint(Path(path), shapes)
-    check_compatible(checkpoint, problem.net.config(), shapes)
-    params = make_parameters({k: checkpoint.params[k] for k in fresh})
+    params = make_parameters(trained_arrays(problem.net, trained, Path(path)))
     learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
     return problem, learner, config
 

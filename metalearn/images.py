@@ -67,8 +67,9 @@ def preprocess(
 
     See the module docstring for the steps. ``max_side`` bounds the stored image's sides and
     ``exact_side`` demands a square of that side; both are checked before any pixel is decoded.
-    Anything Pillow cannot decode (or a decompression bomb) raises :class:`UserError` naming
-    ``name``.
+    Anything Pillow cannot decode raises :class:`UserError` naming ``name``; a decompression
+    bomb (more pixels than Pillow's limit) or a side above ``max_side`` raises
+    :class:`ImageTooLarge`, before any pixel is decoded.
     """
     try:
         with warnings.catch_warnings():
@@ -82,6 +83,8 @@ def preprocess(
                 converted = _to_mode(ImageOps.exif_transpose(image), CHANNELS[channels])
     except UserError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(f"{name} is too large to decode ({error})") from None
     except Exception as error:  # Pillow raises many types for broken files; all mean unreadable.
         raise UserError(f"cannot decode {name}: {error}") from None
     width, height = converted.size

@@ -50,7 +50,6 @@ import numpy as np
 from metalearn import images, packing
 from metalearn.errors import UserError
 from metalearn.fileio import atomic_write
-from metalearn.images import ImageTooLarge  # noqa: F401  (the service catches it from here)
 
 SPLIT_SEED = 0
 """Default seed of ``numpy.random.default_rng`` for the character split (``--seed`` overrides)."""

@@ -42,14 +42,22 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
             where=f"the {split} split",
         )
     channels, size = next(iter(samplers.values())).classes.pixels.shape[1:3]
-    config["net"] = config.get("net") or ("conv4" if channels == 1 else "pool4")
     config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
+    return Problem(image_network(config, int(channels), int(size)), samplers)
+
+
+def image_network(config: dict, channels: int, size: int) -> ConvNet | PoolConvNet:
+    """The network of an image run's ``config`` for images of ``channels`` x ``size`` x ``size``.
+
+    Training, evaluation and the playground build it here, so the architecture always comes from
+    the flags and the data, never from a file's description of itself.
+    """
+    config["net"] = config.get("net") or ("conv4" if channels == 1 else "pool4")
     # Per-step batch norm (MAML++): one row per inner step's weights θ_0..θ_K of training.
     bn_steps = config["glob_update_step"] + 1 if config.get("per_step_bn") else 0
-    net = NETS[config["net"]](
-        config["n_way"], in_channels=int(channels), image_size=int(size), bn_steps=bn_steps
+    return NETS[config["net"]](
+        config["n_way"], in_channels=channels, image_size=size, bn_steps=bn_steps
     )
-    return Problem(net, samplers)
 
 
 NETS = {"conv4": ConvNet, "pool4": PoolConvNet}

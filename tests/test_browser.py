@@ -7,6 +7,7 @@ there too (that is how docs/img/ is made).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -20,9 +21,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.helpers import REPO, TINY, tiny
+from tests.helpers import LETTERS, REPO, TINY, glyph, make_glyph_folder, needs_fonts, tiny
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
@@ -314,6 +316,110 @@ def test_playground_without_a_trained_run_says_so(browser, omniglot_dir, tmp_pat
         notice = browser.find_element(By.ID, "no-runs")
         assert notice.is_displayed()
         assert notice.find_element(By.CSS_SELECTOR, "a[href='/runs']")
+
+
+# A file dropped on a cell as a person would from a file manager (selenium cannot drag from the
+# desktop): a DataTransfer holding the bytes, in a real drop event on the cell's drop zone.
+DROP_FILE = """
+const [zone, name, type, base64] = arguments;
+const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, {type}));
+for (const kind of ["dragover", "drop"]) {
+  zone.dispatchEvent(new DragEvent(kind, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+}
+"""
+
+
+def write_uploads(folder: Path, letters: str) -> list[Path]:
+    """Two new images of each letter (the support's, then the query's) as files of different
+    sizes and formats: a JPEG photo-sized shot, a small PNG."""
+    rng = np.random.default_rng(42)
+    folder.mkdir()
+    files = []
+    for shot in range(2):
+        for letter in letters:
+            image = glyph(letter, rng, size=160)
+            if shot == 0:
+                path = folder / f"{letter}-support.jpg"
+                image.resize((200, 160)).save(path, quality=92)
+            else:
+                path = folder / f"{letter}-query.png"
+                image.resize((64, 64)).save(path)
+            files.append(path)
+    return files
+
+
+def preview_sizes(driver, selector: str) -> list[list]:
+    """(src prefix, natural width) of each preview image the server sent back."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((i) => "
+        "[(i.getAttribute('src') || '').slice(0, 22), i.naturalWidth])",
+        selector,
+    )
+
+
+@needs_fonts
+def test_playground_adapts_to_uploaded_images(browser, tmp_path):
+    """A run on an image folder (84x84 RGB, the MiniImagenet net): files of letters it never saw
+    are chosen and dropped into the cells; the server shows what its network sees of each."""
+    from metalearn import folders
+    from metalearn.trainer import train
+
+    n_way, size = 5, 84
+    images_dir = make_glyph_folder(tmp_path / "images", classes=25, per_class=6, size=size)
+    data_dir = tmp_path / "data"
+    options = folders.PackOptions(size=size, channels=3, min_per_class=4)
+    folders.pack(images_dir, "glyphs", data_dir, options, log=lambda _: None)
+    work = tmp_path / "work"
+    config = {**TINY, "k_query": 1, "epochs": 6, "run_name": "letters"}
+    train({**config, "data": "glyphs", "data_dir": str(data_dir), "work_dir": str(work)})
+    unseen = LETTERS[-n_way:]  # letters beyond the 25 of the set: classes new to the run
+    files = write_uploads(tmp_path / "uploads", unseen)
+    with serve(work, data_dir) as url:
+        browser.get(url + "/")
+        wait(browser, 30, lambda d: data(d, "#playground", "state") == "ready", "no run to pick")
+        assert "glyphs" in browser.find_element(By.ID, "run-info").text
+        inputs = browser.find_elements(By.CSS_SELECTOR, ".cell.support input.file")
+        assert len(inputs) == n_way and not browser.find_elements(By.CSS_SELECTOR, "canvas.draw")
+        for field, path in zip(inputs, files[:n_way]):
+            field.send_keys(str(path))
+        queries = browser.find_elements(By.CSS_SELECTOR, ".cell.query")
+        for cell, path in zip(queries, files[n_way : 2 * n_way - 2]):
+            cell.find_element(By.CSS_SELECTOR, "input.file").send_keys(str(path))
+
+        # every support cell filled and a query: it adapts by itself
+        wait_for_adapt(browser, 0)
+        assert_distributions(query_probabilities(browser), n_way - 2, n_way, STEPS)
+        shown = preview_sizes(browser, ".cell.support img.preview")
+        assert shown == [["data:image/png;base64,", size]] * n_way  # what the network saw
+
+        # a file dropped on the next query cell joins the task
+        count = adapt_count(browser)
+        zone = queries[n_way - 2].find_element(By.CSS_SELECTOR, "label.drop")
+        payload = base64.b64encode(files[2 * n_way - 2].read_bytes()).decode()
+        browser.execute_script(DROP_FILE, zone, "dropped.png", "image/png", payload)
+        wait_for_adapt(browser, count)
+        probabilities = query_probabilities(browser)
+        assert_distributions(probabilities, n_way - 1, n_way, STEPS)
+        screenshot(browser, tmp_path, "playground_upload")
+
+        # a file that is not an image is refused in its cell and is not sent
+        count = adapt_count(browser)
+        text = tmp_path / "notes.txt"
+        text.write_text("not an image")
+        last = queries[n_way - 1]
+        last.find_element(By.CSS_SELECTOR, "input.file").send_keys(str(text))
+        assert "not a PNG or JPEG" in last.get_attribute("data-error")
+        assert last.get_attribute("data-filled") == "false" and adapt_count(browser) == count
+
+        # a random task from the packed test split, with the true classes
+        browser.find_element(By.ID, "random-task").click()
+        wait_for_adapt(browser, count)
+        assert_distributions(query_probabilities(browser), n_way, n_way, STEPS)
+        verdicts = [v.text for v in browser.find_elements(By.CSS_SELECTOR, ".verdict")]
+        assert len(verdicts) == n_way
+        assert all("correct" in v or "truth: class" in v for v in verdicts), verdicts
 
 
 # -- runs page and run page --------------------------------------------------------------------------

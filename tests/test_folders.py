@@ -7,88 +7,18 @@ font, colour, offset and rotation, saved in a mix of formats and modes.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, run_script
-from PIL import Image, ImageDraw, ImageFont
+from helpers import FONTS, assert_one_line_error, make_glyph_folder, needs_fonts, run_script
+from PIL import Image, ImageDraw
 
 from metalearn import folders, images, omniglot
 from metalearn.errors import UserError
 from metalearn.tasks import ClassImages, ImageTasks
-
-LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-FONT_DIRS = [os.environ.get("FONT_DIR", ""), "/usr/share/fonts", "/usr/local/share/fonts"]
-FONTS = sorted(
-    {path for root in FONT_DIRS if root for path in glob.glob(f"{root}/**/*.ttf", recursive=True)}
-)
-FONTS = [f for f in FONTS if "dejavu" in f.lower() or "liberation" in f.lower()] or FONTS
-needs_fonts = pytest.mark.skipif(
-    not FONTS, reason="no TrueType fonts found (apt-get install fonts-dejavu-core fonts-liberation)"
-)
-# Every saved form a folder may hold: (suffix, how to save an RGB image).
-FORMATS = ("png_rgba", "jpeg", "gif_palette", "png16", "jpeg_cmyk", "jpeg_exif", "webp", "bmp")
-
-
-def glyph(letter: str, rng: np.random.Generator, size: int = 84) -> Image.Image:
-    """One letter in a random font, colours, offset and rotation, as an RGB image."""
-    font = ImageFont.truetype(FONTS[rng.integers(len(FONTS))], int(size * 0.6))
-    background = tuple(int(v) for v in rng.integers(140, 256, 3))
-    ink = tuple(int(v) for v in rng.integers(0, 110, 3))
-    canvas = Image.new("RGB", (size, size), background)
-    offset = rng.integers(-size // 10, size // 10 + 1, 2)
-    ImageDraw.Draw(canvas).text(
-        (size / 2 + offset[0], size / 2 + offset[1]), letter, fill=ink, font=font, anchor="mm"
-    )
-    return canvas.rotate(float(rng.uniform(-15, 15)), fillcolor=background)
-
-
-def save_as(image: Image.Image, path_stem: Path, form: str) -> Path:
-    """Save ``image`` so that :func:`images.preprocess` must undo the form to see it again."""
-    if form == "png_rgba":
-        path, rgba = path_stem.with_suffix(".png"), image.convert("RGBA")
-        rgba.putalpha(255)
-        rgba.save(path)
-    elif form == "jpeg":
-        image.save(path := path_stem.with_suffix(".jpg"), quality=95)
-    elif form == "gif_palette":
-        image.convert("P", palette=Image.Palette.ADAPTIVE).save(
-            path := path_stem.with_suffix(".gif")
-        )
-    elif form == "png16":  # 16-bit grayscale: Pillow alone would clip it to white
-        gray = np.asarray(image.convert("L"), np.uint16) * 257
-        Image.fromarray(gray).save(path := path_stem.with_suffix(".png"))
-    elif form == "jpeg_cmyk":
-        image.convert("CMYK").save(path := path_stem.with_suffix(".jpeg"), quality=95)
-    elif form == "jpeg_exif":  # stored rotated; EXIF orientation 6 says "rotate 90° clockwise"
-        exif = Image.Exif()
-        exif[0x0112] = 6
-        image.transpose(Image.Transpose.ROTATE_90).save(
-            path := path_stem.with_suffix(".jpg"), quality=95, exif=exif
-        )
-    elif form == "webp":
-        image.save(path := path_stem.with_suffix(".webp"), lossless=True)
-    else:
-        image.save(path := path_stem.with_suffix(".bmp"))
-    return path
-
-
-def make_glyph_folder(
-    root: Path, classes: int = 30, per_class: int = 20, seed: int = 0, size: int = 84
-) -> Path:
-    """``root/<letter>/<i>.<ext>``: ``classes`` letters x ``per_class`` images, mixed forms."""
-    rng = np.random.default_rng(seed)
-    for letter in LETTERS[:classes]:
-        (root / letter).mkdir(parents=True)
-        for i in range(per_class):
-            save_as(glyph(letter, rng, size), root / letter / f"{i:03d}", FORMATS[i % len(FORMATS)])
-    return root
-
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing

@@ -11,18 +11,20 @@ import dataclasses
 import io
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import assert_one_line_error, run_script, tiny
+from helpers import FONTS, TINY, assert_one_line_error, glyph, make_glyph_folder, run_script, tiny
 from PIL import Image, ImageDraw
 
-from metalearn import omniglot
+from metalearn import folders, images, omniglot
 from metalearn.args import train_parser
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.liveness import process_started
@@ -535,6 +537,171 @@ def test_an_unreadable_checkpoint_is_422(client, work) -> None:
     (work / "tiny" / "best.npz").write_bytes(b"not a checkpoint")
     response = client.post("/api/adapt", json=task_body(client))
     assert response.status_code == 422 and "unreadable" in detail(response)["message"]
+
+
+# -- the playground on image-folder runs (uploads) -----------------------------------------------
+GLYPH_SIZE = 20  # neither Omniglot's 28 nor the default 84: the size must come from the set
+FOLDER_RUNS = {"glyph_pool": {"net": "pool4"}, "glyph_mamlpp": {"algo": "maml++", "net": "conv4"}}
+
+
+@pytest.fixture(scope="module")
+def glyph_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """(work_dir, data_dir): a 15-letter RGB set packed at 20x20 and two tiny 3-way runs on it,
+    one with the MiniImagenet net, one with MAML++'s learned per-step rates."""
+    if not FONTS:
+        pytest.skip("no TrueType fonts found (apt-get install fonts-dejavu-core fonts-liberation)")
+    root = tmp_path_factory.mktemp("glyph_runs")
+    images_dir = make_glyph_folder(root / "images", classes=15, per_class=6, size=48)
+    options = folders.PackOptions(size=GLYPH_SIZE, channels=3, min_per_class=4)
+    folders.pack(images_dir, "glyphs", root / "data", options, log=lambda _: None)
+    for name, flags in FOLDER_RUNS.items():
+        config = {**TINY, "n_way": 3, "k_query": 1, "epochs": 2, "run_name": name, **flags}
+        paths = {"data_dir": str(root / "data"), "work_dir": str(root / "work")}
+        train({**config, **paths, "dataset": "folder", "data": "glyphs"})
+    return root / "work", root / "data"
+
+
+@pytest.fixture
+def glyph_client(glyph_runs) -> TestClient:
+    with make_client(*glyph_runs) as client:
+        yield client
+
+
+def encoded(image: Image.Image, format: str) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    kind = "jpeg" if format == "JPEG" else format.lower()
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels_of(data_url: str) -> np.ndarray:
+    """A PNG data URL's pixels as the packed layout uint8 [C, H, W]."""
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def folder_task(client: TestClient, run: str, seed: int = 0) -> dict:
+    task = client.get("/api/playground/random_task", params={"run": run, "seed": seed}).json()
+    query = [q["image"] for q in task["query"]]
+    return {"run": run, "support": task["support"], "query": query, "steps": 3}
+
+
+def test_folder_runs_are_offered_for_uploads(glyph_client) -> None:
+    listing = glyph_client.get("/api/playground/runs").json()
+    runs = {run["name"]: run for run in listing["runs"]}
+    assert set(runs) == set(FOLDER_RUNS) and listing["default"] in runs
+    for name, run in runs.items():
+        assert (run["input"], run["dataset"], run["data"]) == ("upload", "folder", "glyphs")
+        assert (run["image_size"], run["channels"], run["n_way"]) == (GLYPH_SIZE, 3, 3)
+        assert run["net"] == FOLDER_RUNS[name]["net"]
+    assert listing["limits"]["max_upload_bytes"] == Settings.max_upload_bytes
+
+
+def test_a_random_folder_task_holds_packed_test_images(glyph_client, glyph_runs) -> None:
+    task = folder_task(glyph_client, "glyph_pool", seed=5)
+    test = folders.load_split(glyph_runs[1], "glyphs", "test")
+    assert sorted(item["label"] for item in task["support"]) == [0, 1, 2]
+    for image in [s["image"] for s in task["support"]] + task["query"]:
+        assert image.startswith("data:image/png;base64,")
+        pixels = pixels_of(image)
+        assert pixels.shape == (3, GLYPH_SIZE, GLYPH_SIZE)
+        assert (test.pixels == pixels).all(axis=(1, 2, 3)).any()  # exactly a packed image
+
+
+@pytest.mark.parametrize("run", list(FOLDER_RUNS))
+def test_adapt_on_a_folder_run_sees_uploads_as_the_set_was_packed(glyph_client, run) -> None:
+    body = folder_task(glyph_client, run)
+    photo = glyph("B", np.random.default_rng(1), size=90).resize((120, 90))  # not square
+    body["query"] = [*body["query"], encoded(photo, "JPEG"), encoded(photo.convert("L"), "PNG")]
+    response = glyph_client.post("/api/adapt", json=body)
+    assert response.status_code == 200, response.json()
+    result = response.json()
+    probabilities = np.array(result["probabilities"])
+    assert probabilities.shape == (5, 4, 3)  # query, step 0..3, class
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+    assert not np.allclose(probabilities[:, 0], probabilities[:, -1])  # the steps change them
+    assert result["input"] == "upload" and result["k_spt"] == 1
+    seen = [pixels_of(url) for url in result["inputs"]["query"]]
+    for packed, shown in zip(body["query"][:3], seen):  # the packed images pass unchanged
+        assert np.array_equal(shown, pixels_of(packed))
+    jpeg = base64.b64decode(body["query"][3].split(",", 1)[1])
+    assert np.array_equal(seen[3], images.preprocess(jpeg, GLYPH_SIZE, 3))  # make_data's function
+    assert seen[4].shape == (3, GLYPH_SIZE, GLYPH_SIZE)  # grayscale upload to the set's RGB
+
+
+def test_a_run_adapts_with_its_learned_inner_rates(glyph_runs, tmp_path) -> None:
+    """MAML++'s per-step rates come from the checkpoint: set to zero, steps 1..3 are all alike
+    (step 0 differs only by its own batch-norm row)."""
+    work = tmp_path / "work"
+    shutil.copytree(glyph_runs[0], work)
+    client = make_client(work, glyph_runs[1])
+    body = folder_task(client, "glyph_mamlpp")
+    learned = np.array(client.post("/api/adapt", json=body).json()["probabilities"])
+    assert not np.allclose(learned[:, 1], learned[:, 3], atol=1e-4)
+    best = work / "glyph_mamlpp" / "best.npz"
+    checkpoint = load_checkpoint(best)
+    rates = [name for name in checkpoint.params if name.startswith("lr:")]
+    assert rates
+    for name in rates:
+        checkpoint.params[name] = np.zeros_like(checkpoint.params[name])
+    save_checkpoint(best, checkpoint)
+    frozen = np.array(
+        make_client(work, glyph_runs[1]).post("/api/adapt", json=body).json()["probabilities"]
+    )
+    np.testing.assert_allclose(frozen[:, 1], frozen[:, 3], atol=1e-6)
+
+
+def huge_png_header(side: int) -> bytes:
+    """A few bytes that claim a side x side image: decoding it would need gigabytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_uploads_are_refused_with_a_message(glyph_runs) -> None:
+    client = make_client(*glyph_runs, max_upload_bytes=20_000)
+    body = folder_task(client, "glyph_pool")
+    png = "data:image/png;base64,"
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), np.uint8))
+    wide, bomb = (png + base64.b64encode(huge_png_header(side)).decode() for side in (5000, 10**5))
+    cases = [
+        (png + base64.b64encode(b"just some text").decode(), 422, "cannot decode"),
+        ("data:image/gif;base64,R0lGOD", 422, "must start with"),
+        ([[0.5] * 28] * 28, 422, "uploaded images"),
+        (encoded(noise, "PNG"), 413, "larger than 20000 bytes"),
+        (wide, 413, "larger than 4096x4096"),
+        (bomb, 413, "decompression bomb"),
+    ]
+    for image, status, fragment in cases:
+        response = client.post("/api/adapt", json={**body, "query": [image]})
+        assert response.status_code == status, response.json()
+        assert detail(response)["field"] == "query.0" and fragment in detail(response)["message"]
+    wrong_counts = [
+        ({**body, "support": body["support"][:2]}, 422),  # class 2 has no example
+        ({**body, "query": body["query"] * 17}, 413),  # 51 queries
+        ({**body, "query": []}, 422),
+    ]
+    for case, status in wrong_counts:
+        assert client.post("/api/adapt", json=case).status_code == status
+    assert client.post("/api/adapt", json=body).status_code == 200  # the server lives on
+
+
+def test_a_folder_run_without_its_set_is_422(glyph_runs, tmp_path) -> None:
+    """The server's data_dir lacks the run's set: listed with the problem, adapt says how to fix."""
+    client = make_client(glyph_runs[0], tmp_path)
+    listing = client.get("/api/playground/runs").json()["runs"]
+    assert all("make_data.py --images" in run["problem"] for run in listing)
+    body = {"run": "glyph_pool", "support": [{"image": "x", "label": 0}], "query": ["x"]}
+    response = client.post("/api/adapt", json=body)
+    assert response.status_code == 422 and "make_data.py --images" in detail(response)["message"]
 
 
 # -- security ------------------------------------------------------------------------------------

@@ -15,14 +15,22 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from metalearn.images import to_float
 from metalearn.service import runs as run_views
 from metalearn.service.errors import add_error_handlers, conflict, invalid, not_found, too_large
 from metalearn.service.flags import describe_flags, validate_training
-from metalearn.service.images import decode_image
+from metalearn.service.images import decode_image, decode_upload, png_data_url
 from metalearn.service.jobs import JobQueue, script_argv
 from metalearn.service.live import event_stream, outside_job, pending_run
 from metalearn.service.names import run_folder
-from metalearn.service.playground import PlaygroundEngine, TestImages, playground_runs
+from metalearn.service.playground import (
+    ImageSpec,
+    ImageSpecs,
+    PlaygroundEngine,
+    TestImages,
+    image_spec,
+    playground_runs,
+)
 from metalearn.service.schemas import AdaptRequest, EvaluateRequest, ResumeRequest
 from metalearn.service.security import Guard
 from metalearn.service.settings import Settings
@@ -33,8 +41,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 def create_app(settings: Settings) -> FastAPI:
     """The whole service for one work_dir; jobs and the playground worker live on app.state."""
     queue = JobQueue(settings.jobs)
-    engine = PlaygroundEngine(settings.adapt_waiting)
+    engine = PlaygroundEngine(settings.data_dir, settings.adapt_waiting)
     test_images = TestImages(settings.data_dir)
+    specs = ImageSpecs(settings.data_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="MAML runs service and few-shot playground",
         description="Start, follow and compare train.py / evaluate.py runs; adapt a trained "
-        "run to drawn few-shot tasks.",
+        "run to few-shot tasks drawn (Omniglot) or uploaded (image-folder sets).",
         lifespan=lifespan,
     )
     app.state.settings, app.state.queue, app.state.engine = settings, queue, engine
@@ -234,7 +243,14 @@ def create_app(settings: Settings) -> FastAPI:
     # -- playground ------------------------------------------------------------------------------
     @app.get("/api/playground/runs", summary="Runs the playground can use, and the default")
     def playground() -> dict:
-        return playground_runs(work_dir)
+        limits = {"max_upload_bytes": settings.max_upload_bytes}
+        return {**playground_runs(work_dir, specs), "limits": limits}
+
+    def best_of(run: str) -> Path:
+        best = run_folder(work_dir, run, "run") / "best.npz"
+        if not best.is_file():
+            raise not_found(f"run {run!r} has no best.npz")
+        return best
 
     @app.get("/api/playground/random_task", summary="A real task from the packed test split")
     def random_task(
@@ -242,12 +258,25 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> dict:
         record = run_views.get_run(work_dir, run_folder(work_dir, run, "run").name)
         config = record["config"]
-        if record.get("dataset") != "omniglot":
-            raise invalid(f"run {run!r} is not an Omniglot run", "run")
-        task = test_images.random_task(int(config["n_way"]), int(config["k_spt"]), seed)
+        spec = image_spec(config, data_dir, run)  # the record's: the checkpoint is not needed
+        task = test_images.random_task(spec, int(config["n_way"]), int(config["k_spt"]), seed)
         return {"run": run, "n_way": config["n_way"], "k_spt": config["k_spt"], **task}
 
-    @app.post("/api/adapt", summary="Adapt a run to a drawn task; probabilities after each step")
+    def network_input(image: object, field: str, spec: ImageSpec) -> np.ndarray:
+        """One client image -> float32 [C, H, W] as the run's network sees it."""
+        if spec.drawn:
+            limits = (settings.max_image_bytes, settings.max_image_side)
+            return decode_image(image, field, *limits)[None]
+        limits = (settings.max_upload_bytes, settings.max_upload_side)
+        return to_float(decode_upload(image, field, spec.size, spec.channels, *limits))
+
+    def shown(x: np.ndarray, spec: ImageSpec) -> list:
+        """What the page shows of the images the network saw: 28x28 ink arrays or PNGs."""
+        if spec.drawn:
+            return np.round(x[:, 0].astype(np.float64), 4).tolist()
+        return [png_data_url(np.rint(image * 255).astype(np.uint8)) for image in x]
+
+    @app.post("/api/adapt", summary="Adapt a run to a task; probabilities after each step")
     def adapt(request: AdaptRequest) -> dict:
         if len(request.support) > settings.max_support:
             raise too_large(f"at most {settings.max_support} support images", "support")
@@ -255,26 +284,26 @@ def create_app(settings: Settings) -> FastAPI:
             raise too_large(f"at most {settings.max_query} query images", "query")
         if not request.support or not request.query:
             raise invalid("send at least one support and one query image", "query")
-        best = run_folder(work_dir, request.run, "run") / "best.npz"
-        if not best.is_file():
-            raise not_found(f"run {request.run!r} has no best.npz")
-        limits = (settings.max_image_bytes, settings.max_image_side)
+        best = best_of(request.run)
+        spec = specs.get(best)
         support_x = np.stack(
             [
-                decode_image(s.image, f"support.{i}.image", *limits)
+                network_input(s.image, f"support.{i}.image", spec)
                 for i, s in enumerate(request.support)
             ]
         )
         query_x = np.stack(
-            [decode_image(image, f"query.{i}", *limits) for i, image in enumerate(request.query)]
+            [network_input(image, f"query.{i}", spec) for i, image in enumerate(request.query)]
         )
         support_y = np.array([s.label for s in request.support], dtype=np.int64)
-        future = engine.submit(best, support_x, support_y, query_x, request.steps)
+        future = engine.submit(best, spec, support_x, support_y, query_x, request.steps)
         result = future.result()
-        inputs = {
-            "support": np.round(support_x.astype(np.float64), 4).tolist(),
-            "query": np.round(query_x.astype(np.float64), 4).tolist(),
+        inputs = {"support": shown(support_x, spec), "query": shown(query_x, spec)}
+        return {
+            "run": request.run,
+            "input": "drawing" if spec.drawn else "upload",
+            **result,
+            "inputs": inputs,
         }
-        return {"run": request.run, **result, "inputs": inputs}
 
     return app

@@ -22,13 +22,19 @@ class ResumeRequest(Strict):
     epochs: StrictInt | None = Field(None, ge=1, description="new total of meta-iterations")
 
 
+IMAGE_HELP = (
+    "Omniglot runs: a PNG data URL of a drawing or a 28x28 nested list in [0, 1] (ink = 1); "
+    "image-folder runs: a PNG or JPEG data URL of an image file (preprocessed like the set)"
+)
+
+
 class SupportImage(Strict):
-    image: Any = Field(description="PNG data URL or 28x28 nested list in [0, 1] (ink = 1)")
+    image: Any = Field(description=IMAGE_HELP)
     label: StrictInt = Field(ge=0, le=1000)
 
 
 class AdaptRequest(Strict):
     run: str
     support: list[SupportImage]
-    query: list[Any]
+    query: list[Any] = Field(description=f"query images; {IMAGE_HELP}")
     steps: StrictInt = Field(5, ge=0, le=10)

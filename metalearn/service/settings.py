@@ -14,9 +14,12 @@ class Settings:
     data_dir: Path
     jobs: int = 1
     token: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 1024 * 1024
     max_image_side: int = 512
+    # Uploads for image-folder runs are photos as they are: larger files, checked the same way.
+    max_upload_bytes: int = 4 * 1024 * 1024
+    max_upload_side: int = 4096
     max_support: int = 100
     max_query: int = 50
     adapt_waiting: int = 8

@@ -1,15 +1,19 @@
-/* The few-shot playground: draw an N-way K-shot task, let the server run the inner loop of a
-   trained run, and show each query's class probabilities after every step. */
+/* The few-shot playground: draw (Omniglot runs) or upload (image-folder runs) an N-way K-shot
+   task, let the server run the inner loop of a trained run, and show each query's class
+   probabilities after every step. */
 "use strict";
 
 const SIZE = 105; // Omniglot's drawing resolution; the server resizes to 28x28 like the packer
 const STROKE_WIDTH = 4.5; // close to the pen of Omniglot's drawings at 105 px
 const QUERY_CELLS = 5;
 const AUTO_ADAPT_DELAY_MS = 450;
+const UPLOAD_TYPES = ["image/png", "image/jpeg"]; // what /api/adapt decodes
 
 const page = document.getElementById("playground");
 const ui = {
   message: document.getElementById("page-message"),
+  pageHint: document.getElementById("page-hint"),
+  queryHint: document.getElementById("query-hint"),
   noRuns: document.getElementById("no-runs"),
   controls: document.getElementById("controls"),
   workspace: document.getElementById("workspace"),
@@ -30,6 +34,7 @@ const ui = {
 
 const state = {
   runs: [],
+  limits: {},
   run: null, // the selected playground run
   supportCells: [], // [class][shot] -> Cell
   queryCells: [],
@@ -40,8 +45,8 @@ const state = {
   controller: null,
 };
 
-/* -- one drawing cell --------------------------------------------------------------------------- */
-class Cell {
+/* -- one drawing cell (Omniglot runs) ----------------------------------------------------------------------- */
+class DrawCell {
   constructor(role, label, onChange) {
     this.role = role;
     this.onChange = onChange;
@@ -217,6 +222,123 @@ function paintArray(canvas, array) {
   context.putImageData(image, 0, 0);
 }
 
+/* -- one upload cell (image-folder runs) ------------------------------------------------------- */
+class UploadCell {
+  constructor(role, label, onChange, run) {
+    this.role = role;
+    this.onChange = onChange;
+    this.image = null; // the data URL sent: the file's own bytes, or a packed test image
+    this.trueLabel = null; // the class of a random-task image, while it is unchanged
+    this.input = el("input", { type: "file", accept: UPLOAD_TYPES.join(","), class: "file",
+      "aria-label": `${label}: choose an image`, title: "drop an image here or click to choose one" });
+    this.shown = el("img", { class: "upload", alt: "" });
+    this.hint = el("span", { class: "drop-hint" }, "drop an image", el("br"), "or click");
+    this.zone = el("label", { class: "drop" }, this.shown, this.hint, this.input);
+    const side = `${run.image_size}×${run.image_size}`;
+    this.preview = el("img", { class: "preview", alt: "", title: `the ${side} image the model sees` });
+    this.clearButton = el("button", { type: "button", class: "small", onclick: () => this.clear() }, "Clear");
+    this.element = el("div", { class: `cell upload-cell ${role}`, dataset: { filled: "false" } },
+      el("div", { class: "draw-wrap" }, this.zone),
+      el("div", { class: "cell-side" },
+        el("div", { class: "preview-wrap stale" }, this.preview,
+          el("span", { class: "preview-label" }, run.channels === 3 ? `${side} RGB` : side)),
+        el("div", { class: "cell-tools" }, this.clearButton)));
+    this.listen();
+    this.refresh();
+  }
+
+  get filled() {
+    return this.image !== null;
+  }
+
+  listen() {
+    this.input.addEventListener("change", () => {
+      if (this.input.files.length) this.take(this.input.files[0]);
+      this.input.value = ""; // choosing the same file again still counts
+    });
+    this.zone.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      this.zone.classList.add("over");
+    });
+    this.zone.addEventListener("dragleave", () => this.zone.classList.remove("over"));
+    this.zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      this.zone.classList.remove("over");
+      const files = event.dataTransfer ? event.dataTransfer.files : [];
+      if (files.length) this.take(files[0]);
+    });
+  }
+
+  /* A file from the picker or a drop: PNG or JPEG within the server's limit, sent as it is. */
+  take(file) {
+    const limit = state.limits.max_upload_bytes;
+    if (!UPLOAD_TYPES.includes(file.type)) {
+      this.refuse(`${file.name}: not a PNG or JPEG image`);
+      return;
+    }
+    if (limit && file.size > limit) {
+      this.refuse(`${file.name}: ${(file.size / 1048576).toFixed(1)} MB, more than the ${(limit / 1048576).toFixed(0)} MB the server takes`);
+      return;
+    }
+    const reader = new FileReader();
+    reader.onload = () => {
+      this.show(reader.result, null);
+      this.changed();
+    };
+    reader.onerror = () => this.refuse(`${file.name}: cannot be read`);
+    reader.readAsDataURL(file);
+  }
+
+  refuse(text) {
+    this.element.dataset.error = text;
+    setStatus("error", text);
+  }
+
+  show(image, label) {
+    this.image = image;
+    this.trueLabel = label;
+    delete this.element.dataset.error;
+    if (image) this.shown.src = image;
+    else this.shown.removeAttribute("src");
+    this.setPreview(null);
+  }
+
+  clear(quiet) {
+    this.show(null, null);
+    this.refresh();
+    if (!quiet) this.changed();
+  }
+
+  setImage(image, label) {
+    this.show(image, label);
+    this.refresh();
+  }
+
+  setPreview(image) {
+    if (image) this.preview.src = image;
+    else this.preview.removeAttribute("src");
+    this.preview.parentElement.classList.toggle("stale", !image);
+  }
+
+  refresh() {
+    this.element.dataset.filled = String(this.filled);
+    this.clearButton.disabled = !this.filled;
+  }
+
+  changed() {
+    this.refresh();
+    this.onChange(this);
+  }
+
+  payload() {
+    return this.image;
+  }
+}
+
+function makeCell(run, role, label) {
+  return run.input === "upload" ? new UploadCell(role, label, cellChanged, run) : new DrawCell(role, label, cellChanged);
+}
+
 /* -- the task grid ------------------------------------------------------------------------------ */
 function buildGrid(run) {
   state.result = null;
@@ -230,7 +352,7 @@ function buildGrid(run) {
         `class ${label + 1}`));
     const cells = el("div", { class: "support-cells" });
     for (let shot = 0; shot < run.k_spt; shot++) {
-      const cell = new Cell("support", `class ${label + 1}, example ${shot + 1}`, cellChanged);
+      const cell = makeCell(run, "support", `class ${label + 1}, example ${shot + 1}`);
       cell.element.dataset.class = String(label);
       cell.element.dataset.shot = String(shot);
       row.push(cell);
@@ -242,7 +364,7 @@ function buildGrid(run) {
   }
   state.queryCells = [];
   for (let index = 0; index < QUERY_CELLS; index++) {
-    const cell = new Cell("query", `query ${index + 1}`, cellChanged);
+    const cell = makeCell(run, "query", `query ${index + 1}`);
     cell.element.dataset.query = String(index);
     cell.result = el("div", { class: "query-result", dataset: { query: String(index) } });
     const item = el("div", { class: "query-item" },
@@ -253,7 +375,12 @@ function buildGrid(run) {
   }
   // several shots per class make the support rows wide: stack the queries below them
   document.getElementById("workspace").classList.toggle("stacked", run.k_spt >= 3);
-  ui.supportHint.textContent = run.k_spt === 1 ? "one drawing per class" : `${run.k_spt} drawings per class`;
+  const what = run.input === "upload" ? "image" : "drawing";
+  ui.supportHint.textContent = run.k_spt === 1 ? `one ${what} per class` : `${run.k_spt} ${what}s per class`;
+  ui.queryHint.textContent = run.input === "upload" ? "upload images of any of the classes" : "draw any of the classes";
+  ui.pageHint.textContent = run.input === "upload"
+    ? "Upload one image of each new class, then queries. The model adapts in a few gradient steps."
+    : "Draw one example of each new character, then a query. The model adapts in a few gradient steps.";
   updateButtons();
 }
 
@@ -291,9 +418,10 @@ function scheduleAdapt() {
 }
 
 function missingText() {
+  const verb = state.run && state.run.input === "upload" ? "Upload" : "Draw";
   const empty = allSupport().filter((c) => !c.filled).length;
-  if (empty) return `Draw ${empty} more support ${empty === 1 ? "example" : "examples"} to adapt.`;
-  if (!state.queryCells.some((c) => c.filled)) return "Draw a query to adapt.";
+  if (empty) return `${verb} ${empty} more support ${empty === 1 ? "example" : "examples"} to adapt.`;
+  if (!state.queryCells.some((c) => c.filled)) return `${verb} a query to adapt.`;
   return "";
 }
 
@@ -368,7 +496,8 @@ function renderQuery(cell, answer, step) {
   if (!answer) {
     delete box.dataset.probabilities;
     box.dataset.state = cell.filled ? "stale" : "empty";
-    box.appendChild(el("p", { class: "muted placeholder" }, cell.filled ? "waiting for adaptation" : "draw here to classify"));
+    const empty = cell instanceof UploadCell ? "upload an image to classify" : "draw here to classify";
+    box.appendChild(el("p", { class: "muted placeholder" }, cell.filled ? "waiting for adaptation" : empty));
     return;
   }
   const probabilities = answer.probabilities[step];
@@ -415,7 +544,7 @@ async function randomTask() {
     }
     task.query.slice(0, state.queryCells.length).forEach((item, i) => state.queryCells[i].setImage(item.image, item.label));
     updateButtons();
-    setStatus("", "A task of unseen characters from the test split.");
+    setStatus("", `A task of unseen ${state.run.input === "upload" ? "classes" : "characters"} from the test split.`);
     await adapt();
   } catch (error) {
     setStatus("error", `Could not fetch a random task: ${error.message}`);
@@ -426,9 +555,13 @@ async function randomTask() {
 
 function describeRun(run) {
   const test = run.test_accuracy === null || run.test_accuracy === undefined ? "not tested" : Fmt.pct(run.test_accuracy);
+  const images = run.input === "upload"
+    ? `${run.data}, ${run.channels === 3 ? "RGB" : "gray"} ${run.image_size}×${run.image_size}`
+    : "Omniglot drawings";
   const pairs = [
     ["run", el("a", { href: `/runs/${encodeURIComponent(run.name)}` }, run.name)],
     ["task", `${run.n_way}-way ${run.k_spt}-shot`],
+    ["images", images],
     ["algorithm", run.algo || "-"],
     ["inner lr", String(run.inner_lr)],
     ["test accuracy", test],
@@ -439,15 +572,22 @@ function describeRun(run) {
 function selectRun(name) {
   const run = state.runs.find((r) => r.name === name);
   if (!run) return;
-  const sameShape = state.run && state.run.n_way === run.n_way && state.run.k_spt === run.k_spt;
+  const previous = state.run;
+  const sameShape = previous && ["n_way", "k_spt", "input", "data", "image_size", "channels"].every((key) => previous[key] === run[key]);
   state.run = run;
   describeRun(run);
-  if (sameShape) {
+  ui.randomTask.disabled = Boolean(run.problem);
+  if (run.problem) {
+    buildGrid(run);
+    setStatus("error", `This run cannot be used here: ${run.problem}`);
+    ui.adapt.disabled = true;
+  } else if (sameShape) {
     updateButtons();
     scheduleAdapt();
   } else {
     buildGrid(run);
-    setStatus("", "Draw each class in the support set and at least one query, or press Random task.");
+    const verb = run.input === "upload" ? "Upload an image of" : "Draw";
+    setStatus("", `${verb} each class in the support set and at least one query, or press Random task.`);
   }
 }
 
@@ -455,13 +595,14 @@ async function load() {
   try {
     const data = await Api.get("/api/playground/runs");
     state.runs = data.runs || [];
+    state.limits = data.limits || {};
     if (!state.runs.length) {
       ui.noRuns.hidden = false;
       page.dataset.state = "no-runs";
       return;
     }
     ui.runSelect.replaceChildren(...state.runs.map((run) => el("option", { value: run.name },
-      `${run.name} — ${run.n_way}-way ${run.k_spt}-shot${run.test_accuracy === null || run.test_accuracy === undefined ? "" : `, test ${Fmt.pct(run.test_accuracy)}`}`)));
+      `${run.name} — ${run.input === "upload" ? `${run.data}, ` : ""}${run.n_way}-way ${run.k_spt}-shot${run.test_accuracy === null || run.test_accuracy === undefined ? "" : `, test ${Fmt.pct(run.test_accuracy)}`}`)));
     const chosen = data.default && state.runs.some((r) => r.name === data.default) ? data.default : state.runs[0].name;
     ui.runSelect.value = chosen;
     ui.controls.hidden = false;
