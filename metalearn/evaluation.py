@@ -127,7 +127,8 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     # Task shape and inner-loop settings default to the run's own; flags given explicitly win.
     config = {**trained, "data_dir": request["data_dir"], "use_gpu": request["use_gpu"]}
-    keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels")
+    keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr")
+    keys += ("kernels", "task_chunk")
     for key in keys:
         if given.get(key) is not None:
             config[key] = given[key]
