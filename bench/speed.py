@@ -117,7 +117,7 @@ def make_tasks(config: Config, iteration: int):
 
 
 class Ours:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, task_chunk: int | None = None):
         self.config = config
         if config.dataset == "sinusoid":
             self.net = MLP()
@@ -127,7 +127,13 @@ class Ours:
             self.net = ConvNet(n_way=config.n_way)
         self.params = make_parameters(self.net.init_params(0))
         self.learner = MetaLearner(
-            self.net, self.params, config.algo, config.inner_lr, config.steps, adapt=config.adapt
+            self.net,
+            self.params,
+            config.algo,
+            config.inner_lr,
+            config.steps,
+            adapt=config.adapt,
+            task_chunk=task_chunk,
         )
         self.optimizer = self.learner.make_optimizer()  # Adam 1e-3, or Reptile's SGD with ε = 1
 
@@ -322,8 +328,10 @@ FIELDS = ("x_support", "y_support", "x_query", "y_query")
 SIDES = ("ours", "ref", "vmap")
 
 
-def measure(config: Config, repeats: int, warmup: int, rss: PeakRSS) -> dict:
-    ours = Ours(config)
+def measure(
+    config: Config, repeats: int, warmup: int, rss: PeakRSS, task_chunk: int | None = None
+) -> dict:
+    ours = Ours(config, task_chunk)
     same_math = torch is not None and config.adapt == "all"
     arrays = ours.net.init_params(0)
     runners = {
@@ -402,6 +410,11 @@ def main() -> None:
         help="our convolution kernels, as train.py's flag (default fast)",
     )
     parser.add_argument(
+        "--task-chunk",
+        type=int,
+        help="tasks we stack per computation, as train.py's --task_chunk (1: one at a time)",
+    )
+    parser.add_argument(
         "--ref-threads",
         type=int,
         default=os.cpu_count() or 1,
@@ -421,7 +434,7 @@ def main() -> None:
             continue
         if args.quick:
             config = Config(**{**config.__dict__, "batch": min(config.batch, 2)})
-        rows.append(measure(config, 1 if args.quick else args.repeats, 1, rss))
+        rows.append(measure(config, 1 if args.quick else args.repeats, 1, rss, args.task_chunk))
         print(f"measured {config.name}", file=sys.stderr)
     print_table(rows)
     if args.json:
