@@ -160,7 +160,7 @@ class MetaLearner:
     ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
     Networks stack tasks as their ``default_task_chunk`` says (the sinusoid MLP: all of them; the
-    image networks: up to 32 with the oneDNN kernels, else one at a time): θ gets a leading task
+    Omniglot conv net: 8 at a time with the oneDNN kernels, else one): θ gets a leading task
     axis, every task adapts its own copy (batched matrix products, grouped convolutions), and the
     loss is the sum of per-task means, so each copy's gradient is exactly its task's gradient. ``task_chunk`` overrides that
     choice: k stacks at most k tasks per computation (a smaller peak memory: second order keeps the
