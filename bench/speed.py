@@ -329,10 +329,15 @@ SIDES = ("ours", "ref", "vmap")
 
 
 def measure(
-    config: Config, repeats: int, warmup: int, rss: PeakRSS, task_chunk: int | None = None
+    config: Config,
+    repeats: int,
+    warmup: int,
+    rss: PeakRSS,
+    task_chunk: int | None = None,
+    ours_only: bool = False,
 ) -> dict:
     ours = Ours(config, task_chunk)
-    same_math = torch is not None and config.adapt == "all"
+    same_math = torch is not None and config.adapt == "all" and not ours_only
     arrays = ours.net.init_params(0)
     runners = {
         "ours": ours,
@@ -415,6 +420,11 @@ def main() -> None:
         help="tasks we stack per computation, as train.py's --task_chunk (1: one at a time)",
     )
     parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="skip the references: with one --configs row, RSS is then our own peak memory",
+    )
+    parser.add_argument(
         "--ref-threads",
         type=int,
         default=os.cpu_count() or 1,
@@ -434,7 +444,8 @@ def main() -> None:
             continue
         if args.quick:
             config = Config(**{**config.__dict__, "batch": min(config.batch, 2)})
-        rows.append(measure(config, 1 if args.quick else args.repeats, 1, rss, args.task_chunk))
+        repeats = 1 if args.quick else args.repeats
+        rows.append(measure(config, repeats, 1, rss, args.task_chunk, args.ours_only))
         print(f"measured {config.name}", file=sys.stderr)
     print_table(rows)
     if args.json:
