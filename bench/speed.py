@@ -402,12 +402,20 @@ def print_table(rows: list[dict]) -> None:
         print(cells(["-" if r[key] is None else r[key] for _, key in COLUMNS]))
 
 
+def selects(wanted: str, name: str) -> bool:
+    """A configuration's full name selects only it; any other string every name containing it."""
+    exact = any(wanted == config.name for config in CONFIGS)
+    return wanted == name if exact else wanted in name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 tasks per batch, 1 repeat")
     parser.add_argument("--json", help="also write the table here as a JSON list")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--configs", nargs="*", help="substrings selecting configurations")
+    parser.add_argument(
+        "--configs", nargs="*", help="configuration names, or substrings selecting several"
+    )
     parser.add_argument(
         "--kernels",
         choices=("fast", "native"),
@@ -440,7 +448,7 @@ def main() -> None:
     rss = PeakRSS()
     rows = []
     for config in CONFIGS:
-        if args.configs and not any(s in config.name for s in args.configs):
+        if args.configs and not any(selects(s, config.name) for s in args.configs):
             continue
         if args.quick:
             config = Config(**{**config.__dict__, "batch": min(config.batch, 2)})
