@@ -394,18 +394,11 @@ def _batch_norm(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, ep
     """
     n, c, h, w = x.shape  # c = T·C for stacked tasks: each task's channels get their own statistics
     rows = x.reshape([n, c, h * w])
-    mean = _channel_mean(rows)
+    mean = rows.mean(axis=[0, 2], keepdim=True).squeeze(0)
     centred = rows - mean
-    var = _channel_mean(centred * centred)
+    var = (centred * centred).mean(axis=[0, 2], keepdim=True).squeeze(0)
     normalised = centred * (paddle.rsqrt(var + eps) * scale.reshape([c, 1]))
     return (normalised + shift.reshape([c, 1])).reshape([n, c, h, w])
-
-
-def _channel_mean(rows: paddle.Tensor) -> paddle.Tensor:
-    """Mean over axes 0 and 2 of [N, C, L] as [C, 1]: a sum over the contiguous last axis, then
-    over N, was 3-5x faster than Paddle's one reduction over both axes at [75, 2048, 196]."""
-    n, _, length = rows.shape
-    return rows.sum(axis=2, keepdim=True).sum(axis=0) * (1.0 / (n * length))
 
 
 def build_network(config: dict):
