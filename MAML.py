@@ -13,7 +13,8 @@ module gathers what users reach for::
 ``python MAML.py`` proves the meta-gradient on this Paddle install: it compares the second-order
 gradient with finite differences (float64, tanh networks) for 1 and 2 inner steps, for MAML on
 the Omniglot network (stride-2 convolutions) and the MiniImagenet network (max-pooling, flatten),
-and for the learned inner loops (MAML++, Meta-SGD, ANIL).
+for the learned inner loops (MAML++, Meta-SGD, ANIL), and for a meta-batch of tasks stacked into
+one computation (grouped convolutions: the path train.py takes with the fast kernels).
 """
 
 from metalearn.algorithms import ALGORITHMS, MetaLearner, apply_direction, make_parameters
@@ -42,6 +43,11 @@ def _self_check() -> None:
         ),
         "metasgd": ("conv", {"rule": "metasgd"}),
         "anil": ("conv", {"adapt": "head"}),
+        "maml, Omniglot conv net, 3 tasks stacked (train.py's path)": (
+            "conv",
+            {"stacked_tasks": 3},
+        ),
+        "maml, max-pool net, 3 tasks stacked": ("pool", {"stacked_tasks": 3}),
     }
     for name, (kind, options) in learners.items():
         for steps in (1, 2):

@@ -4,10 +4,12 @@
 
 For each configuration both sides run in this one process, alternately (so machine noise hits
 both), after a warm-up; the table gives the median ms per task, meta-iterations per second, the
-peak resident memory seen while each side ran, and the ratio ours / reference. "Ours" is the exact
+peak resident memory seen while each side ran, and the ratios ours / reference. "Ours" is the exact
 code path of train.py (``MetaLearner.meta_update``: directions, averaging, NaN check, Adam) on
-random data of the right shapes. The reference (``torch`` from requirements-bench.txt) is written
-here: same network, loss, inner steps, order and meta-batch.
+random data of the right shapes. Two references (``torch`` from requirements-bench.txt) are written
+here, both with the same network, loss, inner steps, order and meta-batch: "loop", PyTorch eager
+autograd one task at a time, and "vmap", ``torch.func`` (``grad`` inside, ``vmap`` over the tasks
+of the meta-batch, one ``grad`` of the summed query losses).
 
 The ``pool84`` row is the paper's MiniImagenet setting: the max-pool network (PoolConvNet) on
 84×84×3 images, 5-way 1-shot with 15 queries per class, 5 inner steps at α = 0.01, meta-batch 4.
@@ -42,6 +44,7 @@ from metalearn.tasks import ImageTasks, SinusoidTasks
 try:
     import torch
     import torch.nn.functional as TF
+    from torch.func import grad, vmap
 except ImportError:  # the table still shows our side
     torch = None
 
@@ -114,7 +117,7 @@ def make_tasks(config: Config, iteration: int):
 
 
 class Ours:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, task_chunk: int | None = None):
         self.config = config
         if config.dataset == "sinusoid":
             self.net = MLP()
@@ -124,7 +127,13 @@ class Ours:
             self.net = ConvNet(n_way=config.n_way)
         self.params = make_parameters(self.net.init_params(0))
         self.learner = MetaLearner(
-            self.net, self.params, config.algo, config.inner_lr, config.steps, adapt=config.adapt
+            self.net,
+            self.params,
+            config.algo,
+            config.inner_lr,
+            config.steps,
+            adapt=config.adapt,
+            task_chunk=task_chunk,
         )
         self.optimizer = self.learner.make_optimizer()  # Adam 1e-3, or Reptile's SGD with ε = 1
 
@@ -160,14 +169,16 @@ class Reference:
         pool = self.config.net == "pool"
         for block in range(4):
             x = TF.conv2d(x, p[f"conv{block}.weight"], stride=1 if pool else 2, padding=1)
-            x = TF.batch_norm(
-                x, None, None, p[f"bn{block}.scale"], p[f"bn{block}.shift"], True, eps=1e-3
-            )
+            x = self.batch_norm(x, p[f"bn{block}.scale"], p[f"bn{block}.shift"])
             x = torch.relu(x)
             if pool:
                 x = TF.max_pool2d(x, 2)
         features = torch.flatten(x, 1) if pool else x.mean(dim=(2, 3))
         return features @ p["head.weight"] + p["head.bias"]
+
+    @staticmethod
+    def batch_norm(x, scale, shift):
+        return TF.batch_norm(x, None, None, scale, shift, True, eps=1e-3)
 
     def loss(self, out, y):
         if self.config.dataset == "sinusoid":
@@ -249,15 +260,95 @@ class Reference:
         self.optimizer.step()
 
 
-def measure(config: Config, repeats: int, warmup: int, rss: PeakRSS) -> dict:
-    ours = Ours(config)
-    same_math = torch is not None and config.adapt == "all"
-    reference = Reference(config, ours.net.init_params(0)) if same_math else None
-    times = {"ours": [], "ref": []}
-    peaks = {"ours": 0, "ref": 0}
+class VmapReference(Reference):
+    """The same mathematics written the fastest way PyTorch offers today: ``torch.func``.
+
+    One task's query loss after its inner loop is a pure function of θ (``torch.func.grad`` for
+    the inner gradients), ``vmap`` maps it over the stacked tasks of the meta-batch, and one
+    ``grad`` of the summed query losses gives the meta-gradient. The network is already a pure
+    function of its weight dict, so ``functional_call`` (which turns an ``nn.Module`` into one)
+    would only add its own overhead here.
+
+    Batch norm is written out: PyTorch's fused ``F.batch_norm`` under ``vmap`` gives a wrong
+    second-order meta-gradient for the convolution weights (measured with torch 2.13, float64:
+    2-5% off the per-task autograd result, which agrees with ours to 1e-14; without ``vmap`` it is
+    right), so the benchmark would otherwise time a wrong computation.
+    """
+
+    @staticmethod
+    def batch_norm(x, scale, shift):
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        centred = x - mean
+        var = (centred * centred).mean(dim=(0, 2, 3), keepdim=True)
+        return centred * (torch.rsqrt(var + 1e-3) * scale.view(1, -1, 1, 1)) + shift.view(
+            1, -1, 1, 1
+        )
+
+    def adapt_task(self, p, x, y, first_order):
+        trajectory = [p]
+        for _ in range(self.config.steps):
+            grads = grad(lambda q: self.loss(self.forward(x, q), y))(p)
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            p = {k: w - self.config.inner_lr * grads[k] for k, w in p.items()}
+            trajectory.append(p)
+        return trajectory
+
+    def query_loss(self, p, x_s, y_s, x_q, y_q):
+        adapted = self.adapt_task(p, x_s, y_s, self.config.algo != "maml")[-1]
+        return self.loss(self.forward(x_q, adapted), y_q)
+
+    def metrics(self, p, x_s, y_s, x_q, y_q):
+        trajectory = self.adapt_task(p, x_s, y_s, True)
+        return torch.stack([self.metric(self.forward(x_q, w), y_q) for w in trajectory])
+
+    def step(self, tasks) -> None:
+        data = [torch.tensor(np.stack([getattr(t, f) for t in tasks])) for f in FIELDS]
+        p = {k: w.detach() for k, w in self.params.items()}
+        per_task = (None, 0, 0, 0, 0)
+        if self.config.evaluation:
+            with torch.no_grad():
+                [float(m) for m in vmap(self.metrics, in_dims=per_task)(p, *data).sum(0)]
+            return
+        if self.config.algo == "reptile":
+            adapted = vmap(lambda q, x, y: self.adapt_task(q, x, y, True)[-1], (None, 0, 0))
+            final = adapted(p, data[0], data[1])
+            total = {k: (w - final[k]).sum(0) for k, w in p.items()}
+        else:
+            summed = lambda q: vmap(self.query_loss, in_dims=per_task)(q, *data).sum()  # noqa: E731
+            total = grad(summed)(p)
+        for k, w in self.params.items():
+            w.grad = total[k] / len(tasks)
+        self.optimizer.step()
+
+
+FIELDS = ("x_support", "y_support", "x_query", "y_query")
+
+
+SIDES = ("ours", "ref", "vmap")
+
+
+def measure(
+    config: Config,
+    repeats: int,
+    warmup: int,
+    rss: PeakRSS,
+    task_chunk: int | None = None,
+    ours_only: bool = False,
+) -> dict:
+    ours = Ours(config, task_chunk)
+    same_math = torch is not None and config.adapt == "all" and not ours_only
+    arrays = ours.net.init_params(0)
+    runners = {
+        "ours": ours,
+        "ref": Reference(config, arrays) if same_math else None,
+        "vmap": VmapReference(config, arrays) if same_math else None,
+    }
+    times = {side: [] for side in SIDES}
+    peaks = dict.fromkeys(SIDES, 0)
     for i in range(warmup + repeats):
         tasks = make_tasks(config, i)
-        for side, runner in (("ours", ours), ("ref", reference)):
+        for side, runner in runners.items():
             if runner is None:
                 continue
             rss.reset()
@@ -267,34 +358,54 @@ def measure(config: Config, repeats: int, warmup: int, rss: PeakRSS) -> dict:
             if i >= warmup:
                 times[side].append(elapsed)
                 peaks[side] = max(peaks[side], rss.peak)
-    ours_ms = statistics.median(times["ours"]) * 1e3 / config.batch
-    ref_ms = statistics.median(times["ref"]) * 1e3 / config.batch if times["ref"] else None
-    return {
-        "config": config.name,
-        "ours_ms_per_task": round(ours_ms, 2),
-        "ref_ms_per_task": None if ref_ms is None else round(ref_ms, 2),
-        "ratio": None if ref_ms is None else round(ours_ms / ref_ms, 2),
-        "ours_it_per_s": round(1e3 / (ours_ms * config.batch), 2),
-        "ref_it_per_s": None if ref_ms is None else round(1e3 / (ref_ms * config.batch), 2),
-        "peak_rss_mb": round(peaks["ours"] / 2**20),
-        "ref_peak_rss_mb": round(peaks["ref"] / 2**20) if ref_ms else None,
+    ms = {
+        side: statistics.median(times[side]) * 1e3 / config.batch if times[side] else None
+        for side in SIDES
     }
+    row = {"config": config.name}
+    for side in SIDES:
+        row[f"{side}_ms_per_task"] = None if ms[side] is None else round(ms[side], 2)
+        row[f"{side}_it_per_s"] = (
+            None if ms[side] is None else round(1e3 / (ms[side] * config.batch), 2)
+        )
+        row[f"{side}_peak_rss_mb"] = round(peaks[side] / 2**20) if ms[side] else None
+    for side in ("ref", "vmap"):
+        row[f"ratio_{side}"] = None if ms[side] is None else round(ms["ours"] / ms[side], 2)
+    return row
+
+
+COLUMNS = (  # (heading, key)
+    ("configuration", "config"),
+    ("ours ms/task", "ours_ms_per_task"),
+    ("loop ms/task", "ref_ms_per_task"),
+    ("vmap ms/task", "vmap_ms_per_task"),
+    ("vs loop", "ratio_ref"),
+    ("vs vmap", "ratio_vmap"),
+    ("ours it/s", "ours_it_per_s"),
+    ("loop it/s", "ref_it_per_s"),
+    ("vmap it/s", "vmap_it_per_s"),
+    ("RSS ours MB", "ours_peak_rss_mb"),
+    ("RSS loop MB", "ref_peak_rss_mb"),
+    ("RSS vmap MB", "vmap_peak_rss_mb"),
+)
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (
-        f"{'configuration':<28} {'ours ms/task':>12} {'ref ms/task':>11} {'ratio':>6} "
-        f"{'ours it/s':>9} {'ref it/s':>8} {'RSS ours MB':>11} {'RSS ref MB':>10}"
+    widths = [28] + [max(len(heading), 7) for heading, _ in COLUMNS[1:]]
+    cells = lambda values: " ".join(  # noqa: E731
+        f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, widths))
     )
+    header = cells([heading for heading, _ in COLUMNS])
     print(header)
     print("-" * len(header))
     for r in rows:
-        cells = [r["ref_ms_per_task"], r["ratio"], r["ref_it_per_s"], r["ref_peak_rss_mb"]]
-        ref_ms, ratio, ref_its, ref_rss = ("-" if c is None else c for c in cells)
-        print(
-            f"{r['config']:<28} {r['ours_ms_per_task']:>12} {ref_ms:>11} {ratio:>6} "
-            f"{r['ours_it_per_s']:>9} {ref_its:>8} {r['peak_rss_mb']:>11} {ref_rss:>10}"
-        )
+        print(cells(["-" if r[key] is None else r[key] for _, key in COLUMNS]))
+
+
+def selects(wanted: str, name: str) -> bool:
+    """A configuration's full name selects only it; any other string every name containing it."""
+    exact = any(wanted == config.name for config in CONFIGS)
+    return wanted == name if exact else wanted in name
 
 
 def main() -> None:
@@ -302,12 +413,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 tasks per batch, 1 repeat")
     parser.add_argument("--json", help="also write the table here as a JSON list")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--configs", nargs="*", help="substrings selecting configurations")
+    parser.add_argument(
+        "--configs", nargs="*", help="configuration names, or substrings selecting several"
+    )
     parser.add_argument(
         "--kernels",
         choices=("fast", "native"),
         default="fast",
         help="our convolution kernels, as train.py's flag (default fast)",
+    )
+    parser.add_argument(
+        "--task-chunk",
+        type=int,
+        help="tasks we stack per computation, as train.py's --task_chunk (1: one at a time)",
+    )
+    parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="skip the references: with one --configs row, RSS is then our own peak memory",
     )
     parser.add_argument(
         "--ref-threads",
@@ -325,11 +448,12 @@ def main() -> None:
     rss = PeakRSS()
     rows = []
     for config in CONFIGS:
-        if args.configs and not any(s in config.name for s in args.configs):
+        if args.configs and not any(selects(s, config.name) for s in args.configs):
             continue
         if args.quick:
             config = Config(**{**config.__dict__, "batch": min(config.batch, 2)})
-        rows.append(measure(config, 1 if args.quick else args.repeats, 1, rss))
+        repeats = 1 if args.quick else args.repeats
+        rows.append(measure(config, repeats, 1, rss, args.task_chunk, args.ours_only))
         print(f"measured {config.name}", file=sys.stderr)
     print_table(rows)
     if args.json:

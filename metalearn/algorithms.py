@@ -159,10 +159,12 @@ class MetaLearner:
     (per-step batch norm) are meta-learned but never adapted, as in MAML++'s code.
     ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
-    Networks that declare ``task_batched`` (the sinusoid MLP) process a whole meta-batch at once:
-    θ gets a leading task axis, every task adapts its own copy with batched matrix products, and
-    the loss is the sum of per-task means, so each copy's gradient is exactly its task's gradient.
-    Others (the convolutional net) go through the tasks one at a time.
+    Networks stack tasks as their ``default_task_chunk`` says (the sinusoid MLP: all of them; the
+    Omniglot conv net: 8 at a time with the oneDNN kernels, else one): θ gets a leading task
+    axis, every task adapts its own copy (batched matrix products, grouped convolutions), and the
+    loss is the sum of per-task means, so each copy's gradient is exactly its task's gradient. ``task_chunk`` overrides that
+    choice: k stacks at most k tasks per computation (a smaller peak memory: second order keeps the
+    graphs of all stacked tasks at once), 1 goes through the tasks one at a time.
     """
 
     def __init__(
@@ -175,7 +177,11 @@ class MetaLearner:
         rule: str = "sgd",
         adapt: str = "all",
         multi_step_loss_for: int = 0,
+        task_chunk: int | None = None,
     ):
+        if task_chunk is not None and task_chunk < 1:
+            raise ValueError(f"task_chunk must be at least 1, not {task_chunk}")
+        self.task_chunk = task_chunk
         self.variant = make_variant(variant) if isinstance(variant, str) else variant
         if adapt not in ADAPT:
             raise ValueError(f"unknown adapted subset {adapt!r}; choose one of {ADAPT}")
@@ -201,6 +207,7 @@ class MetaLearner:
             rule=config.get("inner_rule") or "sgd",
             adapt=config.get("adapt") or "all",
             multi_step_loss_for=config.get("multi_step_loss_epochs") or 0,
+            task_chunk=config.get("task_chunk") or None,
         )
 
     # -- the inner loop ------------------------------------------------------------------------
@@ -245,8 +252,9 @@ class MetaLearner:
 
     def pooled(self, batch: Batch) -> InnerRun:
         """No inner loop: θ scored on all of the task's points (the pretrained baseline)."""
-        x = paddle.concat([batch.x_support, batch.x_query], axis=-2)
-        y = paddle.concat([batch.y_support, batch.y_query], axis=-2)
+        points = 1 if batch.count > 1 else 0  # the axis after the stacked tasks' axis
+        x = paddle.concat([batch.x_support, batch.x_query], axis=points)
+        y = paddle.concat([batch.y_support, batch.y_query], axis=points)
         return InnerRun([self._start(batch.count, True)], x, y, self.net.forward)
 
     def query_losses(self, run: InnerRun, iteration: int | None) -> paddle.Tensor:
@@ -282,10 +290,10 @@ class MetaLearner:
         return value.sum(axis=0) if count > 1 else value
 
     def _chunks(self, tasks: Sequence[Task]) -> list[Sequence[Task]]:
-        """How tasks are computed: all stacked at once, or one by one (none: no chunk)."""
-        if getattr(self.net, "task_batched", False):
-            return [tasks] if tasks else []
-        return [[t] for t in tasks]
+        """How tasks are computed: stacked ``task_chunk`` at a time (default: the network's
+        ``default_task_chunk``, None: all); the last chunk may be smaller."""
+        size = max(self.task_chunk or self.net.default_task_chunk or len(tasks), 1)
+        return [tasks[start : start + size] for start in range(0, len(tasks), size)]
 
     def _start(self, count: int, differentiable: bool) -> TensorDict:
         """θ, or for a stacked chunk one copy of θ per task; detached unless ``differentiable``."""

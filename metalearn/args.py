@@ -81,6 +81,7 @@ COMMON_DEFAULTS = {
     "export_pkl": False,
     "max_minutes": None,
     "kernels": "fast",
+    "task_chunk": None,
     "resume": None,
     # The learner's ingredients; None: from the --algo preset (LEARNER_PRESETS).
     "inner_rule": None,
@@ -169,6 +170,13 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         choices=("fast", "native"),
         help="convolution kernels: fast (oneDNN on the CPU, built on first use; default) or "
         "native (Paddle's own, the plain path); both give the same exact meta-gradient",
+    )
+    parser.add_argument(
+        "--task_chunk",
+        type=int,
+        help="tasks computed together as one stacked computation (grouped convolutions); "
+        "default: 8 for the conv4 net with the fast kernels, else 1 (task by task); a smaller "
+        "chunk lowers peak memory (second order keeps every stacked task's graph)",
     )
     parser.add_argument(
         "--use_gpu",
@@ -350,6 +358,7 @@ _POSITIVE_INTS = (
     "val_tasks",
     "ckpt_every",
     "cosine_meta_lr_epochs",
+    "task_chunk",
 )
 _NON_NEGATIVE_INTS = (
     "glob_update_step",
@@ -455,8 +464,8 @@ def check_saved_config(config: object, source: str, fill_defaults: bool = False)
     defaults = resolve_defaults({"dataset": dataset})
     if fill_defaults:
         config = {**defaults, **config}
-    else:  # a run from before the learner's ingredients existed trained without them
-        config = {**{k: defaults[k] for k in LEARNER_KEYS}, **config}
+    else:  # a run from before the learner's ingredients (or --task_chunk) existed had none
+        config = {**{k: defaults[k] for k in (*LEARNER_KEYS, "task_chunk")}, **config}
     for action in train_parser()._actions:
         if action.dest not in defaults:
             continue

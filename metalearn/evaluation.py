@@ -147,7 +147,8 @@ def load_trained(
     meta = read_checkpoint_meta(Path(path))
     trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     config = {**trained, "data_dir": overrides["data_dir"], "use_gpu": overrides["use_gpu"]}
-    keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr", "kernels")
+    keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr")
+    keys += ("kernels", "task_chunk")
     for key in keys:
         if overrides.get(key) is not None:
             config[key] = overrides[key]

@@ -97,10 +97,11 @@ load(name=name, sources=[source], extra_cxx_cflags={cxx!r}, extra_ldflags={ld!r}
 
 
 class Kernels(NativeKernels):
-    """The three first-order convolution kernels (NCHW, no bias, dilation 1, groups 1).
+    """The three first-order convolution kernels (NCHW, no bias, dilation 1, any groups).
 
-    ``forward(x, w, stride, padding)`` equals ``_C_ops.conv2d`` and ``backward(x, w, dy, stride,
-    padding) -> (dx, dw)`` equals ``_C_ops.conv2d_grad``, both with explicit symmetric padding.
+    ``forward(x, w, stride, padding, groups)`` equals ``_C_ops.conv2d`` and ``backward(x, w, dy,
+    stride, padding, groups) -> (dx, dw)`` equals ``_C_ops.conv2d_grad``, both with explicit
+    symmetric padding.
     ``backward_data`` / ``backward_weights`` return just dx / dw and skip the other half of the
     work. Outputs are new tensors that record no autograd history: call these from inside a
     PyLayer (as metalearn.ops does), not on tensors that need gradients through them.
@@ -118,10 +119,12 @@ class Kernels(NativeKernels):
                 return False
         return True
 
-    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int):
+    def forward(
+        self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int, groups: int = 1
+    ):
         if self._fast(x, weight):
-            return _C_ops._run_custom_op("fastconv_forward", x, weight, stride, padding)[0]
-        return super().forward(x, weight, stride, padding)
+            return _C_ops._run_custom_op("fastconv_forward", x, weight, stride, padding, groups)[0]
+        return super().forward(x, weight, stride, padding, groups)
 
     def backward(
         self,
@@ -130,13 +133,14 @@ class Kernels(NativeKernels):
         grad_out: paddle.Tensor,
         stride: int,
         padding: int,
+        groups: int = 1,
     ):
         if self._fast(x, weight, grad_out):
             dx, dw = _C_ops._run_custom_op(
-                "fastconv_backward", x, weight, grad_out, stride, padding
+                "fastconv_backward", x, weight, grad_out, stride, padding, groups
             )
             return dx, dw
-        return super().backward(x, weight, grad_out, stride, padding)
+        return super().backward(x, weight, grad_out, stride, padding, groups)
 
     def backward_data(
         self,
@@ -145,13 +149,14 @@ class Kernels(NativeKernels):
         grad_out: paddle.Tensor,
         stride: int,
         padding: int,
+        groups: int = 1,
     ) -> paddle.Tensor:
         """``backward(...)[0]`` without computing the weight gradient (x gives the shape only)."""
         if self._fast(weight, grad_out) and x.dtype == self._float32:
             return _C_ops._run_custom_op(
-                "fastconv_backward_data", x, weight, grad_out, stride, padding
+                "fastconv_backward_data", x, weight, grad_out, stride, padding, groups
             )[0]
-        return super().backward_data(x, weight, grad_out, stride, padding)
+        return super().backward_data(x, weight, grad_out, stride, padding, groups)
 
     def backward_weights(
         self,
@@ -160,13 +165,14 @@ class Kernels(NativeKernels):
         grad_out: paddle.Tensor,
         stride: int,
         padding: int,
+        groups: int = 1,
     ) -> paddle.Tensor:
         """``backward(...)[1]`` without computing the input gradient (weight gives the shape only)."""
         if self._fast(x, grad_out) and weight.dtype == self._float32:
             return _C_ops._run_custom_op(
-                "fastconv_backward_weights", x, weight, grad_out, stride, padding
+                "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups
             )[0]
-        return super().backward_weights(x, weight, grad_out, stride, padding)
+        return super().backward_weights(x, weight, grad_out, stride, padding, groups)
 
 
 _lock = threading.Lock()
@@ -389,6 +395,10 @@ def _self_check(kernels: Kernels) -> None:
             ("backward_data", dx_only, dx_ref),
             ("backward_weights", dw_only, dw_ref),
         )
+        x_grouped = paddle.concat([x, x * 0.5], axis=1)  # two groups of 3 channels
+        y_grouped = kernels.forward(x_grouped, w, 2, 1, 2)
+        y_grouped_ref = _C_ops.conv2d(x_grouped, w, [2, 2], [1, 1], "EXPLICIT", [1, 1], 2, "NCHW")
+        checks += (("grouped forward", y_grouped, y_grouped_ref),)
         for name, got, want in checks:
             if got.shape != want.shape:
                 raise RuntimeError(f"self-check: {name} shape {got.shape} != {want.shape}")

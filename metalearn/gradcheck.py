@@ -69,9 +69,12 @@ def meta_gradient_error(
     per_step_bn: bool = False,
     multi_step_loss_for: int = 0,
     iteration: int | None = None,
+    stacked_tasks: int = 1,
 ) -> float:
     """Relative error |analytic − finite difference| / |finite difference| of the meta-gradient
-    of one task's meta-objective (at ``iteration`` of the schedules; None: after them).
+    of one task's meta-objective (at ``iteration`` of the schedules; None: after them), or of the
+    summed meta-objective of ``stacked_tasks`` tasks computed as one stacked chunk (grouped
+    convolutions: the path train.py takes with the oneDNN kernels).
 
     If a max-pool window's argmax differs at θ ± εd from θ, the step is divided by 10 (at most
     three times): the difference would cross a kink of the piecewise-linear pooling.
@@ -79,22 +82,25 @@ def meta_gradient_error(
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
     try:
-        net, task = tiny_problem(kind, seed, steps + 1 if per_step_bn else 0)
+        bn_steps = steps + 1 if per_step_bn else 0
+        net = tiny_problem(kind, seed, bn_steps)[0]
+        tasks = [tiny_problem(kind, seed + i, bn_steps)[1] for i in range(stacked_tasks)]
         arrays = tiny_arrays(net, inner_lr, steps, rule, adapt, seed)
         rng = np.random.default_rng(seed + 1)
         direction = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
 
         def learner(values: dict[str, np.ndarray]) -> MetaLearner:
             options = {"rule": rule, "adapt": adapt, "multi_step_loss_for": multi_step_loss_for}
+            options["task_chunk"] = stacked_tasks
             return MetaLearner(net, make_parameters(values), "maml", inner_lr, steps, **options)
 
         def meta_loss(values: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
             with ops.recording_pool_indices() as indices:
-                loss = learner(values).task_direction(task, iteration=iteration)[1].loss
-            return loss, indices
+                stats = learner(values).batch_direction(tasks, iteration=iteration)[1]
+            return sum(s.loss for s in stats), indices
 
         with ops.recording_pool_indices() as indices:
-            grads, _ = learner(arrays).task_direction(task, iteration=iteration)
+            grads, _ = learner(arrays).batch_direction(tasks, iteration=iteration)
         analytic = sum(float((grads[k].numpy() * direction[k]).sum()) for k in arrays)
         for _ in range(4):
             plus, plus_indices = meta_loss({k: v + eps * direction[k] for k, v in arrays.items()})

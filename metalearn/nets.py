@@ -38,10 +38,17 @@ class _BlockNet:
 
     With ``bn_steps`` > 0 (MAML++'s per-step batch norm) every BN scale and shift gets a leading
     step axis: the weights after k inner steps are run with row min(k, bn_steps − 1).
+
+    Stacked tasks: images [T, N, C, H, W] with weights that have a leading task axis run as one
+    computation. The activations are laid out [N, T·C, H, W], so each convolution is one grouped
+    convolution (groups = T, each task's filters see only its own channels) and batch norm over
+    T·C channels is each task's own batch norm; the head is a batched matrix product giving
+    logits [T, N, classes], and the loss is the sum of the per-task mean cross-entropies, so each
+    task's copy of θ gets exactly its own task's gradient.
     """
 
     metric = ACCURACY
-    task_batched = False
+    stacked_tasks = 1  # tasks per computation by default with the oneDNN kernels
     head_names = ("head.weight", "head.bias")
 
     n_way: int
@@ -114,33 +121,71 @@ class _BlockNet:
         """The body's output [batch, features]: everything before the linear head."""
         raise NotImplementedError
 
+    @property
+    def default_task_chunk(self) -> int:
+        """Tasks stacked per computation unless the learner is told otherwise: ``stacked_tasks``
+        with the oneDNN kernels; one at a time with Paddle's own, whose grouped convolutions made
+        a second-order step ~4x slower than one task at a time."""
+        return self.stacked_tasks if ops.kernels_in_use() == "fast" else 1
+
     def check_input(self, x: paddle.Tensor) -> None:
         """Refuse images of another shape than the network was built for (a wiring mistake)."""
         expected = [self.in_channels, self.image_size, self.image_size]
-        if list(x.shape[1:]) != expected:
+        if list(x.shape[-3:]) != expected or x.ndim not in (4, 5):
             raise ValueError(
                 f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
             )
 
     def _block(self, x, params, block: int, stride: int, step: int) -> paddle.Tensor:
+        """Convolution and batch norm; ``x`` is [N, T·C, H, W] for T stacked tasks (weights with
+        a leading task axis) or [N, C, H, W] for one task."""
+        weight = params[f"conv{block}.weight"]
         scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+        tasks = weight.shape[0] if weight.ndim == 5 else 1
         if self.bn_steps:
             row = min(step, self.bn_steps - 1)
-            scale, shift = scale[row : row + 1], shift[row : row + 1]
-        x = ops.conv2d(x, params[f"conv{block}.weight"], stride=stride, padding=1)
+            if tasks > 1:
+                scale, shift = scale[:, row : row + 1], shift[:, row : row + 1]
+            else:
+                scale, shift = scale[row : row + 1], shift[row : row + 1]
+        if tasks > 1:
+            weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
+        x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
         return _batch_norm(x, scale, shift, self.bn_eps)
 
+    @staticmethod
+    def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:
+        """Stacked images [T, N, C, H, W] as [N, T·C, H, W] (one task's images pass unchanged)."""
+        if x.ndim == 4:
+            return x
+        t, n, c, h, w = x.shape
+        return x.transpose([1, 0, 2, 3, 4]).reshape([n, t * c, h, w])
+
+    @staticmethod
+    def _tasks_of_features(x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
+        """Features [N, T·F] of stacked tasks as [T, N, F] (one task's [N, F] pass unchanged)."""
+        if params["conv0.weight"].ndim == 4:
+            return x
+        tasks = params["conv0.weight"].shape[0]
+        return x.reshape([x.shape[0], tasks, -1]).transpose([1, 0, 2])
+
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
-        return paddle.matmul(features, params["head.weight"]) + params["head.bias"]
+        """Logits [N, classes], or [T, N, classes] for stacked features [T, N, F]."""
+        bias = params["head.bias"]
+        if features.ndim == 3:
+            bias = bias.unsqueeze(1)
+        return paddle.matmul(features, params["head.weight"]) + bias
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return ops.cross_entropy(output, target)
+        """Mean cross-entropy; for stacked tasks the sum over tasks of their means."""
+        return self.task_losses(output, target).sum()
 
     def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return self.loss(output, target).reshape([1])
+        return ops.cross_entropy(output, target).reshape([-1])
 
     def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return (output.argmax(axis=1) == target).astype("float32").mean().reshape([1])
+        hits = (output.argmax(axis=-1) == target).astype("float32")
+        return hits.mean(axis=-1).reshape([-1])
 
 
 class ConvNet(_BlockNet):
@@ -152,6 +197,8 @@ class ConvNet(_BlockNet):
     """
 
     kind = "conv"
+    # Measured (README): 8 stacked tasks were as fast as 32 or faster, at 40% of the memory.
+    stacked_tasks = 8
 
     def __init__(
         self,
@@ -195,9 +242,10 @@ class ConvNet(_BlockNet):
     ) -> paddle.Tensor:
         self.check_input(x)
         act = _activation(self.activation)
+        x = self._channels_of_tasks(x)
         for block in range(self.blocks):
             x = act(self._block(x, params, block, stride=2, step=step))
-        return x.mean(axis=[2, 3])
+        return self._tasks_of_features(x.mean(axis=[2, 3]), params)
 
 
 class PoolConvNet(_BlockNet):
@@ -211,6 +259,8 @@ class PoolConvNet(_BlockNet):
     """
 
     kind = "pool"
+    # 84×84 images make every op large: stacking 4 tasks was no faster and took 2.5x the memory.
+    stacked_tasks = 1
 
     def __init__(
         self,
@@ -260,9 +310,11 @@ class PoolConvNet(_BlockNet):
     ) -> paddle.Tensor:
         self.check_input(x)
         act = _activation(self.activation)
+        x = self._channels_of_tasks(x)
         for block in range(self.blocks):
             x = act(ops.max_pool2x2(self._block(x, params, block, stride=1, step=step)))
-        return x.reshape([x.shape[0], -1])  # reshape: flatten has no double-grad
+        # reshape: flatten has no double-grad; [N, T·C, h, w] -> [N, T, C·h·w] keeps tasks apart
+        return self._tasks_of_features(x.reshape([x.shape[0], -1]), params)
 
 
 class MLP:
@@ -319,7 +371,7 @@ class MLP:
         return paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
 
     metric = MSE
-    task_batched = True
+    default_task_chunk = None  # every task of a call at once: the sinusoid MLP is tiny
 
     def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         """Mean squared error of each task ([tasks] for stacked input, a scalar for one task)."""
@@ -346,7 +398,7 @@ def _batch_norm(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, ep
     statistics: Paddle's CPU kernels broadcast that shape ~10x faster than [1, C, 1, 1] over
     [N, C, H, W]. Running averages are never used (batch statistics everywhere).
     """
-    n, c, h, w = x.shape
+    n, c, h, w = x.shape  # c = T·C for stacked tasks: each task's channels get their own statistics
     rows = x.reshape([n, c, h * w])
     mean = rows.mean(axis=[0, 2], keepdim=True).squeeze(0)
     centred = rows - mean

@@ -24,27 +24,36 @@ from paddle.autograd import PyLayer
 
 
 class NativeKernels:
-    """Paddle's own first-order convolution kernels (NCHW, no bias): any device, any dtype."""
+    """Paddle's own first-order convolution kernels (NCHW, no bias): any device, any dtype.
 
-    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int):
+    ``groups`` splits the channels as Paddle does: weight [O, C / groups, k, k], output channels
+    [g·O/groups, (g+1)·O/groups) see only input channels [g·C/groups, (g+1)·C/groups).
+    """
+
+    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int, groups=1):
         return _C_ops.conv2d(
-            x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
+            x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW"
         )
 
-    def backward(self, x, weight, grad_out, stride: int, padding: int):
+    def backward(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
         """(dL/dx, dL/dweight) for ``y = conv(x, weight)`` given ``grad_out = dL/dy``."""
-        return _C_ops.conv2d_grad(
-            x, weight, grad_out, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
-        )
+        geometry = ([stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW")
+        return _C_ops.conv2d_grad(x, weight, grad_out, *geometry)
 
-    def backward_data(self, x, weight, grad_out, stride: int, padding: int):
-        return self.backward(x, weight, grad_out, stride, padding)[0]
+    def backward_data(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
+        return self.backward(x, weight, grad_out, stride, padding, groups)[0]
 
-    def backward_weights(self, x, weight, grad_out, stride: int, padding: int):
-        return self.backward(x, weight, grad_out, stride, padding)[1]
+    def backward_weights(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
+        return self.backward(x, weight, grad_out, stride, padding, groups)[1]
 
 
 _kernels: NativeKernels = NativeKernels()
+_kernels_kind = "native"
+
+
+def kernels_in_use() -> str:
+    """``"fast"`` or ``"native"``: what :func:`use_kernels` chose (native until it is called)."""
+    return _kernels_kind
 
 
 def use_kernels(kind: str) -> str:
@@ -52,15 +61,15 @@ def use_kernels(kind: str) -> str:
     metalearn/fastconv.py) or ``"native"`` (Paddle's). Returns the kind actually in use: fast
     falls back to native on a GPU or where oneDNN cannot be built. Both compute the same function.
     """
-    global _kernels
+    global _kernels, _kernels_kind
     if kind == "fast" and paddle.get_device() == "cpu":
         from metalearn import fastconv
 
         fast = fastconv.load_kernels()
         if fast is not None:
-            _kernels = fast
+            _kernels, _kernels_kind = fast, "fast"
             return "fast"
-    _kernels = NativeKernels()
+    _kernels, _kernels_kind = NativeKernels(), "native"
     return "native"
 
 
@@ -68,10 +77,10 @@ class _ConvGrad(PyLayer):
     """The map (x, w, dy) -> (dx, dw) of a convolution's backward pass, as a differentiable op."""
 
     @staticmethod
-    def forward(ctx, x, weight, grad_out, stride, padding):
+    def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x, weight, grad_out)
-        ctx.stride, ctx.padding = stride, padding
-        return _kernels.backward(x, weight, grad_out, stride, padding)
+        ctx.geometry = geometry
+        return _kernels.backward(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw):
@@ -80,15 +89,15 @@ class _ConvGrad(PyLayer):
         #   d/d w  = weight-gradient of conv at input gx with output-gradient dy
         #   d/d x  = input-gradient  of conv at weight gw with output-gradient dy
         x, weight, grad_out = ctx.saved_tensor()
-        stride, padding = ctx.stride, ctx.padding
+        geometry = ctx.geometry
         d_grad_out = paddle.zeros_like(grad_out)
         d_x = d_weight = None
         if grad_dx is not None:
-            d_grad_out = d_grad_out + _kernels.forward(grad_dx, weight, stride, padding)
-            d_weight = _kernels.backward_weights(grad_dx, weight, grad_out, stride, padding)
+            d_grad_out = d_grad_out + _kernels.forward(grad_dx, weight, *geometry)
+            d_weight = _kernels.backward_weights(grad_dx, weight, grad_out, *geometry)
         if grad_dw is not None:
-            d_grad_out = d_grad_out + _kernels.forward(x, grad_dw, stride, padding)
-            d_x = _kernels.backward_data(x, grad_dw, grad_out, stride, padding)
+            d_grad_out = d_grad_out + _kernels.forward(x, grad_dw, *geometry)
+            d_x = _kernels.backward_data(x, grad_dw, grad_out, *geometry)
         return (
             _as_input_grad(d_x, x),
             _as_input_grad(d_weight, weight),
@@ -113,41 +122,44 @@ class _ConvWeightGrad(PyLayer):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, grad_out, stride, padding):
+    def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x)
-        ctx.stride, ctx.padding = stride, padding
-        return _kernels.backward_weights(x, weight, grad_out, stride, padding)
+        ctx.geometry = geometry
+        return _kernels.backward_weights(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dw):
         (x,) = ctx.saved_tensor()
-        return None, None, _kernels.forward(x, grad_dw, ctx.stride, ctx.padding)
+        return None, None, _kernels.forward(x, grad_dw, *ctx.geometry)
 
 
 class _Conv(PyLayer):
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
+    def forward(ctx, x, weight, geometry):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return _kernels.forward(x, weight, stride, padding)
+        ctx.geometry = geometry
+        return _kernels.forward(x, weight, *geometry)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensor()
         if x.stop_gradient:
-            grad_weight = _ConvWeightGrad.apply(
-                x, weight.detach(), grad_out, ctx.stride, ctx.padding
-            )
+            grad_weight = _ConvWeightGrad.apply(x, weight.detach(), grad_out, ctx.geometry)
             return None, _as_input_grad(grad_weight, weight)
-        grad_x, grad_weight = _ConvGrad.apply(x, weight, grad_out, ctx.stride, ctx.padding)
+        grad_x, grad_weight = _ConvGrad.apply(x, weight, grad_out, ctx.geometry)
         return _as_input_grad(grad_x, x), _as_input_grad(grad_weight, weight)
 
 
 def conv2d(
-    x: paddle.Tensor, weight: paddle.Tensor, stride: int = 1, padding: int = 0
+    x: paddle.Tensor, weight: paddle.Tensor, stride: int = 1, padding: int = 0, groups: int = 1
 ) -> paddle.Tensor:
-    """Bias-free NCHW convolution with exact first and second derivatives."""
-    return _Conv.apply(x, weight, stride, padding)
+    """Bias-free NCHW convolution with exact first and second derivatives.
+
+    With ``groups`` = T it computes T independent convolutions at once (weight [T·O, C, k, k],
+    input [N, T·C, H, W]): the stacked tasks of a meta-batch, each with its own weights. The
+    derivations below hold group by group, so they are unchanged.
+    """
+    return _Conv.apply(x, weight, (stride, padding, groups))
 
 
 _POOL = (
@@ -229,14 +241,15 @@ def max_pool2x2(x: paddle.Tensor) -> paddle.Tensor:
 
 
 def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-    """Mean cross-entropy of ``logits`` [n, classes] against integer ``labels`` [n].
+    """Mean cross-entropy of ``logits`` [n, classes] against integer ``labels`` [n]; for stacked
+    tasks ([T, n, classes] and [T, n]) the T per-task means.
 
     Built from double-differentiable ops only. The max subtracted for numerical stability is
     detached: log-sum-exp does not depend on it, so the derivatives stay exact.
     """
-    shift = logits.max(axis=1, keepdim=True).detach()
+    shift = logits.max(axis=-1, keepdim=True).detach()
     shifted = logits - shift
-    log_norm = paddle.log(paddle.exp(shifted).sum(axis=1, keepdim=True))
-    one_hot = paddle.nn.functional.one_hot(labels, logits.shape[1]).astype(logits.dtype)
-    picked = (shifted * one_hot).sum(axis=1, keepdim=True)
-    return (log_norm - picked).sum() * (1.0 / logits.shape[0])
+    log_norm = paddle.log(paddle.exp(shifted).sum(axis=-1, keepdim=True))
+    one_hot = paddle.nn.functional.one_hot(labels, logits.shape[-1]).astype(logits.dtype)
+    picked = (shifted * one_hot).sum(axis=-1, keepdim=True)
+    return (log_norm - picked).sum(axis=[-2, -1]) * (1.0 / logits.shape[-2])

@@ -109,7 +109,7 @@ def prepare_config(given: dict) -> dict:
         if not config_path.is_file():
             raise UserError(f"--resume {run_dir}: no config.json there (not a run folder?)")
         config = read_run_config(config_path)
-        for key in ("epochs", "use_gpu", "max_minutes", "kernels"):
+        for key in ("epochs", "use_gpu", "max_minutes", "kernels", "task_chunk"):
             if given.get(key) is not None:
                 config[key] = given[key]
         config["resume"] = str(run_dir)

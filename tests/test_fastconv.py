@@ -97,6 +97,33 @@ def test_backward_matches_native(kernels, case):
     _assert_close(kernels.backward_weights(x, w, dy, stride, padding), dw_ref, "backward_weights")
 
 
+# (x shape, out channels, stride, padding, groups): stacked tasks of the Omniglot net
+GROUPED_CASES = [
+    ([5, 32, 28, 28], 2048, 2, 1, 32),  # first layer: one input channel per task
+    ([5, 512, 7, 7], 512, 2, 1, 8),
+    ([2, 6, 9, 9], 4, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda case: f"{case[0]}-g{case[4]}")
+def test_grouped_kernels_match_native(kernels, case):
+    shape, out_channels, stride, padding, groups = case
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+    w_shape = [out_channels, shape[1] // groups, 3, 3]
+    w = paddle.to_tensor(rng.standard_normal(w_shape).astype("float32") / 3.0)
+    geometry = ([stride] * 2, [padding] * 2, "EXPLICIT", [1, 1], groups, "NCHW")
+    y_ref = _C_ops.conv2d(x, w, *geometry)
+    dy = paddle.to_tensor(rng.standard_normal(y_ref.shape).astype("float32"))
+    dx_ref, dw_ref = _C_ops.conv2d_grad(x, w, dy, *geometry)
+    _assert_close(kernels.forward(x, w, stride, padding, groups), y_ref, "y")
+    dx, dw = kernels.backward(x, w, dy, stride, padding, groups)
+    _assert_close(dx, dx_ref, "dx")
+    _assert_close(dw, dw_ref, "dw")
+    _assert_close(kernels.backward_data(x, w, dy, stride, padding, groups), dx_ref, "dx only")
+    _assert_close(kernels.backward_weights(x, w, dy, stride, padding, groups), dw_ref, "dw only")
+
+
 def test_repeated_calls_use_new_data(kernels):
     """Cached primitives must read the tensors of each call, not those of the first."""
     case = ([5, 64, 7, 7], 64, 2, 1)
@@ -299,8 +326,8 @@ def test_recorded_choices_give_identical_results_across_processes(kernels, tmp_p
     cache, choices = _cache_with_build(kernels, tmp_path)
     first = _run_recording(cache, tmp_path / "first", RECORDED_CASES)
     records = sorted(choices.glob("*.txt"))
-    # three kinds for each case and for the shape of the self-check
-    assert len(records) == 3 * (len(RECORDED_CASES) + 1), [p.name for p in records]
+    # three kinds for each case and for the shape of the self-check, plus its grouped forward
+    assert len(records) == 3 * (len(RECORDED_CASES) + 1) + 1, [p.name for p in records]
     assert all(p.read_text().startswith("impl=") for p in records)
     assert "recorded in" in first and "(recorded)" not in first, first
     contents = [p.read_text() for p in records]
@@ -324,7 +351,7 @@ def test_unusable_recorded_choice_is_retuned(kernels, tmp_path):
     cache, choices = _cache_with_build(kernels, tmp_path)
     case = ([2, 3, 8, 8], 4, 2, 0)
     _run_recording(cache, tmp_path / "first", [case])
-    record = next(choices.glob("fwd-x2x3x8x8-o4-k3-s2-p0-*.txt"))
+    record = next(choices.glob("fwd-x2x3x8x8-o4-k3-g1-s2-p0-*.txt"))
     bogus = "impl=jit:no_such_isa\nblocked=1\nthreads=1\nsignature=jit:no_such_isa|2|1\n"
     record.write_text(bogus)
 

@@ -1,15 +1,17 @@
 // oneDNN fast path for the first-order convolution kernels used by metalearn/ops.py.
 //
 // Semantics are those of Paddle's `_C_ops.conv2d` / `_C_ops.conv2d_grad` with
-// padding_algorithm="EXPLICIT", dilation 1, groups 1, data_format "NCHW", no bias, square stride
-// and padding, float32 only. Inputs and outputs are plain contiguous NCHW / OIHW Paddle tensors.
+// padding_algorithm="EXPLICIT", dilation 1, data_format "NCHW", no bias, square stride and
+// padding, any number of groups, float32 only. Inputs and outputs are plain contiguous NCHW /
+// OIHW Paddle tensors; with g groups the weight [O, C/g, k, k] is the same bytes as oneDNN's
+// plain grouped weight [g, O/g, C/g, k, k].
 //
 // Operators (built as a Paddle custom operator library, see metalearn/fastconv.py):
 //   fastconv_forward(x, w)                  -> y
 //   fastconv_backward(x, w, dy)             -> dx, dw
 //   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
 //   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
-// each with int attributes stride and padding.
+// each with int attributes stride, padding and groups.
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
 // only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
@@ -91,6 +93,7 @@ constexpr unsigned kStreamDefault = 1;        // dnnl_stream_default_flags (in o
 constexpr int kF32 = 3;                       // dnnl_f32
 constexpr int kTagAny = 1;                    // dnnl_format_tag_any
 constexpr int kTagAbcd = 5;                   // dnnl_abcd == dnnl_nchw == dnnl_oihw
+constexpr int kTagAbcde = 6;                  // dnnl_abcde == dnnl_goihw
 constexpr int kForwardTraining = 64;          // dnnl_forward_training
 constexpr int kConvolutionDirect = 1;         // dnnl_convolution_direct
 constexpr int kQueryImplInfoStr = 8;          // dnnl_query_impl_info_str
@@ -290,13 +293,19 @@ class ThreadScope {
 enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 const char* const kKindName[] = {"fwd", "bwd_data", "bwd_weights"};
 
+using Dims = std::vector<int64_t>;
+
+// c and o count all channels; with g > 1 groups the weight is [g, o/g, c/g, k, k].
 struct Shape {
   int64_t n, c, h, w, o, k, oh, ow;
   int stride, pad;
-  std::array<int64_t, 4> x() const { return {n, c, h, w}; }
-  std::array<int64_t, 4> wei() const { return {o, c, k, k}; }
-  std::array<int64_t, 4> y() const { return {n, o, oh, ow}; }
+  int64_t g = 1;
+  Dims x() const { return {n, c, h, w}; }
+  Dims wei() const { return g == 1 ? Dims{o, c, k, k} : Dims{g, o / g, c / g, k, k}; }
+  Dims y() const { return {n, o, oh, ow}; }
 };
+
+static int plain_tag(const Dims& dims) { return dims.size() == 4 ? kTagAbcd : kTagAbcde; }
 
 struct Step {
   handle primitive;
@@ -389,10 +398,12 @@ class Plan {
   const bool blocked;
 
  private:
-  void add_user(const std::array<int64_t, 4>& dims) {
-    dnnl_dims d = {dims[0], dims[1], dims[2], dims[3]};
+  void add_user(const Dims& dims) {
+    dnnl_dims d = {};
+    std::copy(dims.begin(), dims.end(), d);
     handle desc = nullptr;
-    check(rt_.api.memory_desc_create_with_tag(&desc, 4, d, kF32, kTagAbcd), "memory_desc_create");
+    check(rt_.api.memory_desc_create_with_tag(&desc, int(dims.size()), d, kF32, plain_tag(dims)),
+          "memory_desc_create");
     mds_.push_back(desc);
     handle mem = nullptr;
     check(rt_.api.memory_create(&mem, desc, rt_.engine, nullptr), "memory_create");
@@ -456,10 +467,12 @@ static std::vector<handle> candidates(Runtime& rt, Kind kind, const Shape& s, bo
   auto& api = rt.api;
   Geometry g(s);
   std::vector<handle> mds, pds, out;
-  auto md = [&](const std::array<int64_t, 4>& dims) {
-    dnnl_dims d = {dims[0], dims[1], dims[2], dims[3]};
+  auto md = [&](const Dims& dims) {
+    dnnl_dims d = {};
+    std::copy(dims.begin(), dims.end(), d);
     handle desc = nullptr;
-    if (api.memory_desc_create_with_tag(&desc, 4, d, kF32, any ? kTagAny : kTagAbcd) == kSuccess)
+    int tag = any ? kTagAny : plain_tag(dims);
+    if (api.memory_desc_create_with_tag(&desc, int(dims.size()), d, kF32, tag) == kSuccess)
       mds.push_back(desc);
     return desc;
   };
@@ -546,8 +559,12 @@ static std::unique_ptr<Plan> build(Runtime& rt, Kind kind, const Shape& s, handl
 
 // Typical time in seconds of `plan` on scratch buffers; gives up early on clearly slower plans.
 static double time_plan(Plan& plan, const Shape& s, Kind kind, double best_so_far) {
-  auto count = [](const std::array<int64_t, 4>& d) { return size_t(d[0] * d[1] * d[2] * d[3]); };
-  std::array<std::array<int64_t, 4>, 3> dims;
+  auto count = [](const Dims& d) {
+    size_t total = 1;
+    for (int64_t v : d) total *= size_t(v);
+    return total;
+  };
+  std::array<Dims, 3> dims;
   if (kind == kForward) dims = {s.x(), s.wei(), s.y()};
   if (kind == kBackwardData) dims = {s.y(), s.wei(), s.x()};
   if (kind == kBackwardWeights) dims = {s.x(), s.y(), s.wei()};
@@ -568,9 +585,10 @@ static double time_plan(Plan& plan, const Shape& s, Kind kind, double best_so_fa
 }
 
 static void log_choice(Kind kind, const Shape& s, const Plan& plan, const std::string& report) {
-  std::fprintf(stderr, "fastconv: %s x=[%ld,%ld,%ld,%ld] w=[%ld,%ld,%ld,%ld] s%d p%d -> %s%s\n",
-               kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o), long(s.c),
-               long(s.k), long(s.k), s.stride, s.pad, plan.description().c_str(), report.c_str());
+  std::fprintf(stderr, "fastconv: %s x=[%ld,%ld,%ld,%ld] w=[%ld,%ld,%ld,%ld] g%ld s%d p%d -> %s%s\n",
+               kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o),
+               long(s.c / s.g), long(s.k), long(s.k), long(s.g), s.stride, s.pad,
+               plan.description().c_str(), report.c_str());
 }
 
 // Without tuning: oneDNN's first choice on the preferred layout, with all threads.
@@ -656,9 +674,9 @@ struct Choice {
 // File name of the record of (kind, shape) under this process's thread budget and layout setting.
 static std::string choice_file(const Runtime& rt, Kind kind, const Shape& s) {
   char name[256];
-  std::snprintf(name, sizeof(name), "%s-x%ldx%ldx%ldx%ld-o%ld-k%ld-s%d-p%d-t%d%s-%s.txt",
+  std::snprintf(name, sizeof(name), "%s-x%ldx%ldx%ldx%ld-o%ld-k%ld-g%ld-s%d-p%d-t%d%s-%s.txt",
                 kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o),
-                long(s.k), s.stride, s.pad, rt.threads, rt.threads_fixed ? "fixed" : "",
+                long(s.k), long(s.g), s.stride, s.pad, rt.threads, rt.threads_fixed ? "fixed" : "",
                 rt.layout.c_str());
   std::string file = name;
   for (char& ch : file)  // the layout comes from the environment: keep the name a plain file
@@ -781,9 +799,9 @@ static std::unique_ptr<Plan> choose(Runtime& rt, Kind kind, const Shape& s) {
 }
 
 static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
-  using Key = std::array<int64_t, 9>;
+  using Key = std::array<int64_t, 10>;
   static std::map<Key, std::unique_ptr<Plan>> cache;
-  Key key = {kind, s.n, s.c, s.h, s.w, s.o, s.k, s.stride, s.pad};
+  Key key = {kind, s.n, s.c, s.h, s.w, s.o, s.k, s.stride, s.pad, s.g};
   auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
   return *(cache[key] = choose(rt, kind, s));
@@ -804,12 +822,16 @@ static paddle::Tensor dense(const paddle::Tensor& t, const char* name) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
-static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad) {
+static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad,
+                      int groups) {
   auto xs = x.shape(), ws = w.shape();
-  PD_CHECK(ws[1] == xs[1], "fastconv: input has ", xs[1], " channels, weight expects ", ws[1]);
+  PD_CHECK(groups >= 1 && ws[0] % groups == 0, "fastconv: ", ws[0], " filters in ", groups,
+           " groups");
+  PD_CHECK(ws[1] * groups == xs[1], "fastconv: input has ", xs[1], " channels, weight expects ",
+           ws[1] * groups);
   PD_CHECK(ws[2] == ws[3], "fastconv: only square kernels are supported");
   PD_CHECK(stride >= 1 && pad >= 0, "fastconv: bad stride/padding");
-  Shape s{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], 0, 0, stride, pad};
+  Shape s{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], 0, 0, stride, pad, groups};
   s.oh = (s.h + 2 * pad - s.k) / stride + 1;
   s.ow = (s.w + 2 * pad - s.k) / stride + 1;
   PD_CHECK(s.oh > 0 && s.ow > 0, "fastconv: empty output");
@@ -841,9 +863,9 @@ static void execute(Kind kind, const Shape& s, void* in0, void* in1, void* out) 
 static bool degenerate(const Shape& s) { return s.n == 0 || s.c == 0 || s.o == 0; }
 
 std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
-                                        int stride, int padding) {
+                                        int stride, int padding, int groups) {
   paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight");
-  Shape s = shape_of(x, w, stride, padding);
+  Shape s = shape_of(x, w, stride, padding, groups);
   if (degenerate(s)) return {zeros({s.n, s.o, s.oh, s.ow})};
   auto y = empty({s.n, s.o, s.oh, s.ow});
   execute(kForward, s, ptr(x), ptr(w), ptr(y));
@@ -853,11 +875,11 @@ std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x_in, const paddle
 std::vector<paddle::Tensor> ConvBackwardData(const paddle::Tensor& x_in,
                                              const paddle::Tensor& w_in,
                                              const paddle::Tensor& dy_in, int stride,
-                                             int padding) {
+                                             int padding, int groups) {
   // x is used for its shape only.
   paddle::Tensor w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
   PD_CHECK(x_in.shape().size() == 4, "fastconv: x must be 4-D");
-  Shape s = shape_of(x_in, w, stride, padding);
+  Shape s = shape_of(x_in, w, stride, padding, groups);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(x_in.shape())};
   auto dx = empty(x_in.shape());
@@ -868,11 +890,11 @@ std::vector<paddle::Tensor> ConvBackwardData(const paddle::Tensor& x_in,
 std::vector<paddle::Tensor> ConvBackwardWeights(const paddle::Tensor& x_in,
                                                 const paddle::Tensor& w_in,
                                                 const paddle::Tensor& dy_in, int stride,
-                                                int padding) {
+                                                int padding, int groups) {
   // w is used for its shape only.
   paddle::Tensor x = dense(x_in, "x"), dy = dense(dy_in, "grad_out");
   PD_CHECK(w_in.shape().size() == 4, "fastconv: weight must be 4-D");
-  Shape s = shape_of(x, w_in, stride, padding);
+  Shape s = shape_of(x, w_in, stride, padding, groups);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(w_in.shape())};
   auto dw = empty(w_in.shape());
@@ -881,9 +903,9 @@ std::vector<paddle::Tensor> ConvBackwardWeights(const paddle::Tensor& x_in,
 }
 
 std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
-                                         const paddle::Tensor& dy_in, int stride, int padding) {
+                                         const paddle::Tensor& dy_in, int stride, int padding, int groups) {
   paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
-  Shape s = shape_of(x, w, stride, padding);
+  Shape s = shape_of(x, w, stride, padding, groups);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(x.shape()), zeros(w.shape())};
   auto dx = empty(x.shape());
@@ -897,7 +919,7 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x_in, const paddl
 
 std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
                                                const std::vector<int64_t>& w, int stride,
-                                               int padding) {
+                                               int padding, int groups) {
   return {{x[0], w[0], (x[2] + 2 * padding - w[2]) / stride + 1,
            (x[3] + 2 * padding - w[3]) / stride + 1}};
 }
@@ -905,21 +927,21 @@ std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
 std::vector<std::vector<int64_t>> BackwardShape(const std::vector<int64_t>& x,
                                                 const std::vector<int64_t>& w,
                                                 const std::vector<int64_t>& dy, int stride,
-                                                int padding) {
+                                                int padding, int groups) {
   return {x, w};
 }
 
 std::vector<std::vector<int64_t>> BackwardDataShape(const std::vector<int64_t>& x,
                                                     const std::vector<int64_t>& w,
                                                     const std::vector<int64_t>& dy, int stride,
-                                                    int padding) {
+                                                    int padding, int groups) {
   return {x};
 }
 
 std::vector<std::vector<int64_t>> BackwardWeightsShape(const std::vector<int64_t>& x,
                                                        const std::vector<int64_t>& w,
                                                        const std::vector<int64_t>& dy,
-                                                       int stride, int padding) {
+                                                       int stride, int padding, int groups) {
   return {w};
 }
 
@@ -949,7 +971,7 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 PD_BUILD_OP(fastconv_forward)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
-    .Attrs({"stride: int", "padding: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::ForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::ForwardDtype));
@@ -957,7 +979,7 @@ PD_BUILD_OP(fastconv_forward)
 PD_BUILD_OP(fastconv_backward)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DX", "DW"})
-    .Attrs({"stride: int", "padding: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDtype));
@@ -965,7 +987,7 @@ PD_BUILD_OP(fastconv_backward)
 PD_BUILD_OP(fastconv_backward_data)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DX"})
-    .Attrs({"stride: int", "padding: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardData))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardDataShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDataDtype));
@@ -973,7 +995,7 @@ PD_BUILD_OP(fastconv_backward_data)
 PD_BUILD_OP(fastconv_backward_weights)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DW"})
-    .Attrs({"stride: int", "padding: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardWeights))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardWeightsShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardWeightsDtype));
