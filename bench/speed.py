@@ -36,7 +36,7 @@ from metalearn.runtime import tune_allocator
 tune_allocator()  # as train.py does, before Paddle loads (re-executes this script once)
 
 
-from metalearn import ops
+from metalearn import fastconv
 from metalearn.algorithms import MetaLearner, make_parameters
 from metalearn.nets import MLP, ConvNet, PoolConvNet
 from metalearn.tasks import ImageTasks, SinusoidTasks
@@ -444,7 +444,7 @@ def main() -> None:
     else:
         torch.set_num_threads(args.ref_threads)
         print(f"reference threads: {args.ref_threads}")
-    print(f"convolution kernels: {ops.use_kernels(args.kernels)}")
+    print(f"convolution kernels: {fastconv.use_kernels(args.kernels)}")
     rss = PeakRSS()
     rows = []
     for config in CONFIGS:

@@ -69,9 +69,9 @@ from paddle import _C_ops
 
 from metalearn.errors import UserError
 from metalearn.fileio import atomic_write, file_lock
-from metalearn.ops import NativeKernels
+from metalearn.kernels import NativeKernels, install
 
-__all__ = ["Kernels", "load_kernels"]
+__all__ = ["Kernels", "load_kernels", "use_kernels"]
 
 DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "onednn_conv.cc"
@@ -210,6 +210,20 @@ def load_kernels() -> Kernels | None:
                     file=sys.stderr,
                 )
         return _kernels
+
+
+def use_kernels(kind: str) -> str:
+    """Install the convolution kernels for :mod:`metalearn.ops`: ``"fast"`` (oneDNN, CPU float32,
+    built on first use) or ``"native"`` (Paddle's). Returns the kind actually in use: fast falls
+    back to native on a GPU or where oneDNN cannot be built. Both compute the same function.
+    """
+    if kind == "fast" and paddle.get_device() == "cpu":
+        fast = load_kernels()
+        if fast is not None:
+            install(fast, "fast")
+            return "fast"
+    install(NativeKernels(), "native")
+    return "native"
 
 
 def cache_root() -> Path:

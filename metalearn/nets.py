@@ -13,7 +13,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from metalearn import ops
+from metalearn import kernels, ops
 from metalearn.errors import UserError
 from metalearn.metrics import ACCURACY, MSE
 
@@ -126,7 +126,7 @@ class _BlockNet:
         """Tasks stacked per computation unless the learner is told otherwise: ``stacked_tasks``
         with the oneDNN kernels; one at a time with Paddle's own, whose grouped convolutions made
         a second-order step ~4x slower than one task at a time."""
-        return self.stacked_tasks if ops.kernels_in_use() == "fast" else 1
+        return self.stacked_tasks if kernels.in_use() == "fast" else 1
 
     def check_input(self, x: paddle.Tensor) -> None:
         """Refuse images of another shape than the network was built for (a wiring mistake)."""

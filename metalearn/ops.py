@@ -22,55 +22,7 @@ import paddle
 from paddle import _C_ops
 from paddle.autograd import PyLayer
 
-
-class NativeKernels:
-    """Paddle's own first-order convolution kernels (NCHW, no bias): any device, any dtype.
-
-    ``groups`` splits the channels as Paddle does: weight [O, C / groups, k, k], output channels
-    [g·O/groups, (g+1)·O/groups) see only input channels [g·C/groups, (g+1)·C/groups).
-    """
-
-    def forward(self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int, groups=1):
-        return _C_ops.conv2d(
-            x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW"
-        )
-
-    def backward(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
-        """(dL/dx, dL/dweight) for ``y = conv(x, weight)`` given ``grad_out = dL/dy``."""
-        geometry = ([stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW")
-        return _C_ops.conv2d_grad(x, weight, grad_out, *geometry)
-
-    def backward_data(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
-        return self.backward(x, weight, grad_out, stride, padding, groups)[0]
-
-    def backward_weights(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
-        return self.backward(x, weight, grad_out, stride, padding, groups)[1]
-
-
-_kernels: NativeKernels = NativeKernels()
-_kernels_kind = "native"
-
-
-def kernels_in_use() -> str:
-    """``"fast"`` or ``"native"``: what :func:`use_kernels` chose (native until it is called)."""
-    return _kernels_kind
-
-
-def use_kernels(kind: str) -> str:
-    """Pick the convolution kernels: ``"fast"`` (oneDNN, CPU float32; built on first use, see
-    metalearn/fastconv.py) or ``"native"`` (Paddle's). Returns the kind actually in use: fast
-    falls back to native on a GPU or where oneDNN cannot be built. Both compute the same function.
-    """
-    global _kernels, _kernels_kind
-    if kind == "fast" and paddle.get_device() == "cpu":
-        from metalearn import fastconv
-
-        fast = fastconv.load_kernels()
-        if fast is not None:
-            _kernels, _kernels_kind = fast, "fast"
-            return "fast"
-    _kernels, _kernels_kind = NativeKernels(), "native"
-    return "native"
+from metalearn import kernels
 
 
 class _ConvGrad(PyLayer):
@@ -80,7 +32,7 @@ class _ConvGrad(PyLayer):
     def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x, weight, grad_out)
         ctx.geometry = geometry
-        return _kernels.backward(x, weight, grad_out, *geometry)
+        return kernels.active().backward(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw):
@@ -89,15 +41,15 @@ class _ConvGrad(PyLayer):
         #   d/d w  = weight-gradient of conv at input gx with output-gradient dy
         #   d/d x  = input-gradient  of conv at weight gw with output-gradient dy
         x, weight, grad_out = ctx.saved_tensor()
-        geometry = ctx.geometry
+        geometry, kernel = ctx.geometry, kernels.active()
         d_grad_out = paddle.zeros_like(grad_out)
         d_x = d_weight = None
         if grad_dx is not None:
-            d_grad_out = d_grad_out + _kernels.forward(grad_dx, weight, *geometry)
-            d_weight = _kernels.backward_weights(grad_dx, weight, grad_out, *geometry)
+            d_grad_out = d_grad_out + kernel.forward(grad_dx, weight, *geometry)
+            d_weight = kernel.backward_weights(grad_dx, weight, grad_out, *geometry)
         if grad_dw is not None:
-            d_grad_out = d_grad_out + _kernels.forward(x, grad_dw, *geometry)
-            d_x = _kernels.backward_data(x, grad_dw, grad_out, *geometry)
+            d_grad_out = d_grad_out + kernel.forward(x, grad_dw, *geometry)
+            d_x = kernel.backward_data(x, grad_dw, grad_out, *geometry)
         return (
             _as_input_grad(d_x, x),
             _as_input_grad(d_weight, weight),
@@ -125,12 +77,12 @@ class _ConvWeightGrad(PyLayer):
     def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x)
         ctx.geometry = geometry
-        return _kernels.backward_weights(x, weight, grad_out, *geometry)
+        return kernels.active().backward_weights(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dw):
         (x,) = ctx.saved_tensor()
-        return None, None, _kernels.forward(x, grad_dw, *ctx.geometry)
+        return None, None, kernels.active().forward(x, grad_dw, *ctx.geometry)
 
 
 class _Conv(PyLayer):
@@ -138,7 +90,7 @@ class _Conv(PyLayer):
     def forward(ctx, x, weight, geometry):
         ctx.save_for_backward(x, weight)
         ctx.geometry = geometry
-        return _kernels.forward(x, weight, *geometry)
+        return kernels.active().forward(x, weight, *geometry)
 
     @staticmethod
     def backward(ctx, grad_out):

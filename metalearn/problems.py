@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metalearn import folders, omniglot, ops
+from metalearn import fastconv, folders, omniglot
 from metalearn.nets import MLP, ConvNet, PoolConvNet
 from metalearn.tasks import ClassImages, ImageTasks, SinusoidTasks
 
@@ -42,7 +42,7 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
             where=f"the {split} split",
         )
     channels, size = next(iter(samplers.values())).classes.pixels.shape[1:3]
-    config["kernels"] = ops.use_kernels(config.get("kernels", "fast"))  # what is really in use
+    config["kernels"] = fastconv.use_kernels(config.get("kernels", "fast"))  # what is really in use
     return Problem(image_network(config, int(channels), int(size)), samplers)
 
 

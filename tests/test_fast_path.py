@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metalearn import fastconv, ops
+from metalearn import fastconv
 from metalearn.algorithms import MetaLearner, make_parameters
 from metalearn.nets import ConvNet
 from metalearn.tasks import ImageTasks
@@ -18,14 +18,14 @@ def tasks():
 
 
 def directions(kind: str, algo: str, steps: int, tasks) -> np.ndarray:
-    ops.use_kernels(kind)
+    fastconv.use_kernels(kind)
     try:
         net = ConvNet(n_way=5)
         learner = MetaLearner(net, make_parameters(net.init_params(7)), algo, 0.4, steps)
         total, _ = learner.batch_direction(tasks)
         return np.concatenate([total[k].numpy().ravel() for k in learner.params])
     finally:
-        ops.use_kernels("native")
+        fastconv.use_kernels("native")
 
 
 @pytest.mark.parametrize("steps", [1, 5])

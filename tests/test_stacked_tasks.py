@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import ops
+from metalearn import fastconv, kernels
 from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
 from metalearn.gradcheck import meta_gradient_error
 from metalearn.nets import ConvNet, PoolConvNet
@@ -118,16 +118,16 @@ def test_stacked_meta_gradient_matches_finite_differences(kind: str) -> None:
 
 
 def test_conv_net_stacks_tasks_by_default_only_with_the_fast_kernels() -> None:
-    previous = ops.kernels_in_use()
+    previous = kernels.in_use()
     try:
         net, pool = ConvNet(n_way=5), PoolConvNet(n_way=5)
-        ops.use_kernels("native")
+        fastconv.use_kernels("native")
         assert net.default_task_chunk == 1
-        if ops.use_kernels("fast") == "fast":
+        if fastconv.use_kernels("fast") == "fast":
             assert net.default_task_chunk > 1
             assert pool.default_task_chunk == 1  # measured: no faster, 2.5x the memory
     finally:
-        ops.use_kernels(previous)
+        fastconv.use_kernels(previous)
 
 
 def test_task_chunk_must_be_positive() -> None:

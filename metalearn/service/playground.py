@@ -218,13 +218,13 @@ class PlaygroundEngine:
         return loaded
 
     def _adapt(self, best: Path, spec: ImageSpec, support_x, support_y, query_x, steps: int):
-        from metalearn import ops
+        from metalearn import fastconv
         from metalearn.tasks import Task
 
         # The oneDNN operator crashes when a thread other than the one that first used it calls
         # it (measured: SIGSEGV in the OpenMP runtime); Paddle's own kernels compute the same
         # function and are safe here. Set per call: an in-process training may switch back.
-        ops.use_kernels("native")
+        fastconv.use_kernels("native")
         run = self._load(best, spec)
         labels = sorted(set(support_y.tolist()))
         if labels != list(range(run.n_way)):
