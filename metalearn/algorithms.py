@@ -247,7 +247,9 @@ class MetaLearner:
                 continue
             step = steps - len(weights) + 1 + offset
             out = run.output(run.query_inputs, run.trajectory[step], step)
-            losses = self.net.task_losses(out, run.y_query) * float(weight)
+            losses = self.net.task_losses(out, run.y_query)
+            if weight != 1:  # the usual final-step-only loss needs no (exact) ×1 op
+                losses = losses * float(weight)
             total = losses if total is None else total + losses
         return total
 
@@ -275,11 +277,8 @@ class MetaLearner:
         base = {k: self.params[k] for k in self.theta}
         if not differentiable:
             base = {k: w.detach() for k, w in base.items()}
-        if count > 1:
-            base = {
-                k: w.unsqueeze(0) + paddle.zeros([count, *w.shape], w.dtype)
-                for k, w in base.items()
-            }
+        if count > 1:  # one broadcast each (its gradient sums the copies' gradients back)
+            base = {k: w.expand([count, *w.shape]) for k, w in base.items()}
         return base
 
     def _chunk_direction(self, tasks: Sequence[Task], track_steps: bool, iteration: int | None):
