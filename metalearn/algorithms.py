@@ -343,7 +343,7 @@ class MetaLearner:
         if not direction:  # a process with no task of this meta-batch still joins the sum
             direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
         dtype = next(iter(direction.values())).dtype  # one dtype: the sums travel in one buffer
-        totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype=dtype)}
+        totals = {_LOSS: paddle.full([1], sum(s.loss for s in stats), dtype)}
         if track_steps:
             steps = self.inner_steps + 1 if self.variant.inner_loop else 1
             per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
