@@ -219,9 +219,9 @@ class MetaLearner:
                 loss = self.net.loss(output(support.detach(), leaves, step), batch.y_support)
                 grads = paddle.grad(loss, [leaves[k] for k in self.adapted])
             updated = dict(current)
-            for name, grad in zip(self.adapted, grads):
-                value = self.rule.update(name, current[name], grad, step, self.params)
-                updated[name] = value.detach() if order is Order.NONE else value
+            with paddle.no_grad() if order is Order.NONE else nullcontext():  # no graph to build
+                for name, grad in zip(self.adapted, grads):
+                    updated[name] = self.rule.update(name, current[name], grad, step, self.params)
             trajectory.append(updated)
         return InnerRun(trajectory, query, batch.y_query, output)
 
