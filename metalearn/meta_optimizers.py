@@ -5,7 +5,8 @@ a meta-batch mean, possibly all-reduced over processes), and the network has onl
 small tensors, so ``paddle.optimizer`` costs more than the arithmetic: a surrogate backward to
 place the direction as ``.grad``, then one kernel call and its Python bookkeeping per parameter.
 These classes call Paddle's own kernels directly — ``merged_adam_`` (every parameter in one call)
-and ``sgd_`` — so θ moves by exactly the same bits as with ``paddle.optimizer.Adam``/``SGD``.
+and ``sgd_`` — so θ moves as with ``paddle.optimizer.Adam``/``SGD``: the same arithmetic, though
+in float32 ``merged_adam_`` can round a weight one ulp away from the per-parameter ``adam_``.
 
 State is keyed by the meta-parameters' stable names in Paddle's layout (``<name>_moment1_0``,
 ``<name>_moment2_0``, ``<name>_beta1_pow_acc_0``, ``<name>_beta2_pow_acc_0``), so checkpoints
@@ -22,7 +23,8 @@ TensorDict = dict[str, paddle.Tensor]
 
 
 class SGD:
-    """θ ← θ − lr·d (Reptile's outer step); keeps no state."""
+    """θ ← θ − lr·d (Reptile's outer step); keeps no state. Also the learning-rate handling and
+    interface Adam shares."""
 
     def __init__(self, params: TensorDict, learning_rate: float):
         self.params = params
