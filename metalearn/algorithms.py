@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
+from paddle import _C_ops
 
 from metalearn.inner_rules import RATE_PREFIX, make_rule
+from metalearn.meta_optimizers import SGD as MetaOptimizer
 from metalearn.tasks import Task
 from metalearn.variants import Order, make_variant
 
@@ -69,33 +71,6 @@ def make_parameters(arrays: dict[str, np.ndarray]) -> TensorDict:
         )
         for name, value in arrays.items()
     }
-
-
-def optimizer_state(
-    optimizer: paddle.optimizer.Optimizer, params: TensorDict
-) -> dict[str, np.ndarray]:
-    """The optimiser's tensors keyed by stable parameter names (not the per-process ones)."""
-    state = {}
-    for key, value in optimizer.state_dict().items():
-        if isinstance(value, paddle.Tensor):
-            state[_rename(key, {p.name: name for name, p in params.items()})] = value.numpy()
-    return state
-
-
-def load_optimizer_state(
-    optimizer: paddle.optimizer.Optimizer, params: TensorDict, state: dict[str, np.ndarray]
-) -> None:
-    """Inverse of :func:`optimizer_state` for this process's parameter names."""
-    renames = {name: p.name for name, p in params.items()}
-    optimizer.set_state_dict({_rename(k, renames): paddle.to_tensor(v) for k, v in state.items()})
-
-
-def _rename(key: str, renames: dict[str, str]) -> str:
-    """Swap the parameter-name prefix of an optimiser key (``<param>_moment1_0``)."""
-    for old in sorted(renames, key=len, reverse=True):
-        if key.startswith(old + "_"):
-            return renames[old] + key[len(old) :]
-    return key
 
 
 def to_tensors(tasks: Sequence[Task]) -> tuple[paddle.Tensor, ...]:
@@ -244,9 +219,9 @@ class MetaLearner:
                 loss = self.net.loss(output(support.detach(), leaves, step), batch.y_support)
                 grads = paddle.grad(loss, [leaves[k] for k in self.adapted])
             updated = dict(current)
-            for name, grad in zip(self.adapted, grads):
-                value = self.rule.update(name, current[name], grad, step, self.params)
-                updated[name] = value.detach() if order is Order.NONE else value
+            with paddle.no_grad() if order is Order.NONE else nullcontext():  # no graph to build
+                for name, grad in zip(self.adapted, grads):
+                    updated[name] = self.rule.update(name, current[name], grad, step, self.params)
             trajectory.append(updated)
         return InnerRun(trajectory, query, batch.y_query, output)
 
@@ -272,7 +247,9 @@ class MetaLearner:
                 continue
             step = steps - len(weights) + 1 + offset
             out = run.output(run.query_inputs, run.trajectory[step], step)
-            losses = self.net.task_losses(out, run.y_query) * float(weight)
+            losses = self.net.task_losses(out, run.y_query)
+            if weight != 1:  # the usual final-step-only loss needs no (exact) ×1 op
+                losses = losses * float(weight)
             total = losses if total is None else total + losses
         return total
 
@@ -300,11 +277,8 @@ class MetaLearner:
         base = {k: self.params[k] for k in self.theta}
         if not differentiable:
             base = {k: w.detach() for k, w in base.items()}
-        if count > 1:
-            base = {
-                k: w.unsqueeze(0) + paddle.zeros([count, *w.shape], w.dtype)
-                for k, w in base.items()
-            }
+        if count > 1:  # one broadcast each (its gradient sums the copies' gradients back)
+            base = {k: w.expand([count, *w.shape]) for k, w in base.items()}
         return base
 
     def _chunk_direction(self, tasks: Sequence[Task], track_steps: bool, iteration: int | None):
@@ -345,14 +319,14 @@ class MetaLearner:
             stats.extend(chunk_stats)
         return total, stats
 
-    def make_optimizer(self) -> paddle.optimizer.Optimizer:
+    def make_optimizer(self) -> MetaOptimizer:
         """The variant's meta-optimiser over every meta-parameter."""
-        return self.variant.make_optimizer(list(self.params.values()))
+        return self.variant.make_optimizer(self.params)
 
     def meta_update(
         self,
         tasks: Sequence[Task],
-        optimizer: paddle.optimizer.Optimizer,
+        optimizer: MetaOptimizer,
         batch_size: int,
         track_steps: bool = False,
         reduce: Callable[[TensorDict], TensorDict] = lambda tensors: tensors,
@@ -369,7 +343,7 @@ class MetaLearner:
         if not direction:  # a process with no task of this meta-batch still joins the sum
             direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
         dtype = next(iter(direction.values())).dtype  # one dtype: the sums travel in one buffer
-        totals = {_LOSS: paddle.to_tensor([sum(s.loss for s in stats)], dtype=dtype)}
+        totals = {_LOSS: paddle.full([1], sum(s.loss for s in stats), dtype)}
         if track_steps:
             steps = self.inner_steps + 1 if self.variant.inner_loop else 1
             per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
@@ -377,8 +351,8 @@ class MetaLearner:
         summed = reduce({**direction, **totals})
         loss = float(summed.pop(_LOSS).numpy()[0]) / batch_size
         per_step = (summed.pop(_METRIC).numpy() / batch_size).tolist() if track_steps else []
-        mean = {k: v * (1.0 / batch_size) for k, v in summed.items()}
-        if not (np.isfinite(loss) and all(bool(paddle.isfinite(v).all()) for v in mean.values())):
+        mean = mean_if_finite(summed, batch_size)
+        if mean is None or not np.isfinite(loss):
             raise NonFiniteError(loss)
         if iteration is not None:
             optimizer.set_lr(self.variant.learning_rate(iteration))
@@ -423,17 +397,22 @@ def initial_arrays(
     return {**theta, **rule.init_arrays(shapes, config["glob_update_step"], dtype)}
 
 
-def apply_direction(
-    params: TensorDict, optimizer: paddle.optimizer.Optimizer, direction: TensorDict
-) -> None:
-    """Let the meta-optimiser step θ along ``direction`` as if it were θ's gradient.
+def mean_if_finite(sums: TensorDict, count: int) -> TensorDict | None:
+    """``sums`` divided by ``count`` (in place), or None if any entry is NaN or infinite.
 
-    The surrogate Σ ⟨θ, d⟩ has gradient exactly d, which keeps the optimiser's own bookkeeping.
+    One call of Paddle's mixed-precision check (``check_finite_and_unscale_``: x · (1/count)
+    and the finiteness test of every tensor at once) instead of three calls per parameter.
     """
-    surrogate = sum((params[name] * value.detach()).sum() for name, value in direction.items())
-    surrogate.backward()
-    optimizer.step()
-    optimizer.clear_grad()
+    values = list(sums.values())
+    scale = paddle.full([1], count, values[0].dtype)
+    _, found_nonfinite = _C_ops.check_finite_and_unscale_(values, scale, paddle.zeros([1], "bool"))
+    return None if bool(found_nonfinite) else sums
+
+
+def apply_direction(params: TensorDict, optimizer: MetaOptimizer, direction: TensorDict) -> None:
+    """Let the meta-optimiser step the meta-parameters along ``direction`` (by stable name) as if
+    it were their gradient."""
+    optimizer.step(direction)
 
 
 def _leaf(value: paddle.Tensor) -> paddle.Tensor:

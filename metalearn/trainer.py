@@ -27,9 +27,7 @@ from metalearn.algorithms import (
     MetaLearner,
     NonFiniteError,
     initial_arrays,
-    load_optimizer_state,
     make_parameters,
-    optimizer_state,
 )
 from metalearn.args import (
     check_run_name,
@@ -152,7 +150,7 @@ class Trainer:
         self.optimizer = self.learner.make_optimizer()
         self.stop_requested = False
         if resume is not None:
-            load_optimizer_state(self.optimizer, self.params, resume.optimizer)
+            self.optimizer.set_state_dict(resume.optimizer)
             self.state = TrainState.from_saved(resume.meta.get("state"), self._last_path())
         elif (self.run_dir / "last.npz").exists():
             raise UserError(
@@ -383,7 +381,7 @@ class Trainer:
     def _save_last(self) -> None:
         if not distributed.is_main():
             return
-        optimizer = optimizer_state(self.optimizer, self.params)
+        optimizer = self.optimizer.state_dict()
         save_checkpoint(
             self.run_dir / "last.npz", Checkpoint(self._theta(), self._meta(), optimizer)
         )

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import paddle
 
+from metalearn import meta_optimizers
+
 
 class Order(enum.Enum):
     """How the inner loop's adapted weights depend on the meta-parameters."""
@@ -56,8 +58,8 @@ class QueryGradient:
         losses = learner.query_losses(run, iteration)
         return learner.gradient(losses.sum()), losses, run
 
-    def make_optimizer(self, parameters: list) -> paddle.optimizer.Optimizer:
-        return paddle.optimizer.Adam(learning_rate=self.meta_lr, parameters=parameters)
+    def make_optimizer(self, params: dict) -> meta_optimizers.Adam:
+        return meta_optimizers.Adam(params, self.meta_lr)
 
     def learning_rate(self, iteration: int) -> float:
         """The meta learning rate of ``iteration`` (1-based): constant, or cosine-annealed
@@ -113,8 +115,8 @@ class Reptile:
         }
         return direction, losses, run
 
-    def make_optimizer(self, parameters: list) -> paddle.optimizer.Optimizer:
-        return paddle.optimizer.SGD(learning_rate=self.epsilon, parameters=parameters)
+    def make_optimizer(self, params: dict) -> meta_optimizers.SGD:
+        return meta_optimizers.SGD(params, self.epsilon)
 
     def learning_rate(self, iteration: int) -> float:
         final = self.epsilon if self.epsilon_final is None else self.epsilon_final
