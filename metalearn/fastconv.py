@@ -85,6 +85,9 @@ _OPS = (
     "fastconv_backward",
     "fastconv_backward_data",
     "fastconv_backward_weights",
+    "fastbn_forward",
+    "fastbn_backward",
+    "fastbn_double_backward",
 )
 _BUILD_SCRIPT = """
 import sys, warnings
@@ -173,6 +176,25 @@ class Kernels(NativeKernels):
                 "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups
             )[0]
         return super().backward_weights(x, weight, grad_out, stride, padding, groups)
+
+
+    def fuses_batch_norm(self, *tensors) -> bool:
+        return self._fast(*tensors)
+
+    def batch_norm_forward(self, x, scale, shift, eps: float):
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
+        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))
+
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out):
+        """(dx, dscale, dshift) given dL/dy."""
+        return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
+
+    def batch_norm_double_backward(self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift):
+        """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
+        backward's outputs (dx, dscale, dshift)."""
+        return _C_ops._run_custom_op(
+            "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+        )
 
 
 _lock = threading.Lock()
