@@ -177,7 +177,6 @@ class Kernels(NativeKernels):
             )[0]
         return super().backward_weights(x, weight, grad_out, stride, padding, groups)
 
-
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 

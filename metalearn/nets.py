@@ -151,7 +151,8 @@ class _BlockNet:
         if tasks > 1:
             weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
         x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
-        return ops.batch_norm(x, scale, shift, self.bn_eps)
+        # per-step rows are not adapted in the inner loop: see ops.batch_norm's ``fuse``
+        return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps)
 
     @staticmethod
     def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:

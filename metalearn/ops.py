@@ -257,7 +257,7 @@ class _BatchNorm(PyLayer):
 
 
 def batch_norm(
-    x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, eps: float
+    x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, eps: float, fuse: bool = True
 ) -> paddle.Tensor:
     """Batch norm of ``x`` [N, C, H, W] with the batch's own statistics and exact first and
     second derivatives; ``scale`` and ``shift`` hold C values (any shape). Running averages are
@@ -268,10 +268,15 @@ def batch_norm(
     forward, backward and double-backward passes each; elsewhere (float64 for the gradient
     checks, GPU) it is :func:`_batch_norm_composed`, the reference the fused one is tested
     against.
+
+    ``fuse=False`` keeps the composition where a ``paddle.grad(..., inputs=subset)`` may want
+    x's gradient but not scale's and shift's: Paddle then prunes them and requires the fused
+    operator's backward to return None for them, without telling it (MAML++'s per-step rows are
+    not adapted in the inner loop, while the convolutions before them are).
     """
     c = x.shape[1]
     scale, shift = scale.reshape([c]), shift.reshape([c])
-    if kernels.active().fuses_batch_norm(x, scale, shift):
+    if fuse and kernels.active().fuses_batch_norm(x, scale, shift):
         return _BatchNorm.apply(x, scale, shift, eps)
     return _batch_norm_composed(x, scale, shift, eps)
 
@@ -285,8 +290,15 @@ def _batch_norm_composed(x, scale, shift, eps: float) -> paddle.Tensor:
     """
     n, c, h, w = x.shape
     rows = x.reshape([n, c, h * w])
-    mean = rows.mean(axis=[0, 2], keepdim=True).squeeze(0)
+    mean = _channel_mean(rows)
     centred = rows - mean
-    var = (centred * centred).mean(axis=[0, 2], keepdim=True).squeeze(0)
+    var = _channel_mean(centred * centred)
     normalised = centred * (paddle.rsqrt(var + eps) * scale.reshape([c, 1]))
     return (normalised + shift.reshape([c, 1])).reshape([n, c, h, w])
+
+
+def _channel_mean(rows: paddle.Tensor) -> paddle.Tensor:
+    """Mean over axes 0 and 2 of [N, C, L] as [C, 1]: a sum over the contiguous last axis, then
+    over N."""
+    n, _, length = rows.shape
+    return rows.sum(axis=2, keepdim=True).sum(axis=0) * (1.0 / (n * length))
