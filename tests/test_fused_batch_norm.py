@@ -108,9 +108,10 @@ def meta_direction(net, config: dict, options: dict, tasks, dtype: str) -> np.nd
     ids=["maml", "maml++", "anil"],
 )
 def test_fused_meta_gradient_matches_float64(fast, options) -> None:
-    """Second-order MAML through the fused operator (float32) against the float64 composition,
-    with ``paddle.grad`` over a subset of the inputs (ANIL adapts the head only; MAML++ slices a
-    row of per-step batch norm) and 3 stacked tasks in chunks of 2, 3 inner steps."""
+    """Second-order MAML through the fused operator (float32) against the float64 composition:
+    3 stacked tasks in chunks of 2, 3 inner steps; ANIL (``paddle.grad`` over the head only) and
+    MAML++ (per-step batch norm, whose blocks keep the composition: Paddle would prune the fused
+    operator's scale and shift in the inner loop's ``paddle.grad``)."""
     steps = 3
     net = ConvNet(n_way=3, hidden=8, bn_steps=steps if options.get("per_step_bn") else 0)
     config = {"seed": 0, "glob_base_lr": 0.4, "glob_update_step": steps}
