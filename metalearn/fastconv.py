@@ -2,7 +2,8 @@
 
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
-directly from a Paddle custom C++ operator. :func:`load_kernels` compiles that operator once per
+directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
+(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`. :func:`load_kernels` compiles that operator once per
 machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
 and registers it in this process (well under a second on later starts).
 
@@ -85,6 +86,9 @@ _OPS = (
     "fastconv_backward",
     "fastconv_backward_data",
     "fastconv_backward_weights",
+    "fastbn_forward",
+    "fastbn_backward",
+    "fastbn_double_backward",
 )
 _BUILD_SCRIPT = """
 import sys, warnings
@@ -173,6 +177,24 @@ class Kernels(NativeKernels):
                 "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups
             )[0]
         return super().backward_weights(x, weight, grad_out, stride, padding, groups)
+
+    def fuses_batch_norm(self, *tensors) -> bool:
+        return self._fast(*tensors)
+
+    def batch_norm_forward(self, x, scale, shift, eps: float):
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
+        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))
+
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out):
+        """(dx, dscale, dshift) given dL/dy."""
+        return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
+
+    def batch_norm_double_backward(self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift):
+        """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
+        backward's outputs (dx, dscale, dshift)."""
+        return _C_ops._run_custom_op(
+            "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+        )
 
 
 _lock = threading.Lock()
@@ -413,6 +435,14 @@ def _self_check(kernels: Kernels) -> None:
         y_grouped = kernels.forward(x_grouped, w, 2, 1, 2)
         y_grouped_ref = _C_ops.conv2d(x_grouped, w, [2, 2], [1, 1], "EXPLICIT", [1, 1], 2, "NCHW")
         checks += (("grouped forward", y_grouped, y_grouped_ref),)
+        gamma, beta = np.array([0.5, 1.0, 2.0]), np.array([0.0, -1.0, 1.0])
+        as_tensor = lambda a: paddle.to_tensor(a.astype("float32"))  # noqa: E731
+        y_bn = kernels.batch_norm_forward(x, as_tensor(gamma), as_tensor(beta), 1e-3)[0]
+        centred = x.numpy().astype("float64")
+        centred -= centred.mean(axis=(0, 2, 3), keepdims=True)
+        normalised = centred / np.sqrt((centred**2).mean(axis=(0, 2, 3), keepdims=True) + 1e-3)
+        y_bn_ref = as_tensor(normalised * gamma.reshape(1, 3, 1, 1) + beta.reshape(1, 3, 1, 1))
+        checks += (("batch norm", y_bn, y_bn_ref),)
         for name, got, want in checks:
             if got.shape != want.shape:
                 raise RuntimeError(f"self-check: {name} shape {got.shape} != {want.shape}")

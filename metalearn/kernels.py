@@ -34,6 +34,12 @@ class NativeKernels:
     def backward_weights(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
         return self.backward(x, weight, grad_out, stride, padding, groups)[1]
 
+    def fuses_batch_norm(self, *tensors) -> bool:
+        """Whether the ``batch_norm_*`` kernels take these tensors: Paddle has no kernels of
+        its own with an exact double-backward, so :func:`metalearn.ops.batch_norm` then
+        composes batch norm of elementwise ops."""
+        return False
+
 
 _active: NativeKernels = NativeKernels()
 _active_kind = "native"

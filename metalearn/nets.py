@@ -151,7 +151,8 @@ class _BlockNet:
         if tasks > 1:
             weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
         x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
-        return _batch_norm(x, scale, shift, self.bn_eps)
+        # per-step rows are not adapted in the inner loop: see ops.batch_norm's ``fuse``
+        return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps)
 
     @staticmethod
     def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:
@@ -393,23 +394,6 @@ def _add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
 def _activation(name: str):
     """ReLU for training; tanh and softplus exist so finite-difference checks see a smooth function."""
     return {"relu": F.relu, "tanh": paddle.tanh, "softplus": F.softplus}[name]
-
-
-def _batch_norm(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, eps: float):
-    """Batch norm with the batch's own statistics, written out in elementwise ops.
-
-    Paddle's fused batch-norm double-grad kernel costs ~100 ms on a 5-image CPU batch; these ops
-    have exact, cheap double-grads. The work is done on an [N, C, H·W] view with [C, 1]
-    statistics: Paddle's CPU kernels broadcast that shape ~10x faster than [1, C, 1, 1] over
-    [N, C, H, W]. Running averages are never used (batch statistics everywhere).
-    """
-    n, c, h, w = x.shape  # c = T·C for stacked tasks: each task's channels get their own statistics
-    rows = x.reshape([n, c, h * w])
-    mean = rows.mean(axis=[0, 2], keepdim=True).squeeze(0)
-    centred = rows - mean
-    var = (centred * centred).mean(axis=[0, 2], keepdim=True).squeeze(0)
-    normalised = centred * (paddle.rsqrt(var + eps) * scale.reshape([c, 1]))
-    return (normalised + shift.reshape([c, 1])).reshape([n, c, h, w])
 
 
 def build_network(config: dict):

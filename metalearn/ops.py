@@ -12,6 +12,8 @@ derivative of its own backward pass. This module supplies the three the networks
 * :func:`max_pool2x2`: Paddle's max-pooling kernels for the forward and backward passes, with the
   backward's own derivative written out (the backward routes gradients through a fixed mask).
 * :func:`cross_entropy`: mean cross-entropy from ``exp``/``log``/``sum`` only.
+* :func:`batch_norm`: with the oneDNN kernels (float32 CPU) one fused operator whose backward
+  and double-backward are hand-written C++ operators; otherwise elementwise ops.
 """
 
 from __future__ import annotations
@@ -205,3 +207,99 @@ def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor
     one_hot = paddle.nn.functional.one_hot(labels, logits.shape[-1]).astype(logits.dtype)
     picked = (shifted * one_hot).sum(axis=-1, keepdim=True)
     return (log_norm - picked).sum(axis=[-2, -1]) * (1.0 / logits.shape[-2])
+
+
+class _BatchNormGrad(PyLayer):
+    """The map (x, scale, dy) -> (dx, dscale, dshift) of batch norm's backward pass, as a
+    differentiable op. x enters through x̂ and rstd (saved by the forward); it is an input only
+    so that its gradient reaches it. The derivative is the fused double-backward operator
+    (formulas in csrc/onednn_conv.cc, "Batch norm"); MAML never needs a third derivative."""
+
+    @staticmethod
+    def forward(ctx, x, scale, grad_out, xhat, rstd):
+        ctx.save_for_backward(x, scale, grad_out, xhat, rstd)
+        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out)
+
+    @staticmethod
+    def backward(ctx, g_x, g_scale, g_shift):
+        x, scale, grad_out, xhat, rstd = ctx.saved_tensor()
+        g_x = paddle.zeros_like(grad_out) if g_x is None else g_x
+        g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
+        g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
+        d_x, d_scale, d_grad_out = kernels.active().batch_norm_double_backward(
+            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+        )
+        return (
+            _as_input_grad(d_x, x),
+            _as_input_grad(d_scale, scale),
+            _as_input_grad(d_grad_out, grad_out),
+            None,
+            None,
+        )
+
+
+class _BatchNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, scale, shift, eps):
+        y, xhat, rstd = kernels.active().batch_norm_forward(x, scale, shift, eps)
+        ctx.save_for_backward(x, scale, shift, xhat, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, shift, xhat, rstd = ctx.saved_tensor()
+        grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(x, scale, grad_out, xhat, rstd)
+        return (
+            _as_input_grad(grad_x, x),
+            _as_input_grad(grad_scale, scale),
+            _as_input_grad(grad_shift, shift),
+        )
+
+
+def batch_norm(
+    x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, eps: float, fuse: bool = True
+) -> paddle.Tensor:
+    """Batch norm of ``x`` [N, C, H, W] with the batch's own statistics and exact first and
+    second derivatives; ``scale`` and ``shift`` hold C values (any shape). Running averages are
+    never used (batch statistics everywhere). For stacked tasks C = T·C': each task's channels
+    get their own statistics.
+
+    Where the active kernels fuse it (oneDNN kernels, float32 CPU) it is one operator for the
+    forward, backward and double-backward passes each; elsewhere (float64 for the gradient
+    checks, GPU) it is :func:`_batch_norm_composed`, the reference the fused one is tested
+    against.
+
+    ``fuse=False`` keeps the composition where a ``paddle.grad(..., inputs=subset)`` may want
+    x's gradient but not scale's and shift's: Paddle then prunes them and requires the fused
+    operator's backward to return None for them, without telling it (MAML++'s per-step rows are
+    not adapted in the inner loop, while the convolutions before them are).
+    """
+    c = x.shape[1]
+    scale, shift = scale.reshape([c]), shift.reshape([c])
+    if fuse and kernels.active().fuses_batch_norm(x, scale, shift):
+        return _BatchNorm.apply(x, scale, shift, eps)
+    return _batch_norm_composed(x, scale, shift, eps)
+
+
+def _batch_norm_composed(x, scale, shift, eps: float) -> paddle.Tensor:
+    """Batch norm written out in elementwise ops, whose double-grads Paddle computes exactly.
+
+    Paddle's fused batch-norm double-grad kernel costs ~100 ms on a 5-image CPU batch. The work
+    is done on an [N, C, H·W] view with [C, 1] statistics: Paddle's CPU kernels broadcast that
+    shape ~10x faster than [1, C, 1, 1] over [N, C, H, W].
+    """
+    n, c, h, w = x.shape
+    rows = x.reshape([n, c, h * w])
+    mean = _channel_mean(rows)
+    centred = rows - mean
+    var = _channel_mean(centred * centred)
+    normalised = centred * (paddle.rsqrt(var + eps) * scale.reshape([c, 1]))
+    return (normalised + shift.reshape([c, 1])).reshape([n, c, h, w])
+
+
+def _channel_mean(rows: paddle.Tensor) -> paddle.Tensor:
+    """Mean over axes 0 and 2 of [N, C, L] as [C, 1]: a sum over the contiguous last axis, then
+    over N. Paddle's one reduction over both axes was 3-5x slower at [75, 2048, 196] and, in
+    float32, left a MAML meta-gradient 1e-3 off float64 (two sums: 1e-5, tests/test_fast_path)."""
+    n, _, length = rows.shape
+    return rows.sum(axis=2, keepdim=True).sum(axis=0) * (1.0 / (n * length))

@@ -11,7 +11,12 @@
 //   fastconv_backward(x, w, dy)             -> dx, dw
 //   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
 //   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
-// each with int attributes stride, padding and groups.
+// each with int attributes stride, padding and groups; and batch norm with the batch's own
+// statistics (see "Batch norm" below):
+//   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
+//   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
+//   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
+// with a float attribute eps for the forward.
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
 // only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
@@ -54,6 +59,7 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -966,6 +972,248 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
   return {w};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batch norm with the batch's own statistics, its backward and its double backward.
+//
+// x is [N, C, H, W]; channel c is normalised over its M = N·H·W values: mean μ, variance σ² of
+// the centred values, r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = scale·x̂ + shift. The statistics
+// are two passes with double sums (the corrected two-pass algorithm): E[x²] − E[x]² in float32
+// cancels catastrophically on sparse binary images. Rows of H·W are summed in float partials,
+// then in double.
+//
+// Backward, for g = dL/dy (means over the channel's M values):
+//   dshift = Σ g,  dscale = Σ g·x̂,  dx = scale·r·(g − mean(g) − x̂·mean(g·x̂)).
+// Double backward: L = <gx, dx> + <gs, dscale> + <gb, dshift> as a function of (x, scale, g).
+// With ḡ = mean(g), m = mean(g·x̂), Ḡ = mean(gx), q = mean(gx·x̂), S = Σ gx·g and
+// ∂x̂/∂x·v = r·(v − mean(v) − x̂·mean(x̂·v)), ∂r/∂x = −r²·x̂/M:
+//   d_dy    = scale·r·gx + (gs − scale·r·q)·x̂ + gb − scale·r·Ḡ
+//   d_scale = r·(S − M·ḡ·Ḡ − M·m·q)
+//   d_x     = r·(u − mean(u) − x̂·mean(x̂·u)) − R·r²·x̂/M, where
+//             u = (gs − scale·r·q)·g − scale·r·m·gx   (∂L/∂x̂ at fixed r) and
+//             R = scale·d_scale/r                      (∂L/∂r at fixed x̂).
+
+struct BnShape {
+  int64_t n, c, hw;
+  double count() const { return static_cast<double>(n) * static_cast<double>(hw); }
+};
+
+static BnShape bn_shape(const paddle::Tensor& x) {
+  auto s = x.shape();
+  return {s[0], s[1], s[2] * s[3]};
+}
+
+static paddle::Tensor like_x(const paddle::Tensor& t, const paddle::Tensor& x, const char* name) {
+  paddle::Tensor d = dense(t, name);
+  PD_CHECK(d.shape() == x.shape(), "fastbn: ", name, " must have the shape of x");
+  return d;
+}
+
+static paddle::Tensor per_channel(const paddle::Tensor& t, int64_t c, const char* name) {
+  PD_CHECK(t.is_cpu(), "fastbn: ", name, " must be a CPU tensor");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "fastbn: ", name, " must be float32");
+  PD_CHECK(t.numel() == c, "fastbn: ", name, " must hold one value per channel");
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+constexpr int kLanes = 8;
+
+// Σ f(i) over i < len in kLanes independent float partial sums (a row of H·W values), in double.
+template <class F>
+static inline double row_sum(int64_t len, F f) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) part[k] += f(i + k);
+  double total = 0;
+  for (; i < len; ++i) total += f(i);
+  for (int k = 0; k < kLanes; ++k) total += part[k];
+  return total;
+}
+
+std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::Tensor& scale_in,
+                                      const paddle::Tensor& shift_in, float eps) {
+  paddle::Tensor x = dense(x_in, "x");
+  BnShape s = bn_shape(x);
+  paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  paddle::Tensor shift = per_channel(shift_in, s.c, "shift");
+  auto y = empty(x.shape()), xhat = empty(x.shape()), rstd = empty({s.c});
+  const float* xp = ptr(x);
+  std::vector<double> sum(s.c), dev(s.c), sq(s.c);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const float* row = xp + (n * s.c + c) * s.hw;
+      sum[c] += row_sum(s.hw, [&](int64_t i) { return row[i]; });
+    }
+  std::vector<float> mean0(s.c), mean(s.c);
+  for (int64_t c = 0; c < s.c; ++c) mean0[c] = static_cast<float>(sum[c] / s.count());
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const float* row = xp + (n * s.c + c) * s.hw;
+      const float m = mean0[c];
+      dev[c] += row_sum(s.hw, [&](int64_t i) { return row[i] - m; });
+      sq[c] += row_sum(s.hw, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
+    }
+  float* r = ptr(rstd);
+  for (int64_t c = 0; c < s.c; ++c) {
+    double shift_of_mean = dev[c] / s.count();
+    double var = std::max(0.0, sq[c] / s.count() - shift_of_mean * shift_of_mean);
+    mean[c] = static_cast<float>(mean0[c] + shift_of_mean);
+    r[c] = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+  }
+  const float *a = ptr(scale), *b = ptr(shift);
+  float *yp = ptr(y), *hp = ptr(xhat);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const int64_t at = (n * s.c + c) * s.hw;
+      const float m = mean[c], rc = r[c], ac = a[c], bc = b[c];
+      for (int64_t i = 0; i < s.hw; ++i) {
+        float h = (xp[at + i] - m) * rc;
+        hp[at + i] = h;
+        yp[at + i] = h * ac + bc;
+      }
+    }
+  return {y, xhat, rstd};
+}
+
+std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat_in,
+                                       const paddle::Tensor& rstd_in,
+                                       const paddle::Tensor& scale_in,
+                                       const paddle::Tensor& dy_in) {
+  paddle::Tensor xhat = dense(xhat_in, "xhat");
+  BnShape s = bn_shape(xhat);
+  paddle::Tensor dy = like_x(dy_in, xhat, "dy");
+  paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
+  paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  const float *hp = ptr(xhat), *gp = ptr(dy), *r = ptr(rstd), *a = ptr(scale);
+  std::vector<double> sg(s.c), sgh(s.c);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const int64_t at = (n * s.c + c) * s.hw;
+      sg[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i]; });
+      sgh[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i] * hp[at + i]; });
+    }
+  auto dx = empty(xhat.shape()), dscale = empty({s.c}), dshift = empty({s.c});
+  float *dxp = ptr(dx), *ds = ptr(dscale), *db = ptr(dshift);
+  std::vector<float> k(s.c), mg(s.c), mgh(s.c);
+  for (int64_t c = 0; c < s.c; ++c) {
+    ds[c] = static_cast<float>(sgh[c]);
+    db[c] = static_cast<float>(sg[c]);
+    k[c] = a[c] * r[c];
+    mg[c] = static_cast<float>(sg[c] / s.count());
+    mgh[c] = static_cast<float>(sgh[c] / s.count());
+  }
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const int64_t at = (n * s.c + c) * s.hw;
+      const float kc = k[c], g0 = mg[c], gh = mgh[c];
+      for (int64_t i = 0; i < s.hw; ++i)
+        dxp[at + i] = kc * (gp[at + i] - g0 - hp[at + i] * gh);
+    }
+  return {dx, dscale, dshift};
+}
+
+std::vector<paddle::Tensor> BnDoubleBackward(
+    const paddle::Tensor& xhat_in, const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
+    const paddle::Tensor& dy_in, const paddle::Tensor& gx_in, const paddle::Tensor& gs_in,
+    const paddle::Tensor& gb_in) {
+  paddle::Tensor xhat = dense(xhat_in, "xhat");
+  BnShape s = bn_shape(xhat);
+  paddle::Tensor dy = like_x(dy_in, xhat, "dy"), gx = like_x(gx_in, xhat, "gx");
+  paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
+  paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  paddle::Tensor gs = per_channel(gs_in, s.c, "gs"), gb = per_channel(gb_in, s.c, "gb");
+  const float *hp = ptr(xhat), *gp = ptr(dy), *xp = ptr(gx);
+  std::vector<double> sg(s.c), sgh(s.c), sx(s.c), sxh(s.c), sxg(s.c);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const int64_t at = (n * s.c + c) * s.hw;
+      const float *h = hp + at, *g = gp + at, *v = xp + at;
+      sg[c] += row_sum(s.hw, [&](int64_t i) { return g[i]; });
+      sgh[c] += row_sum(s.hw, [&](int64_t i) { return g[i] * h[i]; });
+      sx[c] += row_sum(s.hw, [&](int64_t i) { return v[i]; });
+      sxh[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
+      sxg[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * g[i]; });
+    }
+  auto d_x = empty(xhat.shape()), d_dy = empty(xhat.shape()), d_scale = empty({s.c});
+  const float *r = ptr(rstd), *a = ptr(scale), *gsp = ptr(gs), *gbp = ptr(gb);
+  float* dsp = ptr(d_scale);
+  // Per channel: d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
+  std::vector<float> alpha(s.c), beta(s.c), gamma(s.c), delta(s.c), kappa(s.c), lambda(s.c),
+      nu(s.c);
+  const double count = s.count();
+  for (int64_t c = 0; c < s.c; ++c) {
+    const double rc = r[c], ac = a[c], k = ac * rc;
+    const double gbar = sg[c] / count, m = sgh[c] / count, xbar = sx[c] / count,
+                 q = sxh[c] / count;
+    const double dscale = rc * (sxg[c] - sg[c] * xbar - sgh[c] * q);
+    const double big_r = ac * dscale / rc;
+    const double w = gsp[c] - k * q;  // u = w·g − k·m·gx
+    const double mean_u = w * gbar - k * m * xbar;
+    const double mean_hu = w * m - k * m * q;
+    dsp[c] = static_cast<float>(dscale);
+    alpha[c] = static_cast<float>(rc * w);
+    beta[c] = static_cast<float>(-rc * k * m);
+    gamma[c] = static_cast<float>(-rc * mean_hu - big_r * rc * rc / count);
+    delta[c] = static_cast<float>(-rc * mean_u);
+    kappa[c] = static_cast<float>(k);
+    lambda[c] = static_cast<float>(w);
+    nu[c] = static_cast<float>(gbp[c] - k * xbar);
+  }
+  float *dxp = ptr(d_x), *ddp = ptr(d_dy);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const int64_t at = (n * s.c + c) * s.hw;
+      const float al = alpha[c], be = beta[c], ga = gamma[c], de = delta[c], ka = kappa[c],
+                  la = lambda[c], nc = nu[c];
+      for (int64_t i = 0; i < s.hw; ++i) {
+        const float g = gp[at + i], v = xp[at + i], h = hp[at + i];
+        dxp[at + i] = al * g + be * v + ga * h + de;
+        ddp[at + i] = ka * v + la * h + nc;
+      }
+    }
+  return {d_x, d_scale, d_dy};
+}
+
+std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
+                                                 const std::vector<int64_t>& scale,
+                                                 const std::vector<int64_t>& shift, float eps) {
+  return {x, x, {x[1]}};
+}
+
+std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xhat,
+                                                  const std::vector<int64_t>& rstd,
+                                                  const std::vector<int64_t>& scale,
+                                                  const std::vector<int64_t>& dy) {
+  return {xhat, {xhat[1]}, {xhat[1]}};
+}
+
+std::vector<std::vector<int64_t>> BnDoubleBackwardShape(
+    const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
+    const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
+    const std::vector<int64_t>& gx, const std::vector<int64_t>& gs,
+    const std::vector<int64_t>& gb) {
+  return {xhat, {xhat[1]}, xhat};
+}
+
+std::vector<paddle::DataType> BnForwardDtype(const paddle::DataType& x, const paddle::DataType& a,
+                                             const paddle::DataType& b) {
+  return {x, x, x};
+}
+
+std::vector<paddle::DataType> BnBackwardDtype(const paddle::DataType& xhat,
+                                              const paddle::DataType& rstd,
+                                              const paddle::DataType& scale,
+                                              const paddle::DataType& dy) {
+  return {xhat, xhat, xhat};
+}
+
+std::vector<paddle::DataType> BnDoubleBackwardDtype(
+    const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
+    const paddle::DataType& dy, const paddle::DataType& gx, const paddle::DataType& gs,
+    const paddle::DataType& gb) {
+  return {xhat, xhat, xhat};
+}
+
 }  // namespace fastconv
 
 PD_BUILD_OP(fastconv_forward)
@@ -999,3 +1247,25 @@ PD_BUILD_OP(fastconv_backward_weights)
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardWeights))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardWeightsShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardWeightsDtype));
+
+PD_BUILD_OP(fastbn_forward)
+    .Inputs({"X", "Scale", "Shift"})
+    .Outputs({"Y", "XHat", "RStd"})
+    .Attrs({"eps: float"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnForwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnForwardDtype));
+
+PD_BUILD_OP(fastbn_backward)
+    .Inputs({"XHat", "RStd", "Scale", "DY"})
+    .Outputs({"DX", "DScale", "DShift"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnBackwardDtype));
+
+PD_BUILD_OP(fastbn_double_backward)
+    .Inputs({"XHat", "RStd", "Scale", "DY", "GX", "GScale", "GShift"})
+    .Outputs({"D_X", "D_Scale", "D_DY"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnDoubleBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnDoubleBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnDoubleBackwardDtype));
