@@ -17,7 +17,7 @@ for the learned inner loops (MAML++, Meta-SGD, ANIL), and for a meta-batch of ta
 one computation (grouped convolutions: the path train.py takes with the fast kernels).
 """
 
-from metalearn.algorithms import ALGORITHMS, MetaLearner, apply_direction, make_parameters
+from metalearn.algorithms import ALGORITHMS, MetaLearner, make_parameters
 from metalearn.nets import MLP, ConvNet, PoolConvNet
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "ConvNet",
     "MetaLearner",
     "PoolConvNet",
-    "apply_direction",
     "make_parameters",
 ]
 

@@ -356,7 +356,7 @@ class MetaLearner:
             raise NonFiniteError(loss)
         if iteration is not None:
             optimizer.set_lr(self.variant.learning_rate(iteration))
-        apply_direction(self.params, optimizer, mean)
+        optimizer.step(mean)  # the direction as if it were the meta-parameters' gradient
         return loss, per_step
 
     def evaluate(self, tasks: Sequence[Task], steps: int) -> np.ndarray:
@@ -407,12 +407,6 @@ def mean_if_finite(sums: TensorDict, count: int) -> TensorDict | None:
     scale = paddle.full([1], count, values[0].dtype)
     _, found_nonfinite = _C_ops.check_finite_and_unscale_(values, scale, paddle.zeros([1], "bool"))
     return None if bool(found_nonfinite) else sums
-
-
-def apply_direction(params: TensorDict, optimizer: MetaOptimizer, direction: TensorDict) -> None:
-    """Let the meta-optimiser step the meta-parameters along ``direction`` (by stable name) as if
-    it were their gradient."""
-    optimizer.step(direction)
 
 
 def _leaf(value: paddle.Tensor) -> paddle.Tensor:
