@@ -131,3 +131,55 @@ def test_without_orig_argv_runs_untuned(execv_calls: list, monkeypatch: pytest.M
     runtime.tune_allocator()
     assert execv_calls == []
     assert not any(key in os.environ for key in runtime.ALLOCATOR_ENV)
+
+
+def _cpuinfo(vendor: str, *flag_sets: str) -> str:
+    return "\n\n".join(
+        f"processor\t: {i}\nvendor_id\t: {vendor}\nflags\t\t: {flags}"
+        for i, flags in enumerate(flag_sets)
+    )
+
+
+@pytest.fixture
+def no_mkl_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(runtime.MKL_CPU_TYPE, raising=False)
+
+
+@pytest.mark.usefixtures("no_mkl_choice")
+def test_amd_with_avx2_gets_mkl_avx2_kernels() -> None:
+    assert runtime.prefer_fast_blas(_cpuinfo("AuthenticAMD", "fpu avx avx2 fma", "avx avx2"))
+    assert os.environ[runtime.MKL_CPU_TYPE] == runtime.MKL_AVX2
+
+
+@pytest.mark.usefixtures("no_mkl_choice")
+@pytest.mark.parametrize(
+    "cpuinfo",
+    [
+        _cpuinfo("GenuineIntel", "avx avx2 avx512f"),
+        _cpuinfo("AuthenticAMD", "avx avx2", "avx"),  # one CPU without AVX2: that path would fault
+        _cpuinfo("AuthenticAMD", "avx2x"),  # flags are whole words
+        "",  # nothing known about the CPU
+    ],
+)
+def test_other_cpus_keep_mkl_default(cpuinfo: str) -> None:
+    assert not runtime.prefer_fast_blas(cpuinfo)
+    assert runtime.MKL_CPU_TYPE not in os.environ
+
+
+def test_user_choice_of_mkl_kernels_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(runtime.MKL_CPU_TYPE, "2")
+    assert not runtime.prefer_fast_blas(_cpuinfo("AuthenticAMD", "avx2"))
+    assert os.environ[runtime.MKL_CPU_TYPE] == "2"
+
+
+def test_importing_the_package_applies_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(runtime.MKL_CPU_TYPE, raising=False)
+    probe = (
+        f"import os, sys; sys.path.insert(0, {str(REPO)!r}); import metalearn; "
+        f"print(os.environ.get({runtime.MKL_CPU_TYPE!r}, 'unset'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    expected = runtime.MKL_AVX2 if runtime.prefer_fast_blas() else "unset"  # this machine's CPU
+    assert result.stdout.split() == [expected], result.stderr
