@@ -2,9 +2,14 @@
 
     python bench/speed.py [--quick] [--json FILE] [--configs NAME ...]
 
-For each configuration both sides run in this one process, alternately (so machine noise hits
-both), after a warm-up; the table gives the median ms per task, meta-iterations per second, the
-peak resident memory seen while each side ran, and the ratios ours / reference. "Ours" is the exact
+For each configuration the sides run in this one process, in turns (so machine noise hits all of
+them): a turn is a block of back-to-back meta-iterations lasting at least BLOCK_SECONDS, after an
+idle SETTLE_SECONDS. The pause matters: PyTorch's OpenMP threads spin for a while after its work
+(and ours after oneDNN's), and a side run straight after another shared the CPU with those
+spinning threads, which no user running one framework sees (measured on the sinusoid row:
+ours ~15% slower, PyTorch ~15% faster than alone). After a warm-up block the table gives the
+median ms per task over all blocks' meta-iterations, meta-iterations per second, the peak
+resident memory seen while each side ran, and the ratios ours / reference. "Ours" is the exact
 code path of train.py (``MetaLearner.meta_update``: directions, averaging, NaN check, Adam) on
 random data of the right shapes. Two references (``torch`` from requirements-bench.txt) are written
 here, both with the same network, loss, inner steps, order and meta-batch: "loop", PyTorch eager
@@ -328,6 +333,21 @@ FIELDS = ("x_support", "y_support", "x_query", "y_query")
 SIDES = ("ours", "ref", "vmap")
 
 
+BLOCK_SECONDS = 0.5  # each side runs back to back for at least this long, as a user's run does
+SETTLE_SECONDS = 0.3  # idle before each block: the other side's OpenMP threads stop spinning
+
+
+def run_block(runner, config: Config) -> list[float]:
+    """Seconds of each step of one block: steps on fresh tasks until BLOCK_SECONDS have passed."""
+    elapsed: list[float] = []
+    while not elapsed or sum(elapsed) < BLOCK_SECONDS:
+        tasks = make_tasks(config, len(elapsed))
+        start = time.perf_counter()
+        runner.step(tasks)
+        elapsed.append(time.perf_counter() - start)
+    return elapsed
+
+
 def measure(
     config: Config,
     repeats: int,
@@ -346,17 +366,15 @@ def measure(
     }
     times = {side: [] for side in SIDES}
     peaks = dict.fromkeys(SIDES, 0)
-    for i in range(warmup + repeats):
-        tasks = make_tasks(config, i)
+    for block in range(warmup + repeats):
         for side, runner in runners.items():
             if runner is None:
                 continue
+            time.sleep(SETTLE_SECONDS)
             rss.reset()
-            start = time.perf_counter()
-            runner.step(tasks)
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[side].append(elapsed)
+            elapsed = run_block(runner, config)
+            if block >= warmup:
+                times[side].extend(elapsed)
                 peaks[side] = max(peaks[side], rss.peak)
     ms = {
         side: statistics.median(times[side]) * 1e3 / config.batch if times[side] else None
