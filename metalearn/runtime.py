@@ -6,10 +6,6 @@ elementwise op's time was page faults. Raising glibc's mmap and trim thresholds 
 in the process (measured: one MAML task ~2x faster; see README). Such variables are read when the
 process starts, so :func:`tune_allocator` re-executes the entry point once with them set.
 
-The MKL inside Paddle's CPU wheel chooses its kernels by CPU vendor and gives AMD processors a
-generic path; :func:`prefer_fast_blas` (run when the package is imported) asks it for its AVX2
-kernels instead. MKL reads that variable at its first call, so no re-exec is needed for it.
-
 The re-exec repeats the interpreter's own command line (``sys.orig_argv``), so options such as
 ``-u`` (Paddle's launcher starts its workers with it), ``-X dev``, ``-W error`` or
 ``-m cProfile`` survive. Python 3.9 has no ``sys.orig_argv``; there the process runs untuned rather
@@ -24,39 +20,6 @@ import sys
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 OPT_OUT = "PADDLE_MAML_NO_MALLOC_TUNING"
 _YES = ("1", "true", "yes")
-MKL_CPU_TYPE = "MKL_DEBUG_CPU_TYPE"
-MKL_AVX2 = "5"
-
-
-def prefer_fast_blas(cpuinfo: str | None = None) -> bool:
-    """On an AMD processor with AVX2, have MKL use its AVX2 kernels; True if this set it.
-
-    Paddle's matrix products go through the MKL it ships (mklml, older than 2020.1, which still
-    honours ``MKL_DEBUG_CPU_TYPE``). Measured on a 2-core AMD EPYC: a [25, 10, 40] × [25, 40, 40]
-    batched matmul 54 µs without the variable, 16 µs with it (PyTorch: 17 µs). A value the user
-    set is kept; other vendors, and CPUs without AVX2 (where that path would fault), are left
-    alone. ``cpuinfo`` is /proc/cpuinfo's text (read when None; absent off Linux: nothing done).
-    """
-    if MKL_CPU_TYPE in os.environ:
-        return False
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return False
-    vendors = set(_cpuinfo_values(cpuinfo, "vendor_id"))
-    flags = [value.split() for value in _cpuinfo_values(cpuinfo, "flags")]
-    if vendors != {"AuthenticAMD"} or not flags or not all("avx2" in f for f in flags):
-        return False
-    os.environ[MKL_CPU_TYPE] = MKL_AVX2
-    return True
-
-
-def _cpuinfo_values(cpuinfo: str, key: str) -> list[str]:
-    """The value of ``key`` for every processor listed in /proc/cpuinfo's text."""
-    fields = (line.partition(":") for line in cpuinfo.splitlines())
-    return [value.strip() for name, _, value in fields if name.strip() == key]
 
 
 def tune_allocator() -> None:
