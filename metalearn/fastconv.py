@@ -181,6 +181,9 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
+    def fuses_linear(self, *tensors) -> bool:
+        return self._fast(*tensors)
+
     def batch_norm_forward(self, x, scale, shift, eps: float):
         """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
         return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))

@@ -40,6 +40,41 @@ class NativeKernels:
         composes batch norm of elementwise ops."""
         return False
 
+    # -- linear layers: y = x·W + b for one task ([N, I]·[I, O] + [O]) or for T stacked tasks
+    # ([T, N, I]·[T, I, O] + [T, O]), see metalearn.ops.linear -----------------------------------
+    def fuses_linear(self, *tensors) -> bool:
+        """Whether :func:`metalearn.ops.linear` takes these tensors as one operator call per pass
+        (forward, backward, double-backward). Off here, so with Paddle's kernels the composed
+        linear layer stays the reference the fused one is tested against."""
+        return False
+
+    def linear_forward(self, x, weight, bias):
+        """x·W + b, one call: ``baddbmm``/``addmm`` broadcast the bias over the rows."""
+        if x.ndim == 3:
+            return _C_ops.baddbmm(_C_ops.unsqueeze(bias, [1]), x, weight, 1.0, 1.0)
+        return _C_ops.addmm(bias, x, weight, 1.0, 1.0)
+
+    def linear_backward(self, x, weight, grad_out):
+        """(dx, dW, db) given dL/dy: dx = dy·Wᵀ, dW = xᵀ·dy, db = Σ_rows dy."""
+        grad_x, grad_weight = _C_ops.matmul_grad(x, weight, grad_out, False, False)
+        return grad_x, grad_weight, _C_ops.sum(grad_out, [-2], None, False)
+
+    def linear_param_backward(self, x, grad_out):
+        """(dW, db) alone, for an input that needs no gradient (the data at the first layer)."""
+        return _C_ops.matmul(x, grad_out, True, False), _C_ops.sum(grad_out, [-2], None, False)
+
+    def linear_double_backward(self, x, weight, grad_out, g_x, g_weight, g_bias):
+        """Cotangents of (x, W, dy) for incoming ones (g_x, g_weight, g_bias) on the backward's
+        outputs (dx, dW, db). The backward is bilinear: d dy = g_x·W + x·g_weight + g_bias,
+        d x = dy·g_weightᵀ, d W = g_xᵀ·dy (the last two are matmul_grad(g_x, g_weight, dy))."""
+        d_grad_out = self.linear_forward(g_x, weight, g_bias)
+        if x.ndim == 3:
+            d_grad_out = _C_ops.baddbmm(d_grad_out, x, g_weight, 1.0, 1.0)
+        else:
+            d_grad_out = _C_ops.addmm(d_grad_out, x, g_weight, 1.0, 1.0)
+        d_x, d_weight = _C_ops.matmul_grad(g_x, g_weight, grad_out, False, False)
+        return d_x, d_weight, d_grad_out
+
 
 _active: NativeKernels = NativeKernels()
 _active_kind = "native"
