@@ -89,6 +89,9 @@ _OPS = (
     "fastbn_forward",
     "fastbn_backward",
     "fastbn_double_backward",
+    "fastnet_forward",
+    "fastnet_backward",
+    "fastnet_double_backward",
 )
 _BUILD_SCRIPT = """
 import sys, warnings
@@ -181,9 +184,6 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def fuses_linear(self, *tensors) -> bool:
-        return self._fast(*tensors)
-
     def batch_norm_forward(self, x, scale, shift, eps: float):
         """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
         return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))
@@ -198,6 +198,36 @@ class Kernels(NativeKernels):
         return _C_ops._run_custom_op(
             "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
         )
+
+    # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks
+    # of at most MAX_NETWORK_LAYERS layers. The hidden activations and the dz_l travel packed,
+    # between the operators only.
+    def fuses_linear(self, *tensors) -> bool:
+        return len(tensors) <= 1 + 2 * MAX_NETWORK_LAYERS and self._fast(*tensors)
+
+    def relu_network_forward(self, x, params):
+        return tuple(_C_ops._run_custom_op("fastnet_forward", x, list(params)))
+
+    def relu_network_backward(self, x, params, state, grad_out, with_x: bool):
+        *grads, grad_zs = _C_ops._run_custom_op(
+            "fastnet_backward", x, list(params), state, grad_out, with_x
+        )
+        return _gradients(grads, len(params), with_x), grad_zs
+
+    def relu_network_double_backward(self, x, params, state, grad_zs, cotangents, with_x: bool):
+        *grads, grad_out = _C_ops._run_custom_op(
+            "fastnet_double_backward", x, list(params), state, grad_zs, list(cotangents), with_x
+        )
+        return (*_gradients(grads, len(params), with_x), grad_out)
+
+
+MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (csrc: kMaxLayers)
+
+
+def _gradients(outputs: list, count: int, with_x: bool) -> tuple:
+    """([dx,] dW_0, db_0, ...) of the operators' fixed outputs (dx, dW_0, db_0, ...,
+    placeholders)."""
+    return tuple(outputs[: 1 + count]) if with_x else tuple(outputs[1 : 1 + count])
 
 
 _lock = threading.Lock()

@@ -326,12 +326,11 @@ def relu_network(
     """Linear layers (shapes as :func:`linear`'s) with ReLU between them, not after the last,
     with exact first and second derivatives.
 
-    Where the active kernels fuse it (:meth:`~metalearn.kernels.NativeKernels.fuses_linear`) the
-    whole network is one autograd node, its backward one more and the backward's derivative
-    a hand-written sweep (:class:`_ReluNetworkGrad`): second-order MAML on the sinusoid MLP
-    otherwise spends most of its time on the bookkeeping of ~15 small Paddle ops per layer and
-    pass. Elsewhere (float64, Paddle's own kernels) the layers are composed of :func:`linear`
-    and ``relu``: the reference the fused network is tested against.
+    Where the active kernels fuse it (:meth:`~metalearn.kernels.NativeKernels.fuses_linear`)
+    the whole network is one autograd node, :class:`_ReluNetwork`: second-order MAML on the
+    sinusoid MLP otherwise spends most of its time on the bookkeeping of ~15 tiny recorded
+    Paddle ops per layer and pass. Elsewhere (float64, Paddle's own kernels) the layers are
+    composed of :func:`linear` and ``relu``: the reference the fused network is tested against.
     """
     params = [t for pair in zip(weights, biases) for t in pair]
     if all(w.ndim == x.ndim for w in weights) and kernels.active().fuses_linear(x, *params):
@@ -343,135 +342,65 @@ def relu_network(
     return x
 
 
-def _relu_mask(hidden: paddle.Tensor, grad: paddle.Tensor) -> paddle.Tensor:
-    """``grad`` where the ReLU output ``hidden`` is positive, else 0: the ReLU's backward, linear
-    in ``grad`` with a mask that is locally constant, so also its own derivative."""
-    return _C_ops.relu_grad(hidden, grad)
-
-
 class _Saved:
-    """Tensors handed to a PyLayer without making them differentiable inputs."""
+    """What a PyLayer is handed without making it a differentiable input."""
 
-    def __init__(self, *tensors: paddle.Tensor):
-        self.tensors = tensors
+    def __init__(self, value):
+        self.value = value
 
 
 class _ReluNetwork(PyLayer):
-    """Forward pass: h_0 = x, z_l = h_l·W_l + b_l, h_{l+1} = relu(z_l), output z_{L-1}."""
+    """The forward pass of :func:`relu_network` as one node (the kernels' ``relu_network_*``)."""
 
     @staticmethod
     def forward(ctx, x, *params):
-        kernel = kernels.active()
-        hidden = []
-        out = x
-        for layer in range(len(params) // 2):
-            if layer:
-                out = _C_ops.relu(out)
-                hidden.append(out)
-            out = kernel.linear_forward(out, params[2 * layer], params[2 * layer + 1])
+        out, ctx.state = kernels.active().relu_network_forward(x, params)
         ctx.save_for_backward(x, *params)
-        ctx.hidden = _Saved(*hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensor()
-        grads = _ReluNetworkGrad.apply(x, grad_out, *params, ctx.hidden)
-        grad_x, grad_params = (grads[0], grads[1:]) if not x.stop_gradient else (None, grads)
+        with_x = not x.stop_gradient
+        if paddle.is_grad_enabled():  # create_graph: the backward must be differentiable
+            grads = _ReluNetworkGrad.apply(x, grad_out, *params, _Saved(ctx.state))
+        else:
+            grads, _ = kernels.active().relu_network_backward(
+                x, params, ctx.state, grad_out, with_x
+            )
+        grad_x, grad_params = (grads[0], grads[1:]) if with_x else (None, grads)
         return (_as_input_grad(grad_x, x), *map(_as_input_grad, grad_params, params))
 
 
 class _ReluNetworkGrad(PyLayer):
     """The backward pass (x, dy, W_0, b_0, ...) -> ([dx,] dW_0, db_0, ...) of
-    :class:`_ReluNetwork` as one differentiable op. dx is an output only if x needs a gradient.
-
-    Backward, l = L-1 .. 0, with dz_{L-1} = dy: dW_l = h_lᵀ·dz_l, db_l = Σ_rows dz_l,
-    dh_l = dz_l·W_lᵀ, dz_{l-1} = mask_l ⊙ dh_l (mask_l: h_l > 0, locally constant).
-    Its derivative for incoming cotangents (ḡx, ḡW_l, ḡb_l) has two sweeps:
-
-    * up, l = 0 .. L-1, with c_0 = ḡx (the cotangent of dh_l): each layer's backward is
-      bilinear, so (linear_double_backward) d dz_l = c_l·W_l + h_l·ḡW_l + ḡb_l, W̄_l = c_lᵀ·dz_l,
-      h̄_l = dz_l·ḡW_lᵀ; then c_{l+1} = mask_{l+1} ⊙ d dz_l, and d dy = d dz_{L-1};
-    * down: the h̄_l (h_l depends on W_k, b_k for k < l, and on x) are back-propagated
-      through the forward pass as an ordinary backward pass, adding to W̄_k, b̄_k and x̄.
-    """
+    :class:`_ReluNetwork` as one node; dx is an output only if x needs a gradient. Its own
+    derivative is one more kernel call (formulas: NativeKernels.relu_network_double_backward);
+    MAML never needs a third derivative."""
 
     @staticmethod
     def forward(ctx, x, grad_out, *args):
         *params, saved = args
-        hidden = saved.tensors
-        kernel, layers = kernels.active(), len(params) // 2
-        inputs = [x, *hidden]  # h_l
-        grads: list[paddle.Tensor | None] = [None] * (2 * layers)
-        grad_z = grad_out
-        grad_zs = [grad_out] * layers
-        grad_x = None
-        for layer in reversed(range(layers)):
-            grad_zs[layer] = grad_z
-            weight = params[2 * layer]
-            if layer or not x.stop_gradient:
-                grad_h, grads[2 * layer], grads[2 * layer + 1] = kernel.linear_backward(
-                    inputs[layer], weight, grad_z
-                )
-            else:
-                grads[2 * layer], grads[2 * layer + 1] = kernel.linear_param_backward(
-                    inputs[layer], grad_z
-                )
-            if layer:
-                grad_z = _relu_mask(hidden[layer - 1], grad_h)
-            else:
-                grad_x = None if x.stop_gradient else grad_h
-        ctx.save_for_backward(x, *params, *hidden, *grad_zs)
-        ctx.layers, ctx.with_x = layers, not x.stop_gradient
-        return (grad_x, *grads) if ctx.with_x else tuple(grads)
+        ctx.with_x = not x.stop_gradient
+        grads, ctx.grad_zs = kernels.active().relu_network_backward(
+            x, params, saved.value, grad_out, ctx.with_x
+        )
+        ctx.state = saved.value
+        ctx.save_for_backward(x, grad_out, *params)
+        return grads
 
     @staticmethod
     def backward(ctx, *cotangents):
-        saved, layers, with_x = ctx.saved_tensor(), ctx.layers, ctx.with_x
-        x, params = saved[0], saved[1 : 1 + 2 * layers]
-        hidden, grad_zs = saved[1 + 2 * layers : 3 * layers], saved[3 * layers :]
-        inputs = [x, *hidden]
-        kernel = kernels.active()
-        g_x, g_params = (cotangents[0], cotangents[1:]) if with_x else (None, cotangents)
-        g_params = [paddle.zeros_like(p) if g is None else g for g, p in zip(g_params, params)]
-        bar_params: list[paddle.Tensor | None] = [None] * (2 * layers)
-        bar_inputs: list[paddle.Tensor | None] = [None] * layers
-        carry = g_x  # cotangent of dh_l
-        for layer in range(layers):  # up
-            weight, g_weight, g_bias = (
-                params[2 * layer],
-                g_params[2 * layer],
-                g_params[2 * layer + 1],
-            )
-            if carry is None:
-                d_grad_z = kernel.linear_forward(inputs[layer], g_weight, g_bias)
-                if layer or with_x:
-                    bar_inputs[layer] = _C_ops.matmul(grad_zs[layer], g_weight, False, True)
-            else:
-                bar_inputs[layer], bar_params[2 * layer], d_grad_z = kernel.linear_double_backward(
-                    inputs[layer], weight, grad_zs[layer], carry, g_weight, g_bias
-                )
-            if layer < layers - 1:
-                carry = _relu_mask(hidden[layer], d_grad_z)
-        d_grad_out = d_grad_z
-        bar_h = bar_inputs[layers - 1]
-        for layer in reversed(range(layers - 1)):  # down: h_{layer+1} = relu(z_layer)
-            bar_z = _relu_mask(hidden[layer], bar_h)
-            if layer or with_x:
-                bar_below, d_weight, d_bias = kernel.linear_backward(
-                    inputs[layer], params[2 * layer], bar_z
-                )
-                bar_h = bar_below if bar_inputs[layer] is None else bar_below + bar_inputs[layer]
-            else:
-                d_weight, d_bias = kernel.linear_param_backward(inputs[layer], bar_z)
-            w_index = 2 * layer
-            bar_params[w_index] = (
-                d_weight if bar_params[w_index] is None else bar_params[w_index] + d_weight
-            )
-            bar_params[w_index + 1] = d_bias
-        bar_x = bar_h if with_x else None
+        x, grad_out, *params = ctx.saved_tensor()
+        like = ([x] if ctx.with_x else []) + params
+        cotangents = [paddle.zeros_like(t) if g is None else g for g, t in zip(cotangents, like)]
+        result = kernels.active().relu_network_double_backward(
+            x, params, ctx.state, ctx.grad_zs, cotangents, ctx.with_x
+        )
+        d_x = result[0] if ctx.with_x else None
+        d_params = result[1 if ctx.with_x else 0 : -1]
         return (
-            _as_input_grad(bar_x, x),
-            d_grad_out,
-            *map(_as_input_grad, bar_params, params),
+            _as_input_grad(d_x, x),
+            _as_input_grad(result[-1], grad_out),
+            *map(_as_input_grad, d_params, params),
         )
