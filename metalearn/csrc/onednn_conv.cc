@@ -1566,13 +1566,23 @@ void fill_rows(float* rows, const float* bias, const Layer& d) {
       std::copy(bias + t * d.o, bias + (t + 1) * d.o, rows + (t * d.n + n) * d.o);
 }
 
-// sums [T, O] = Σ_n rows [T, N, O]
+// sums [T, O] = Σ_n rows [T, N, O]: a product with a row of ones
 void row_sums(float* sums, const float* rows, const Layer& d) {
+  static const float one = 1.0f;
   std::fill(sums, sums + d.t * d.o, 0.0f);
   for (int64_t t = 0; t < d.t; ++t)
-    for (int64_t n = 0; n < d.n; ++n)
-      for (int64_t j = 0; j < d.o; ++j) sums[t * d.o + j] += rows[(t * d.n + n) * d.o + j];
+    gemm().accumulate(sums + t * d.o, &one, 0, 0, rows + t * d.n * d.o, 1, d.n, d.o);
 }
+
+// An uninitialised float buffer (every use writes before it reads).
+class Scratch {
+ public:
+  explicit Scratch(int64_t count) : values_(count > 0 ? new float[count] : nullptr) {}
+  float* get() const { return values_.get(); }
+
+ private:
+  std::unique_ptr<float[]> values_;
+};
 
 // out = g where h > 0, else 0 (ReLU's backward; h is ReLU's output), count values
 void mask(float* out, const float* h, const float* g, int64_t count) {
@@ -1680,53 +1690,52 @@ std::vector<paddle::Tensor> DoubleBackward(const paddle::Tensor& x,
   auto input = [&](int64_t l) { return l ? hp + net.hidden_at[l] : data(x); };
   // up: d dz_l = c_l·W_l + h_l·ḡW_l + ḡb_l, W̄_l = c_lᵀ·dz_l, h̄_l = dz_l·ḡW_lᵀ,
   // c_{l+1} = mask_{l+1} ⊙ d dz_l
-  std::vector<std::vector<float>> bar_h(net.layers);
-  std::vector<float> carry, d_dz;
-  if (with_x) carry.assign(data(cotangents[0]), data(cotangents[0]) + net.t * net.n * net.size[0]);
+  int64_t widest = 0;
+  for (const int64_t size : net.size) widest = std::max(widest, size);
+  const int64_t rows = net.t * net.n;
+  Scratch d_dz(rows * widest), carry(rows * widest), bar_z(rows * widest);
+  std::vector<Scratch> bar_h;
+  for (int64_t l = 0; l < net.layers; ++l) bar_h.emplace_back(l || with_x ? rows * net.size[l] : 0);
+  bool has_carry = with_x;
+  if (with_x) std::copy(data(cotangents[0]), data(cotangents[0]) + rows * net.size[0], carry.get());
   for (int64_t l = 0; l < net.layers; ++l) {
     const Layer d = layer_of(net, l);
     const float* g_w = data(cotangents[first + 2 * l]);
     const float* g_b = data(cotangents[first + 2 * l + 1]);
     const float* gz = zp + net.dz_at[l];
     const bool last = l == net.layers - 1;
-    d_dz.assign(d.t * d.n * d.o, 0.0f);
-    float* ddz = last ? d_dy : d_dz.data();
+    float* ddz = last ? d_dy : d_dz.get();
     fill_rows(ddz, g_b, d);
     add_product(ddz, input(l), g_w, d);
     float* w_bar = result.w[l];
     std::fill(w_bar, w_bar + d.t * d.i * d.o, 0.0f);
-    if (!carry.empty()) {
-      add_product(ddz, carry.data(), data(params[2 * l]), d);
-      add_transposed_product(w_bar, carry.data(), gz, d);
+    if (has_carry) {
+      add_product(ddz, carry.get(), data(params[2 * l]), d);
+      add_transposed_product(w_bar, carry.get(), gz, d);
     }
-    if (l || with_x) {
-      bar_h[l].assign(d.t * d.n * d.i, 0.0f);
-      Layer td{d.t, d.n, d.i, d.o};
-      add_product_transposed(bar_h[l].data(), gz, g_w, td, true);
-    }
+    if (l || with_x) add_product_transposed(bar_h[l].get(), gz, g_w, d, false);
     if (!last) {
-      carry.assign(d.t * d.n * d.o, 0.0f);
-      mask(carry.data(), hp + net.hidden_at[l + 1], ddz, d.t * d.n * d.o);
+      mask(carry.get(), hp + net.hidden_at[l + 1], ddz, rows * d.o);
+      has_carry = true;
     }
   }
   // down: the h̄_l back through the forward pass, adding to W̄_l, b̄_l (and x̄)
-  std::vector<float> bar = bar_h[net.layers - 1], bar_z;
+  const float* bar = bar_h[net.layers - 1].get();
   for (int64_t l = net.layers - 2; l >= 0; --l) {
     const Layer d = layer_of(net, l);
-    bar_z.assign(d.t * d.n * d.o, 0.0f);
-    mask(bar_z.data(), hp + net.hidden_at[l + 1], bar.data(), d.t * d.n * d.o);
-    add_transposed_product(result.w[l], input(l), bar_z.data(), d);
-    row_sums(result.b[l], bar_z.data(), d);
+    mask(bar_z.get(), hp + net.hidden_at[l + 1], bar, rows * d.o);
+    add_transposed_product(result.w[l], input(l), bar_z.get(), d);
+    row_sums(result.b[l], bar_z.get(), d);
     if (l || with_x) {
-      bar = bar_h[l];
-      add_product_transposed(bar.data(), bar_z.data(), data(params[2 * l]), d, true);
+      add_product_transposed(bar_h[l].get(), bar_z.get(), data(params[2 * l]), d, true);
+      bar = bar_h[l].get();
     }
   }
   {  // the last layer's bias does not enter the backward: b̄_{L-1} = 0
     const Layer d = layer_of(net, net.layers - 1);
     std::fill(result.b[net.layers - 1], result.b[net.layers - 1] + d.t * d.o, 0.0f);
   }
-  if (with_x) std::copy(bar.begin(), bar.end(), result.x);
+  if (with_x) std::copy(bar, bar + rows * net.size[0], result.x);
   result.tensors.push_back(d_dy_tensor);
   return result.tensors;
 }
