@@ -3,7 +3,8 @@
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`. :func:`load_kernels` compiles that operator once per
+(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`,
+and likewise the ReLU network of the sinusoid MLP for :func:`metalearn.ops.relu_network`. :func:`load_kernels` compiles that operator once per
 machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
 and registers it in this process (well under a second on later starts).
 
@@ -476,6 +477,11 @@ def _self_check(kernels: Kernels) -> None:
         normalised = centred / np.sqrt((centred**2).mean(axis=(0, 2, 3), keepdims=True) + 1e-3)
         y_bn_ref = as_tensor(normalised * gamma.reshape(1, 3, 1, 1) + beta.reshape(1, 3, 1, 1))
         checks += (("batch norm", y_bn, y_bn_ref),)
+        params = [as_tensor(rng.standard_normal(s)) for s in ((2, 3, 5), (2, 5), (2, 5, 1), (2, 1))]
+        inputs = as_tensor(rng.standard_normal((2, 4, 3)))
+        y_net = kernels.relu_network_forward(inputs, params)[0]
+        y_net_ref = NativeKernels().relu_network_forward(inputs, params)[0]
+        checks += (("relu network", y_net, y_net_ref),)
         for name, got, want in checks:
             if got.shape != want.shape:
                 raise RuntimeError(f"self-check: {name} shape {got.shape} != {want.shape}")

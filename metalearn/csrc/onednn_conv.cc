@@ -16,7 +16,9 @@
 //   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
 //   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
 //   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-// with a float attribute eps for the forward.
+// with a float attribute eps for the forward; and the ReLU network of the sinusoid MLP, one
+// call per pass (see "The ReLU network" below):
+//   fastnet_forward, fastnet_backward, fastnet_double_backward
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
 // only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
