@@ -3,7 +3,8 @@
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`. :func:`load_kernels` compiles that operator once per
+(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`,
+and likewise the ReLU network of the sinusoid MLP for :func:`metalearn.ops.relu_network`. :func:`load_kernels` compiles that operator once per
 machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
 and registers it in this process (well under a second on later starts).
 
@@ -89,6 +90,9 @@ _OPS = (
     "fastbn_forward",
     "fastbn_backward",
     "fastbn_double_backward",
+    "fastnet_forward",
+    "fastnet_backward",
+    "fastnet_double_backward",
 )
 _BUILD_SCRIPT = """
 import sys, warnings
@@ -195,6 +199,36 @@ class Kernels(NativeKernels):
         return _C_ops._run_custom_op(
             "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
         )
+
+    # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks
+    # of at most MAX_NETWORK_LAYERS layers. The hidden activations and the dz_l travel packed,
+    # between the operators only.
+    def fuses_linear(self, *tensors) -> bool:
+        return len(tensors) <= 1 + 2 * MAX_NETWORK_LAYERS and self._fast(*tensors)
+
+    def relu_network_forward(self, x, params):
+        return tuple(_C_ops._run_custom_op("fastnet_forward", x, list(params)))
+
+    def relu_network_backward(self, x, params, state, grad_out, with_x: bool):
+        *grads, grad_zs = _C_ops._run_custom_op(
+            "fastnet_backward", x, list(params), state, grad_out, with_x
+        )
+        return _gradients(grads, len(params), with_x), grad_zs
+
+    def relu_network_double_backward(self, x, params, state, grad_zs, cotangents, with_x: bool):
+        *grads, grad_out = _C_ops._run_custom_op(
+            "fastnet_double_backward", x, list(params), state, grad_zs, list(cotangents), with_x
+        )
+        return (*_gradients(grads, len(params), with_x), grad_out)
+
+
+MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (csrc: kMaxLayers)
+
+
+def _gradients(outputs: list, count: int, with_x: bool) -> tuple:
+    """([dx,] dW_0, db_0, ...) of the operators' fixed outputs (dx, dW_0, db_0, ...,
+    placeholders)."""
+    return tuple(outputs[: 1 + count]) if with_x else tuple(outputs[1 : 1 + count])
 
 
 _lock = threading.Lock()
@@ -443,6 +477,11 @@ def _self_check(kernels: Kernels) -> None:
         normalised = centred / np.sqrt((centred**2).mean(axis=(0, 2, 3), keepdims=True) + 1e-3)
         y_bn_ref = as_tensor(normalised * gamma.reshape(1, 3, 1, 1) + beta.reshape(1, 3, 1, 1))
         checks += (("batch norm", y_bn, y_bn_ref),)
+        params = [as_tensor(rng.standard_normal(s)) for s in ((2, 3, 5), (2, 5), (2, 5, 1), (2, 1))]
+        inputs = as_tensor(rng.standard_normal((2, 4, 3)))
+        y_net = kernels.relu_network_forward(inputs, params)[0]
+        y_net_ref = NativeKernels().relu_network_forward(inputs, params)[0]
+        checks += (("relu network", y_net, y_net_ref),)
         for name, got, want in checks:
             if got.shape != want.shape:
                 raise RuntimeError(f"self-check: {name} shape {got.shape} != {want.shape}")
