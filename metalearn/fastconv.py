@@ -3,7 +3,8 @@
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`. :func:`load_kernels` compiles that operator once per
+(forward, backward and double-backward, optionally followed by ReLU; plain C++ loops on the
+same OpenMP threads, no oneDNN) for :func:`metalearn.ops.batch_norm`. :func:`load_kernels` compiles that operator once per
 machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
 and registers it in this process (well under a second on later starts).
 
@@ -36,7 +37,9 @@ Environment:
 * ``PADDLE_MAML_NO_FASTCONV=1``: disable; :func:`load_kernels` returns None.
 * ``PADDLE_MAML_FASTCONV_THREADS=N``: use exactly N oneDNN threads. Default: per shape, all the
   CPUs this process may use or one thread, whichever timed faster (one wins on a busy machine).
-  Paddle keeps its OpenMP runtime at one thread; the operator changes that only during its calls.
+  Batch norm splits its channels over N threads (default: all those CPUs), with results that do
+  not depend on N. Paddle keeps its OpenMP runtime at one thread; the operator changes that only
+  during its calls.
 * ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in.
 * ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads
   (recorded choices are neither read nor written).
@@ -89,6 +92,8 @@ _OPS = (
     "fastbn_forward",
     "fastbn_backward",
     "fastbn_double_backward",
+    "fastbnrelu_backward",
+    "fastbnrelu_double_backward",
 )
 _BUILD_SCRIPT = """
 import sys, warnings
@@ -181,19 +186,37 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def batch_norm_forward(self, x, scale, shift, eps: float):
-        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
-        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))
+    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False):
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm"); with
+        ``relu`` y is relu(batch norm)."""
+        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps), bool(relu))
 
-    def batch_norm_backward(self, xhat, rstd, scale, grad_out):
-        """(dx, dscale, dshift) given dL/dy."""
-        return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_out=None):
+        """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_out`` is its output y,
+        whose mask [y > 0] applies to ``grad_out``."""
+        if relu_out is None:
+            return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
+        return _C_ops._run_custom_op("fastbnrelu_backward", xhat, rstd, scale, grad_out, relu_out)
 
-    def batch_norm_double_backward(self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift):
+    def batch_norm_double_backward(
+        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_out=None
+    ):
         """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
-        backward's outputs (dx, dscale, dshift)."""
+        backward's outputs (dx, dscale, dshift); ``relu_out`` as for the backward."""
+        if relu_out is None:
+            return _C_ops._run_custom_op(
+                "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+            )
         return _C_ops._run_custom_op(
-            "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+            "fastbnrelu_double_backward",
+            xhat,
+            rstd,
+            scale,
+            grad_out,
+            relu_out,
+            g_x,
+            g_scale,
+            g_shift,
         )
 
 

@@ -12,11 +12,13 @@
 //   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
 //   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
 // each with int attributes stride, padding and groups; and batch norm with the batch's own
-// statistics (see "Batch norm" below):
+// statistics, alone or followed by ReLU (see "Batch norm" below):
 //   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
 //   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
 //   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-// with a float attribute eps for the forward.
+//   fastbnrelu_backward(xhat, rstd, scale, dz, z)          -> dx, dscale, dshift
+//   fastbnrelu_double_backward(xhat, rstd, scale, dz, z, gx, gs, gb) -> d_x, d_scale, d_dz
+// with a float attribute eps and a bool attribute relu (y = z = relu(batch norm)) for the forward.
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
 // only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
@@ -28,7 +30,8 @@
 // bind to Intel's libiomp5, whose thread count Paddle sets to 1 (FLAGS_paddle_num_threads). Each
 // plan records its own thread count; a call sets libiomp5's count to it for its duration and then
 // restores Paddle's. PADDLE_MAML_FASTCONV_THREADS=N fixes the count; by default it is up to the
-// number of CPUs this process may run on (see the tuning below).
+// number of CPUs this process may run on (see the tuning below). The batch-norm loops fork their
+// own teams in the same runtime (GOMP_parallel, which libiomp5 exports), never a second runtime.
 //
 // Primitives are cached per (kind, shape). At the first call of a shape, the implementations
 // oneDNN offers (up to kMaxImpls, reference ones excluded) on plain NCHW/OIHW memory and on the
@@ -152,6 +155,11 @@ struct Api {
 struct Omp {
   int (*get_max_threads)() = nullptr;
   void (*set_num_threads)(int) = nullptr;
+  // GOMP_parallel(fn, data, threads, flags) and the team queries, for the batch-norm loops;
+  // parallel is null if the runtime lacks them (the loops then run on one thread).
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
   const char* name = "none";
 };
 
@@ -236,6 +244,15 @@ struct Runtime {
         omp.get_max_threads = reinterpret_cast<int (*)()>(get);
         omp.set_num_threads = reinterpret_cast<void (*)(int)>(set);
         omp.name = name;
+        void* parallel = dlsym(h, "GOMP_parallel");
+        void* thread_num = dlsym(h, "omp_get_thread_num");
+        void* num_threads = dlsym(h, "omp_get_num_threads");
+        if (parallel != nullptr && thread_num != nullptr && num_threads != nullptr) {
+          omp.parallel = reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(
+              parallel);
+          omp.thread_num = reinterpret_cast<int (*)()>(thread_num);
+          omp.num_threads = reinterpret_cast<int (*)()>(num_threads);
+        }
         break;
       }
     }
@@ -973,7 +990,8 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Batch norm with the batch's own statistics, its backward and its double backward.
+// Batch norm with the batch's own statistics, its backward and its double backward, optionally
+// followed by ReLU in the same operator.
 //
 // x is [N, C, H, W]; channel c is normalised over its M = N·H·W values: mean μ, variance σ² of
 // the centred values, r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = scale·x̂ + shift. The statistics
@@ -991,10 +1009,24 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 //   d_x     = r·(u − mean(u) − x̂·mean(x̂·u)) − R·r²·x̂/M, where
 //             u = (gs − scale·r·q)·g − scale·r·m·gx   (∂L/∂x̂ at fixed r) and
 //             R = scale·d_scale/r                      (∂L/∂r at fixed x̂).
+//
+// With ReLU (the `fastbnrelu_*` operators and fastbn_forward's `relu`), the output is
+// z = max(y, 0) and the incoming gradient is dL/dz; the backward passes take z and use the mask
+// [z > 0] (the one Paddle's relu_grad uses): g = [z > 0]·dL/dz goes into the formulas above, and
+// the double backward's d_dy (a cotangent of dL/dz) is masked the same way. The mask is piecewise
+// constant in (x, scale, shift), so it contributes no other term: ReLU's second derivative is 0.
+//
+// Threads: the channels are split into contiguous ranges, one per thread, through the
+// GOMP_parallel entry point of the OpenMP runtime oneDNN uses (libiomp5 in a Paddle process, see
+// "Threads" at the top), with `Runtime::threads` threads (PADDLE_MAML_FASTCONV_THREADS) on shapes
+// with at least kBnParallelWork values. Every channel's sums are formed by one thread in the same
+// order whatever the thread count, so results are bit-identical for any number of threads. All
+// passes over a channel run back to back, while its N·H·W values are still in the cache.
 
 struct BnShape {
   int64_t n, c, hw;
   double count() const { return static_cast<double>(n) * static_cast<double>(hw); }
+  int64_t at(int64_t image, int64_t channel) const { return (image * c + channel) * hw; }
 };
 
 static BnShape bn_shape(const paddle::Tensor& x) {
@@ -1017,6 +1049,9 @@ static paddle::Tensor per_channel(const paddle::Tensor& t, int64_t c, const char
 
 constexpr int kLanes = 8;
 
+// Fewer values than this run on one thread: below it the fork and join cost more than they save.
+constexpr int64_t kBnParallelWork = 1 << 14;
+
 // Σ f(i) over i < len in kLanes independent float partial sums (a row of H·W values), in double.
 template <class F>
 static inline double row_sum(int64_t len, F f) {
@@ -1030,153 +1065,229 @@ static inline double row_sum(int64_t len, F f) {
   return total;
 }
 
+// Σ over the channel's N rows of row_sum(H·W, f(offset of the row + i)).
+template <class F>
+static inline double channel_sum(const BnShape& s, int64_t c, F f) {
+  double total = 0;
+  for (int64_t n = 0; n < s.n; ++n) {
+    const int64_t at = s.at(n, c);
+    total += row_sum(s.hw, [&](int64_t i) { return f(at + i); });
+  }
+  return total;
+}
+
+// body(first, last) for contiguous channel ranges that cover [0, s.c), on up to
+// Runtime::threads OpenMP threads (one call with the whole range if the shape is small).
+template <class F>
+static void for_channel_ranges(const BnShape& s, F body) {
+  const Runtime& rt = runtime();
+  const int64_t threads = std::min<int64_t>(rt.threads, s.c);
+  if (threads <= 1 || rt.omp.parallel == nullptr || s.n * s.c * s.hw < kBnParallelWork) {
+    body(int64_t{0}, s.c);
+    return;
+  }
+  struct Job {
+    F* body;
+    int64_t channels;
+    const Omp* omp;
+  } job{&body, s.c, &rt.omp};
+  auto run = [](void* data) {
+    const Job& j = *static_cast<const Job*>(data);
+    const int64_t t = j.omp->thread_num(), count = j.omp->num_threads();
+    const int64_t first = j.channels * t / count, last = j.channels * (t + 1) / count;
+    if (first < last) (*j.body)(first, last);
+  };
+  rt.omp.parallel(run, &job, static_cast<unsigned>(threads), 0);
+}
+
+// The incoming gradient as the batch-norm formulas see it: masked by [z > 0] after a fused ReLU.
+template <bool kRelu>
+static inline float bn_grad(const float* g, const float* z, int64_t i) {
+  if (kRelu) return z[i] > 0.0f ? g[i] : 0.0f;
+  return g[i];
+}
+
+template <bool kRelu>
+static void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
+                       float* yp, float* hp, float* r) {
+  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const float mean0 = static_cast<float>(channel_sum(s, c, [&](int64_t i) { return xp[i]; }) /
+                                             s.count());
+      double dev = 0, sq = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const float* row = xp + s.at(n, c);
+        dev += row_sum(s.hw, [&](int64_t i) { return row[i] - mean0; });
+        sq += row_sum(s.hw, [&](int64_t i) { return (row[i] - mean0) * (row[i] - mean0); });
+      }
+      const double shift_of_mean = dev / s.count();
+      const double var = std::max(0.0, sq / s.count() - shift_of_mean * shift_of_mean);
+      const float m = static_cast<float>(mean0 + shift_of_mean);
+      const float rc = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+      const float ac = a[c], bc = b[c];
+      r[c] = rc;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i) {
+          const float h = (xp[i] - m) * rc, y = h * ac + bc;
+          hp[i] = h;
+          yp[i] = kRelu ? std::max(y, 0.0f) : y;
+        }
+      }
+    }
+  });
+}
+
 std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::Tensor& scale_in,
-                                      const paddle::Tensor& shift_in, float eps) {
+                                      const paddle::Tensor& shift_in, float eps, bool relu) {
   paddle::Tensor x = dense(x_in, "x");
   BnShape s = bn_shape(x);
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
   paddle::Tensor shift = per_channel(shift_in, s.c, "shift");
   auto y = empty(x.shape()), xhat = empty(x.shape()), rstd = empty({s.c});
-  const float* xp = ptr(x);
-  std::vector<double> sum(s.c), dev(s.c), sq(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const float* row = xp + (n * s.c + c) * s.hw;
-      sum[c] += row_sum(s.hw, [&](int64_t i) { return row[i]; });
-    }
-  std::vector<float> mean0(s.c), mean(s.c);
-  for (int64_t c = 0; c < s.c; ++c) mean0[c] = static_cast<float>(sum[c] / s.count());
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const float* row = xp + (n * s.c + c) * s.hw;
-      const float m = mean0[c];
-      dev[c] += row_sum(s.hw, [&](int64_t i) { return row[i] - m; });
-      sq[c] += row_sum(s.hw, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
-    }
-  float* r = ptr(rstd);
-  for (int64_t c = 0; c < s.c; ++c) {
-    double shift_of_mean = dev[c] / s.count();
-    double var = std::max(0.0, sq[c] / s.count() - shift_of_mean * shift_of_mean);
-    mean[c] = static_cast<float>(mean0[c] + shift_of_mean);
-    r[c] = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-  }
-  const float *a = ptr(scale), *b = ptr(shift);
-  float *yp = ptr(y), *hp = ptr(xhat);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float m = mean[c], rc = r[c], ac = a[c], bc = b[c];
-      for (int64_t i = 0; i < s.hw; ++i) {
-        float h = (xp[at + i] - m) * rc;
-        hp[at + i] = h;
-        yp[at + i] = h * ac + bc;
-      }
-    }
+  auto run = relu ? bn_forward<true> : bn_forward<false>;
+  run(s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), ptr(xhat), ptr(rstd));
   return {y, xhat, rstd};
 }
 
-std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat_in,
-                                       const paddle::Tensor& rstd_in,
-                                       const paddle::Tensor& scale_in,
-                                       const paddle::Tensor& dy_in) {
+template <bool kRelu>
+static void bn_backward(const BnShape& s, const float* hp, const float* r, const float* a,
+                        const float* gp, const float* zp, float* dxp, float* ds, float* db) {
+  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double sg = 0, sgh = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        sg += row_sum(s.hw, [&](int64_t i) { return bn_grad<kRelu>(gp, zp, at + i); });
+        sgh += row_sum(s.hw,
+                       [&](int64_t i) { return bn_grad<kRelu>(gp, zp, at + i) * hp[at + i]; });
+      }
+      ds[c] = static_cast<float>(sgh);
+      db[c] = static_cast<float>(sg);
+      const float kc = a[c] * r[c], g0 = static_cast<float>(sg / s.count()),
+                  gh = static_cast<float>(sgh / s.count());
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i)
+          dxp[i] = kc * (bn_grad<kRelu>(gp, zp, i) - g0 - hp[i] * gh);
+      }
+    }
+  });
+}
+
+// fastbn_backward (z empty) and fastbnrelu_backward (z = the forward's output).
+static std::vector<paddle::Tensor> bn_backward_op(const paddle::Tensor& xhat_in,
+                                                  const paddle::Tensor& rstd_in,
+                                                  const paddle::Tensor& scale_in,
+                                                  const paddle::Tensor& dy_in,
+                                                  const paddle::Tensor* z_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy");
+  paddle::Tensor z = z_in ? like_x(*z_in, xhat, "z") : xhat;
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
-  const float *hp = ptr(xhat), *gp = ptr(dy), *r = ptr(rstd), *a = ptr(scale);
-  std::vector<double> sg(s.c), sgh(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      sg[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i]; });
-      sgh[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i] * hp[at + i]; });
-    }
   auto dx = empty(xhat.shape()), dscale = empty({s.c}), dshift = empty({s.c});
-  float *dxp = ptr(dx), *ds = ptr(dscale), *db = ptr(dshift);
-  std::vector<float> k(s.c), mg(s.c), mgh(s.c);
-  for (int64_t c = 0; c < s.c; ++c) {
-    ds[c] = static_cast<float>(sgh[c]);
-    db[c] = static_cast<float>(sg[c]);
-    k[c] = a[c] * r[c];
-    mg[c] = static_cast<float>(sg[c] / s.count());
-    mgh[c] = static_cast<float>(sgh[c] / s.count());
-  }
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float kc = k[c], g0 = mg[c], gh = mgh[c];
-      for (int64_t i = 0; i < s.hw; ++i)
-        dxp[at + i] = kc * (gp[at + i] - g0 - hp[at + i] * gh);
-    }
+  auto run = z_in ? bn_backward<true> : bn_backward<false>;
+  run(s, ptr(xhat), ptr(rstd), ptr(scale), ptr(dy), ptr(z), ptr(dx), ptr(dscale), ptr(dshift));
   return {dx, dscale, dshift};
 }
 
-std::vector<paddle::Tensor> BnDoubleBackward(
+std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
+                                       const paddle::Tensor& scale, const paddle::Tensor& dy) {
+  return bn_backward_op(xhat, rstd, scale, dy, nullptr);
+}
+
+std::vector<paddle::Tensor> BnReluBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
+                                           const paddle::Tensor& scale, const paddle::Tensor& dy,
+                                           const paddle::Tensor& z) {
+  return bn_backward_op(xhat, rstd, scale, dy, &z);
+}
+
+struct BnDoubleBackwardArgs {
+  const float *hp, *gp, *zp, *xp, *r, *a, *gsp, *gbp;
+  float *dxp, *dsp, *ddp;
+};
+
+template <bool kRelu>
+static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) {
+  const double count = s.count();
+  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double sg = 0, sgh = 0, sx = 0, sxh = 0, sxg = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        const float *h = p.hp + at, *v = p.xp + at;
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(p.gp, p.zp, at + i); };
+        sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * h[i]; });
+        sx += row_sum(s.hw, [&](int64_t i) { return v[i]; });
+        sxh += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
+        sxg += row_sum(s.hw, [&](int64_t i) { return v[i] * g(i); });
+      }
+      // d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
+      const double rc = p.r[c], ac = p.a[c], k = ac * rc;
+      const double gbar = sg / count, m = sgh / count, xbar = sx / count, q = sxh / count;
+      const double dscale = rc * (sxg - sg * xbar - sgh * q);
+      const double big_r = ac * dscale / rc;
+      const double w = p.gsp[c] - k * q;  // u = w·g − k·m·gx
+      const double mean_u = w * gbar - k * m * xbar;
+      const double mean_hu = w * m - k * m * q;
+      p.dsp[c] = static_cast<float>(dscale);
+      const float al = static_cast<float>(rc * w), be = static_cast<float>(-rc * k * m),
+                  ga = static_cast<float>(-rc * mean_hu - big_r * rc * rc / count),
+                  de = static_cast<float>(-rc * mean_u), ka = static_cast<float>(k),
+                  la = static_cast<float>(w), nc = static_cast<float>(p.gbp[c] - k * xbar);
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i) {
+          const float g = bn_grad<kRelu>(p.gp, p.zp, i), v = p.xp[i], h = p.hp[i];
+          p.dxp[i] = al * g + be * v + ga * h + de;
+          const float d_dy = ka * v + la * h + nc;
+          p.ddp[i] = kRelu ? (p.zp[i] > 0.0f ? d_dy : 0.0f) : d_dy;
+        }
+      }
+    }
+  });
+}
+
+// fastbn_double_backward (z empty) and fastbnrelu_double_backward (z = the forward's output).
+static std::vector<paddle::Tensor> bn_double_backward_op(
     const paddle::Tensor& xhat_in, const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
-    const paddle::Tensor& dy_in, const paddle::Tensor& gx_in, const paddle::Tensor& gs_in,
-    const paddle::Tensor& gb_in) {
+    const paddle::Tensor& dy_in, const paddle::Tensor* z_in, const paddle::Tensor& gx_in,
+    const paddle::Tensor& gs_in, const paddle::Tensor& gb_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy"), gx = like_x(gx_in, xhat, "gx");
+  paddle::Tensor z = z_in ? like_x(*z_in, xhat, "z") : xhat;
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
   paddle::Tensor gs = per_channel(gs_in, s.c, "gs"), gb = per_channel(gb_in, s.c, "gb");
-  const float *hp = ptr(xhat), *gp = ptr(dy), *xp = ptr(gx);
-  std::vector<double> sg(s.c), sgh(s.c), sx(s.c), sxh(s.c), sxg(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float *h = hp + at, *g = gp + at, *v = xp + at;
-      sg[c] += row_sum(s.hw, [&](int64_t i) { return g[i]; });
-      sgh[c] += row_sum(s.hw, [&](int64_t i) { return g[i] * h[i]; });
-      sx[c] += row_sum(s.hw, [&](int64_t i) { return v[i]; });
-      sxh[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
-      sxg[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * g[i]; });
-    }
   auto d_x = empty(xhat.shape()), d_dy = empty(xhat.shape()), d_scale = empty({s.c});
-  const float *r = ptr(rstd), *a = ptr(scale), *gsp = ptr(gs), *gbp = ptr(gb);
-  float* dsp = ptr(d_scale);
-  // Per channel: d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
-  std::vector<float> alpha(s.c), beta(s.c), gamma(s.c), delta(s.c), kappa(s.c), lambda(s.c),
-      nu(s.c);
-  const double count = s.count();
-  for (int64_t c = 0; c < s.c; ++c) {
-    const double rc = r[c], ac = a[c], k = ac * rc;
-    const double gbar = sg[c] / count, m = sgh[c] / count, xbar = sx[c] / count,
-                 q = sxh[c] / count;
-    const double dscale = rc * (sxg[c] - sg[c] * xbar - sgh[c] * q);
-    const double big_r = ac * dscale / rc;
-    const double w = gsp[c] - k * q;  // u = w·g − k·m·gx
-    const double mean_u = w * gbar - k * m * xbar;
-    const double mean_hu = w * m - k * m * q;
-    dsp[c] = static_cast<float>(dscale);
-    alpha[c] = static_cast<float>(rc * w);
-    beta[c] = static_cast<float>(-rc * k * m);
-    gamma[c] = static_cast<float>(-rc * mean_hu - big_r * rc * rc / count);
-    delta[c] = static_cast<float>(-rc * mean_u);
-    kappa[c] = static_cast<float>(k);
-    lambda[c] = static_cast<float>(w);
-    nu[c] = static_cast<float>(gbp[c] - k * xbar);
-  }
-  float *dxp = ptr(d_x), *ddp = ptr(d_dy);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float al = alpha[c], be = beta[c], ga = gamma[c], de = delta[c], ka = kappa[c],
-                  la = lambda[c], nc = nu[c];
-      for (int64_t i = 0; i < s.hw; ++i) {
-        const float g = gp[at + i], v = xp[at + i], h = hp[at + i];
-        dxp[at + i] = al * g + be * v + ga * h + de;
-        ddp[at + i] = ka * v + la * h + nc;
-      }
-    }
+  BnDoubleBackwardArgs args{ptr(xhat), ptr(dy),  ptr(z),   ptr(gx),      ptr(rstd), ptr(scale),
+                            ptr(gs),   ptr(gb),  ptr(d_x), ptr(d_scale), ptr(d_dy)};
+  (z_in ? bn_double_backward<true> : bn_double_backward<false>)(s, args);
   return {d_x, d_scale, d_dy};
+}
+
+std::vector<paddle::Tensor> BnDoubleBackward(
+    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
+    const paddle::Tensor& dy, const paddle::Tensor& gx, const paddle::Tensor& gs,
+    const paddle::Tensor& gb) {
+  return bn_double_backward_op(xhat, rstd, scale, dy, nullptr, gx, gs, gb);
+}
+
+std::vector<paddle::Tensor> BnReluDoubleBackward(
+    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
+    const paddle::Tensor& dy, const paddle::Tensor& z, const paddle::Tensor& gx,
+    const paddle::Tensor& gs, const paddle::Tensor& gb) {
+  return bn_double_backward_op(xhat, rstd, scale, dy, &z, gx, gs, gb);
 }
 
 std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
                                                  const std::vector<int64_t>& scale,
-                                                 const std::vector<int64_t>& shift, float eps) {
+                                                 const std::vector<int64_t>& shift, float eps,
+                                                 bool relu) {
   return {x, x, {x[1]}};
 }
 
@@ -1187,11 +1298,27 @@ std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xh
   return {xhat, {xhat[1]}, {xhat[1]}};
 }
 
+std::vector<std::vector<int64_t>> BnReluBackwardShape(const std::vector<int64_t>& xhat,
+                                                      const std::vector<int64_t>& rstd,
+                                                      const std::vector<int64_t>& scale,
+                                                      const std::vector<int64_t>& dy,
+                                                      const std::vector<int64_t>& z) {
+  return {xhat, {xhat[1]}, {xhat[1]}};
+}
+
 std::vector<std::vector<int64_t>> BnDoubleBackwardShape(
     const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
     const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
     const std::vector<int64_t>& gx, const std::vector<int64_t>& gs,
     const std::vector<int64_t>& gb) {
+  return {xhat, {xhat[1]}, xhat};
+}
+
+std::vector<std::vector<int64_t>> BnReluDoubleBackwardShape(
+    const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
+    const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
+    const std::vector<int64_t>& z, const std::vector<int64_t>& gx,
+    const std::vector<int64_t>& gs, const std::vector<int64_t>& gb) {
   return {xhat, {xhat[1]}, xhat};
 }
 
@@ -1207,10 +1334,25 @@ std::vector<paddle::DataType> BnBackwardDtype(const paddle::DataType& xhat,
   return {xhat, xhat, xhat};
 }
 
+std::vector<paddle::DataType> BnReluBackwardDtype(const paddle::DataType& xhat,
+                                                  const paddle::DataType& rstd,
+                                                  const paddle::DataType& scale,
+                                                  const paddle::DataType& dy,
+                                                  const paddle::DataType& z) {
+  return {xhat, xhat, xhat};
+}
+
 std::vector<paddle::DataType> BnDoubleBackwardDtype(
     const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
     const paddle::DataType& dy, const paddle::DataType& gx, const paddle::DataType& gs,
     const paddle::DataType& gb) {
+  return {xhat, xhat, xhat};
+}
+
+std::vector<paddle::DataType> BnReluDoubleBackwardDtype(
+    const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
+    const paddle::DataType& dy, const paddle::DataType& z, const paddle::DataType& gx,
+    const paddle::DataType& gs, const paddle::DataType& gb) {
   return {xhat, xhat, xhat};
 }
 
@@ -1251,7 +1393,7 @@ PD_BUILD_OP(fastconv_backward_weights)
 PD_BUILD_OP(fastbn_forward)
     .Inputs({"X", "Scale", "Shift"})
     .Outputs({"Y", "XHat", "RStd"})
-    .Attrs({"eps: float"})
+    .Attrs({"eps: float", "relu: bool"})
     .SetKernelFn(PD_KERNEL(fastconv::BnForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnForwardDtype));
@@ -1269,3 +1411,17 @@ PD_BUILD_OP(fastbn_double_backward)
     .SetKernelFn(PD_KERNEL(fastconv::BnDoubleBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnDoubleBackwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnDoubleBackwardDtype));
+
+PD_BUILD_OP(fastbnrelu_backward)
+    .Inputs({"XHat", "RStd", "Scale", "DZ", "Z"})
+    .Outputs({"DX", "DScale", "DShift"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnReluBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluBackwardDtype));
+
+PD_BUILD_OP(fastbnrelu_double_backward)
+    .Inputs({"XHat", "RStd", "Scale", "DZ", "Z", "GX", "GScale", "GShift"})
+    .Outputs({"D_X", "D_Scale", "D_DZ"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnReluDoubleBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluDoubleBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluDoubleBackwardDtype));
