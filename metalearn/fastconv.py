@@ -191,19 +191,19 @@ class Kernels(NativeKernels):
         ``relu`` y is relu(batch norm)."""
         return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps), bool(relu))
 
-    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_out=None):
-        """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_out`` is its output y,
-        whose mask [y > 0] applies to ``grad_out``."""
-        if relu_out is None:
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None):
+        """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_shift`` is the forward's
+        shift, from which the ReLU mask is recomputed, and ``grad_out`` is the ReLU's dL/dz."""
+        if relu_shift is None:
             return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
-        return _C_ops._run_custom_op("fastbnrelu_backward", xhat, rstd, scale, grad_out, relu_out)
+        return _C_ops._run_custom_op("fastbnrelu_backward", xhat, rstd, scale, relu_shift, grad_out)
 
     def batch_norm_double_backward(
-        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_out=None
+        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None
     ):
         """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
-        backward's outputs (dx, dscale, dshift); ``relu_out`` as for the backward."""
-        if relu_out is None:
+        backward's outputs (dx, dscale, dshift); ``relu_shift`` as for the backward."""
+        if relu_shift is None:
             return _C_ops._run_custom_op(
                 "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
             )
@@ -212,8 +212,8 @@ class Kernels(NativeKernels):
             xhat,
             rstd,
             scale,
+            relu_shift,
             grad_out,
-            relu_out,
             g_x,
             g_scale,
             g_shift,

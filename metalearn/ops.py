@@ -216,23 +216,25 @@ class _BatchNormGrad(PyLayer):
     so that its gradient reaches it. The derivative is the fused double-backward operator
     (formulas in csrc/onednn_conv.cc, "Batch norm"); MAML never needs a third derivative.
 
-    After a fused ReLU, ``relu_out`` is the forward's output z and dy is dL/dz: the operators
-    apply the mask [z > 0] to dy and to its cotangent. The mask is piecewise constant, so it adds
-    no other term (ReLU's second derivative is 0), and z receives no gradient."""
+    After a fused ReLU, dy is the gradient of the ReLU's output z and ``relu_shift`` the batch
+    norm's shift (detached): the operators recompute the mask [z > 0] from it and x̂ (no output
+    is saved: a PyLayer that saves its own output keeps it alive in a reference cycle) and apply
+    it to dy and to its cotangent. The mask is piecewise constant, so it adds no other term
+    (ReLU's second derivative is 0)."""
 
     @staticmethod
-    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_out=None):
-        ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_out)
-        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_out)
+    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift=None):
+        ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_shift)
+        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift)
 
     @staticmethod
     def backward(ctx, g_x, g_scale, g_shift):
-        x, scale, grad_out, xhat, rstd, relu_out = ctx.saved_tensor()
+        x, scale, grad_out, xhat, rstd, relu_shift = ctx.saved_tensor()
         g_x = paddle.zeros_like(grad_out) if g_x is None else g_x
         g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
         g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
         d_x, d_scale, d_grad_out = kernels.active().batch_norm_double_backward(
-            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_out
+            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift
         )
         grads = (
             _as_input_grad(d_x, x),
@@ -241,21 +243,23 @@ class _BatchNormGrad(PyLayer):
             None,
             None,
         )
-        return grads if relu_out is None else (*grads, None)
+        return grads if relu_shift is None else (*grads, None)
 
 
 class _BatchNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, scale, shift, eps, relu):
         y, xhat, rstd = kernels.active().batch_norm_forward(x, scale, shift, eps, relu)
-        ctx.save_for_backward(x, scale, shift, xhat, rstd, y if relu else None)
+        ctx.save_for_backward(x, scale, shift, xhat, rstd)
+        ctx.relu = relu
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale, shift, xhat, rstd, relu_out = ctx.saved_tensor()
+        x, scale, shift, xhat, rstd = ctx.saved_tensor()
+        relu_shift = shift.detach() if ctx.relu else None
         grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
-            x, scale, grad_out, xhat, rstd, relu_out
+            x, scale, grad_out, xhat, rstd, relu_shift
         )
         return (
             _as_input_grad(grad_x, x),

@@ -16,8 +16,8 @@
 //   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
 //   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
 //   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-//   fastbnrelu_backward(xhat, rstd, scale, dz, z)          -> dx, dscale, dshift
-//   fastbnrelu_double_backward(xhat, rstd, scale, dz, z, gx, gs, gb) -> d_x, d_scale, d_dz
+//   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
+//   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
 // with a float attribute eps and a bool attribute relu (y = z = relu(batch norm)) for the forward.
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
@@ -1011,10 +1011,12 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 //             R = scale·d_scale/r                      (∂L/∂r at fixed x̂).
 //
 // With ReLU (the `fastbnrelu_*` operators and fastbn_forward's `relu`), the output is
-// z = max(y, 0) and the incoming gradient is dL/dz; the backward passes take z and use the mask
-// [z > 0] (the one Paddle's relu_grad uses): g = [z > 0]·dL/dz goes into the formulas above, and
-// the double backward's d_dy (a cotangent of dL/dz) is masked the same way. The mask is piecewise
-// constant in (x, scale, shift), so it contributes no other term: ReLU's second derivative is 0.
+// z = max(y, 0) and the incoming gradient is dL/dz. The backward passes use the mask [z > 0] (the
+// one Paddle's relu_grad uses), recomputed as [y > 0] from the saved x̂ with the forward's float
+// operations (bn_out), so no output needs saving: g = [y > 0]·dL/dz goes into the formulas above,
+// and the double backward's d_dy (a cotangent of dL/dz) is masked the same way. The mask is
+// piecewise constant in (x, scale, shift), so it contributes no other term: ReLU's second
+// derivative is 0.
 //
 // Threads: the channels are split into contiguous ranges, one per thread, through the
 // GOMP_parallel entry point of the OpenMP runtime oneDNN uses (libiomp5 in a Paddle process, see
@@ -1100,10 +1102,14 @@ static void for_channel_ranges(const BnShape& s, F body) {
   rt.omp.parallel(run, &job, static_cast<unsigned>(threads), 0);
 }
 
-// The incoming gradient as the batch-norm formulas see it: masked by [z > 0] after a fused ReLU.
+// y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
+static inline float bn_out(float h, float a, float b) { return h * a + b; }
+
+// The incoming gradient g[i] as the batch-norm formulas see it: after a fused ReLU, masked by
+// [y > 0] (x̂ = h[i], scale a, shift b).
 template <bool kRelu>
-static inline float bn_grad(const float* g, const float* z, int64_t i) {
-  if (kRelu) return z[i] > 0.0f ? g[i] : 0.0f;
+static inline float bn_grad(const float* g, const float* h, float a, float b, int64_t i) {
+  if (kRelu) return bn_out(h[i], a, b) > 0.0f ? g[i] : 0.0f;
   return g[i];
 }
 
@@ -1129,7 +1135,7 @@ static void bn_forward(const BnShape& s, const float* xp, const float* a, const 
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
         for (int64_t i = at; i < at + s.hw; ++i) {
-          const float h = (xp[i] - m) * rc, y = h * ac + bc;
+          const float h = (xp[i] - m) * rc, y = bn_out(h, ac, bc);
           hp[i] = h;
           yp[i] = kRelu ? std::max(y, 0.0f) : y;
         }
@@ -1152,60 +1158,62 @@ std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::
 
 template <bool kRelu>
 static void bn_backward(const BnShape& s, const float* hp, const float* r, const float* a,
-                        const float* gp, const float* zp, float* dxp, float* ds, float* db) {
+                        const float* b, const float* gp, float* dxp, float* ds, float* db) {
   for_channel_ranges(s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
+      const float ac = a[c], bc = kRelu ? b[c] : 0.0f;
       double sg = 0, sgh = 0;
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
-        sg += row_sum(s.hw, [&](int64_t i) { return bn_grad<kRelu>(gp, zp, at + i); });
-        sgh += row_sum(s.hw,
-                       [&](int64_t i) { return bn_grad<kRelu>(gp, zp, at + i) * hp[at + i]; });
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(gp, hp, ac, bc, at + i); };
+        sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * hp[at + i]; });
       }
       ds[c] = static_cast<float>(sgh);
       db[c] = static_cast<float>(sg);
-      const float kc = a[c] * r[c], g0 = static_cast<float>(sg / s.count()),
+      const float kc = ac * r[c], g0 = static_cast<float>(sg / s.count()),
                   gh = static_cast<float>(sgh / s.count());
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
         for (int64_t i = at; i < at + s.hw; ++i)
-          dxp[i] = kc * (bn_grad<kRelu>(gp, zp, i) - g0 - hp[i] * gh);
+          dxp[i] = kc * (bn_grad<kRelu>(gp, hp, ac, bc, i) - g0 - hp[i] * gh);
       }
     }
   });
 }
 
-// fastbn_backward (z empty) and fastbnrelu_backward (z = the forward's output).
+// fastbn_backward (no shift) and fastbnrelu_backward (the forward's shift, for the ReLU mask).
 static std::vector<paddle::Tensor> bn_backward_op(const paddle::Tensor& xhat_in,
                                                   const paddle::Tensor& rstd_in,
                                                   const paddle::Tensor& scale_in,
-                                                  const paddle::Tensor& dy_in,
-                                                  const paddle::Tensor* z_in) {
+                                                  const paddle::Tensor* shift_in,
+                                                  const paddle::Tensor& dy_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy");
-  paddle::Tensor z = z_in ? like_x(*z_in, xhat, "z") : xhat;
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
   auto dx = empty(xhat.shape()), dscale = empty({s.c}), dshift = empty({s.c});
-  auto run = z_in ? bn_backward<true> : bn_backward<false>;
-  run(s, ptr(xhat), ptr(rstd), ptr(scale), ptr(dy), ptr(z), ptr(dx), ptr(dscale), ptr(dshift));
+  auto run = shift_in ? bn_backward<true> : bn_backward<false>;
+  run(s, ptr(xhat), ptr(rstd), ptr(scale), ptr(shift), ptr(dy), ptr(dx), ptr(dscale),
+      ptr(dshift));
   return {dx, dscale, dshift};
 }
 
 std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
                                        const paddle::Tensor& scale, const paddle::Tensor& dy) {
-  return bn_backward_op(xhat, rstd, scale, dy, nullptr);
+  return bn_backward_op(xhat, rstd, scale, nullptr, dy);
 }
 
 std::vector<paddle::Tensor> BnReluBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
-                                           const paddle::Tensor& scale, const paddle::Tensor& dy,
-                                           const paddle::Tensor& z) {
-  return bn_backward_op(xhat, rstd, scale, dy, &z);
+                                           const paddle::Tensor& scale,
+                                           const paddle::Tensor& shift, const paddle::Tensor& dz) {
+  return bn_backward_op(xhat, rstd, scale, &shift, dz);
 }
 
 struct BnDoubleBackwardArgs {
-  const float *hp, *gp, *zp, *xp, *r, *a, *gsp, *gbp;
+  const float *hp, *gp, *xp, *r, *a, *b, *gsp, *gbp;
   float *dxp, *dsp, *ddp;
 };
 
@@ -1214,11 +1222,12 @@ static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) 
   const double count = s.count();
   for_channel_ranges(s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
+      const float ac32 = p.a[c], bc32 = kRelu ? p.b[c] : 0.0f;
       double sg = 0, sgh = 0, sx = 0, sxh = 0, sxg = 0;
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
         const float *h = p.hp + at, *v = p.xp + at;
-        auto g = [&](int64_t i) { return bn_grad<kRelu>(p.gp, p.zp, at + i); };
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(p.gp, p.hp, ac32, bc32, at + i); };
         sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
         sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * h[i]; });
         sx += row_sum(s.hw, [&](int64_t i) { return v[i]; });
@@ -1226,7 +1235,7 @@ static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) 
         sxg += row_sum(s.hw, [&](int64_t i) { return v[i] * g(i); });
       }
       // d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
-      const double rc = p.r[c], ac = p.a[c], k = ac * rc;
+      const double rc = p.r[c], ac = ac32, k = ac * rc;
       const double gbar = sg / count, m = sgh / count, xbar = sx / count, q = sxh / count;
       const double dscale = rc * (sxg - sg * xbar - sgh * q);
       const double big_r = ac * dscale / rc;
@@ -1241,32 +1250,34 @@ static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) 
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
         for (int64_t i = at; i < at + s.hw; ++i) {
-          const float g = bn_grad<kRelu>(p.gp, p.zp, i), v = p.xp[i], h = p.hp[i];
+          const float v = p.xp[i], h = p.hp[i];
+          const bool open = !kRelu || bn_out(h, ac32, bc32) > 0.0f;  // the ReLU mask
+          const float g = open ? p.gp[i] : 0.0f;
           p.dxp[i] = al * g + be * v + ga * h + de;
-          const float d_dy = ka * v + la * h + nc;
-          p.ddp[i] = kRelu ? (p.zp[i] > 0.0f ? d_dy : 0.0f) : d_dy;
+          p.ddp[i] = open ? ka * v + la * h + nc : 0.0f;
         }
       }
     }
   });
 }
 
-// fastbn_double_backward (z empty) and fastbnrelu_double_backward (z = the forward's output).
+// fastbn_double_backward (no shift) and fastbnrelu_double_backward (the forward's shift, for the
+// ReLU mask).
 static std::vector<paddle::Tensor> bn_double_backward_op(
     const paddle::Tensor& xhat_in, const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
-    const paddle::Tensor& dy_in, const paddle::Tensor* z_in, const paddle::Tensor& gx_in,
+    const paddle::Tensor* shift_in, const paddle::Tensor& dy_in, const paddle::Tensor& gx_in,
     const paddle::Tensor& gs_in, const paddle::Tensor& gb_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy"), gx = like_x(gx_in, xhat, "gx");
-  paddle::Tensor z = z_in ? like_x(*z_in, xhat, "z") : xhat;
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
   paddle::Tensor gs = per_channel(gs_in, s.c, "gs"), gb = per_channel(gb_in, s.c, "gb");
   auto d_x = empty(xhat.shape()), d_dy = empty(xhat.shape()), d_scale = empty({s.c});
-  BnDoubleBackwardArgs args{ptr(xhat), ptr(dy),  ptr(z),   ptr(gx),      ptr(rstd), ptr(scale),
-                            ptr(gs),   ptr(gb),  ptr(d_x), ptr(d_scale), ptr(d_dy)};
-  (z_in ? bn_double_backward<true> : bn_double_backward<false>)(s, args);
+  BnDoubleBackwardArgs args{ptr(xhat), ptr(dy), ptr(gx),  ptr(rstd),    ptr(scale), ptr(shift),
+                            ptr(gs),   ptr(gb), ptr(d_x), ptr(d_scale), ptr(d_dy)};
+  (shift_in ? bn_double_backward<true> : bn_double_backward<false>)(s, args);
   return {d_x, d_scale, d_dy};
 }
 
@@ -1274,14 +1285,14 @@ std::vector<paddle::Tensor> BnDoubleBackward(
     const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
     const paddle::Tensor& dy, const paddle::Tensor& gx, const paddle::Tensor& gs,
     const paddle::Tensor& gb) {
-  return bn_double_backward_op(xhat, rstd, scale, dy, nullptr, gx, gs, gb);
+  return bn_double_backward_op(xhat, rstd, scale, nullptr, dy, gx, gs, gb);
 }
 
 std::vector<paddle::Tensor> BnReluDoubleBackward(
     const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
-    const paddle::Tensor& dy, const paddle::Tensor& z, const paddle::Tensor& gx,
+    const paddle::Tensor& shift, const paddle::Tensor& dz, const paddle::Tensor& gx,
     const paddle::Tensor& gs, const paddle::Tensor& gb) {
-  return bn_double_backward_op(xhat, rstd, scale, dy, &z, gx, gs, gb);
+  return bn_double_backward_op(xhat, rstd, scale, &shift, dz, gx, gs, gb);
 }
 
 std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
@@ -1301,8 +1312,8 @@ std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xh
 std::vector<std::vector<int64_t>> BnReluBackwardShape(const std::vector<int64_t>& xhat,
                                                       const std::vector<int64_t>& rstd,
                                                       const std::vector<int64_t>& scale,
-                                                      const std::vector<int64_t>& dy,
-                                                      const std::vector<int64_t>& z) {
+                                                      const std::vector<int64_t>& shift,
+                                                      const std::vector<int64_t>& dz) {
   return {xhat, {xhat[1]}, {xhat[1]}};
 }
 
@@ -1316,8 +1327,8 @@ std::vector<std::vector<int64_t>> BnDoubleBackwardShape(
 
 std::vector<std::vector<int64_t>> BnReluDoubleBackwardShape(
     const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
-    const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
-    const std::vector<int64_t>& z, const std::vector<int64_t>& gx,
+    const std::vector<int64_t>& scale, const std::vector<int64_t>& shift,
+    const std::vector<int64_t>& dz, const std::vector<int64_t>& gx,
     const std::vector<int64_t>& gs, const std::vector<int64_t>& gb) {
   return {xhat, {xhat[1]}, xhat};
 }
@@ -1337,8 +1348,8 @@ std::vector<paddle::DataType> BnBackwardDtype(const paddle::DataType& xhat,
 std::vector<paddle::DataType> BnReluBackwardDtype(const paddle::DataType& xhat,
                                                   const paddle::DataType& rstd,
                                                   const paddle::DataType& scale,
-                                                  const paddle::DataType& dy,
-                                                  const paddle::DataType& z) {
+                                                  const paddle::DataType& shift,
+                                                  const paddle::DataType& dz) {
   return {xhat, xhat, xhat};
 }
 
@@ -1351,7 +1362,7 @@ std::vector<paddle::DataType> BnDoubleBackwardDtype(
 
 std::vector<paddle::DataType> BnReluDoubleBackwardDtype(
     const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
-    const paddle::DataType& dy, const paddle::DataType& z, const paddle::DataType& gx,
+    const paddle::DataType& shift, const paddle::DataType& dz, const paddle::DataType& gx,
     const paddle::DataType& gs, const paddle::DataType& gb) {
   return {xhat, xhat, xhat};
 }
@@ -1413,14 +1424,14 @@ PD_BUILD_OP(fastbn_double_backward)
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnDoubleBackwardDtype));
 
 PD_BUILD_OP(fastbnrelu_backward)
-    .Inputs({"XHat", "RStd", "Scale", "DZ", "Z"})
+    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ"})
     .Outputs({"DX", "DScale", "DShift"})
     .SetKernelFn(PD_KERNEL(fastconv::BnReluBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluBackwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluBackwardDtype));
 
 PD_BUILD_OP(fastbnrelu_double_backward)
-    .Inputs({"XHat", "RStd", "Scale", "DZ", "Z", "GX", "GScale", "GShift"})
+    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ", "GX", "GScale", "GShift"})
     .Outputs({"D_X", "D_Scale", "D_DZ"})
     .SetKernelFn(PD_KERNEL(fastconv::BnReluDoubleBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluDoubleBackwardShape))
