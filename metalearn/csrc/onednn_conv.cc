@@ -1105,11 +1105,21 @@ static void for_channel_ranges(const BnShape& s, F body) {
 // y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
 static inline float bn_out(float h, float a, float b) { return h * a + b; }
 
+// v if open, else +0, without a branch: `open ? v : 0` compiles to a jump that a ReLU mask
+// mispredicts half the time (10x slower than the rest of the loop), and blocks vectorisation.
+static inline float keep_if(bool open, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= 0u - static_cast<uint32_t>(open);
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 // The incoming gradient g[i] as the batch-norm formulas see it: after a fused ReLU, masked by
 // [y > 0] (x̂ = h[i], scale a, shift b).
 template <bool kRelu>
 static inline float bn_grad(const float* g, const float* h, float a, float b, int64_t i) {
-  if (kRelu) return bn_out(h[i], a, b) > 0.0f ? g[i] : 0.0f;
+  if (kRelu) return keep_if(bn_out(h[i], a, b) > 0.0f, g[i]);
   return g[i];
 }
 
@@ -1137,7 +1147,7 @@ static void bn_forward(const BnShape& s, const float* xp, const float* a, const 
         for (int64_t i = at; i < at + s.hw; ++i) {
           const float h = (xp[i] - m) * rc, y = bn_out(h, ac, bc);
           hp[i] = h;
-          yp[i] = kRelu ? std::max(y, 0.0f) : y;
+          yp[i] = kRelu ? keep_if(y > 0.0f, y) : y;
         }
       }
     }
@@ -1252,9 +1262,9 @@ static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) 
         for (int64_t i = at; i < at + s.hw; ++i) {
           const float v = p.xp[i], h = p.hp[i];
           const bool open = !kRelu || bn_out(h, ac32, bc32) > 0.0f;  // the ReLU mask
-          const float g = open ? p.gp[i] : 0.0f;
+          const float g = keep_if(open, p.gp[i]);
           p.dxp[i] = al * g + be * v + ga * h + de;
-          p.ddp[i] = open ? ka * v + la * h + nc : 0.0f;
+          p.ddp[i] = keep_if(open, ka * v + la * h + nc);
         }
       }
     }
