@@ -186,10 +186,13 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False):
+    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, save=True):
         """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm"); with
-        ``relu`` y is relu(batch norm)."""
-        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps), bool(relu))
+        ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
+        written: an empty tensor comes back in its place."""
+        return _C_ops._run_custom_op(
+            "fastbn_forward", x, scale, shift, float(eps), bool(relu), bool(save)
+        )
 
     def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None):
         """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_shift`` is the forward's

@@ -114,7 +114,16 @@ def conv2d(
     input [N, T·C, H, W]): the stacked tasks of a meta-batch, each with its own weights. The
     derivations below hold group by group, so they are unchanged.
     """
+    if not _records_graph(x, weight):
+        return kernels.active().forward(x, weight, stride, padding, groups)
     return _Conv.apply(x, weight, (stride, padding, groups))
+
+
+def _records_graph(*inputs: paddle.Tensor) -> bool:
+    """Whether autograd records an op on ``inputs``. If not (scoring under ``paddle.no_grad``),
+    the ops below call their forward kernels directly: a PyLayer would save what its backward
+    passes need, and batch norm would write x̂, for nothing."""
+    return paddle.is_grad_enabled() and not all(t.stop_gradient for t in inputs)
 
 
 _POOL = (
@@ -294,6 +303,8 @@ def batch_norm(
     c = x.shape[1]
     scale, shift = scale.reshape([c]), shift.reshape([c])
     if fuse and kernels.active().fuses_batch_norm(x, scale, shift):
+        if not _records_graph(x, scale, shift):
+            return kernels.active().batch_norm_forward(x, scale, shift, eps, relu, save=False)[0]
         return _BatchNorm.apply(x, scale, shift, eps, relu)
     y = _batch_norm_composed(x, scale, shift, eps)
     return paddle.nn.functional.relu(y) if relu else y

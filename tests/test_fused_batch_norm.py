@@ -88,6 +88,30 @@ def test_fused_batch_norm_equals_the_composition(fast, shape, relu) -> None:
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
+def test_inference_skips_the_graph_with_the_same_values(fast, relu) -> None:
+    """Under ``paddle.no_grad`` batch norm and the convolution call their kernels directly (no
+    PyLayer, no x̂ written): the values are bit-identical to those of the recording path."""
+    x, scale, shift, _, _ = batch_norm_case([15, 16, 7, 7])
+    x, scale, shift = (
+        paddle.to_tensor(a.astype("float32"), stop_gradient=False) for a in (x, scale, shift)
+    )
+    weight = paddle.to_tensor(
+        np.linspace(-1, 1, 16 * 16 * 9, dtype="float32").reshape(16, 16, 3, 3)
+    )
+    weight.stop_gradient = False
+
+    def block():
+        return ops.batch_norm(ops.conv2d(x, weight, 2, 1), scale, shift, 1e-3, relu=relu)
+
+    recorded = block()
+    assert not recorded.stop_gradient
+    with paddle.no_grad():
+        scored = block()
+    assert scored.stop_gradient
+    np.testing.assert_array_equal(scored.numpy(), recorded.numpy())
+
+
 # Run in a fresh process (the thread count is read when the operator loads): the float32 fused
 # batch norm + ReLU derivatives of batch_norm_case(argv[2]), saved to the .npz file argv[1].
 _THREADS_SCRIPT = """

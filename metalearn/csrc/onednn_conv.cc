@@ -18,7 +18,8 @@
 //   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
 //   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
 //   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
-// with a float attribute eps and a bool attribute relu (y = z = relu(batch norm)) for the forward.
+// with attributes eps (float), relu (bool: y = z = relu(batch norm)) and save (bool: output x̂
+// for a backward pass, else an empty xhat) for the forward.
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
 // only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
@@ -1123,7 +1124,8 @@ static inline float bn_grad(const float* g, const float* h, float a, float b, in
   return g[i];
 }
 
-template <bool kRelu>
+// kSave: write x̂ to hp (the backward passes need it; inference does not).
+template <bool kRelu, bool kSave>
 static void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
                        float* yp, float* hp, float* r) {
   for_channel_ranges(s, [&](int64_t first, int64_t last) {
@@ -1146,7 +1148,7 @@ static void bn_forward(const BnShape& s, const float* xp, const float* a, const 
         const int64_t at = s.at(n, c);
         for (int64_t i = at; i < at + s.hw; ++i) {
           const float h = (xp[i] - m) * rc, y = bn_out(h, ac, bc);
-          hp[i] = h;
+          if (kSave) hp[i] = h;
           yp[i] = kRelu ? keep_if(y > 0.0f, y) : y;
         }
       }
@@ -1154,15 +1156,19 @@ static void bn_forward(const BnShape& s, const float* xp, const float* a, const 
   });
 }
 
+// Without `save` (no backward pass will follow) x̂ is not written and comes back empty ([0]).
 std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::Tensor& scale_in,
-                                      const paddle::Tensor& shift_in, float eps, bool relu) {
+                                      const paddle::Tensor& shift_in, float eps, bool relu,
+                                      bool save) {
   paddle::Tensor x = dense(x_in, "x");
   BnShape s = bn_shape(x);
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
   paddle::Tensor shift = per_channel(shift_in, s.c, "shift");
-  auto y = empty(x.shape()), xhat = empty(x.shape()), rstd = empty({s.c});
-  auto run = relu ? bn_forward<true> : bn_forward<false>;
-  run(s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), ptr(xhat), ptr(rstd));
+  auto y = empty(x.shape()), rstd = empty({s.c});
+  auto xhat = save ? empty(x.shape()) : empty({0});
+  auto run = relu ? (save ? bn_forward<true, true> : bn_forward<true, false>)
+                  : (save ? bn_forward<false, true> : bn_forward<false, false>);
+  run(s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), save ? ptr(xhat) : nullptr, ptr(rstd));
   return {y, xhat, rstd};
 }
 
@@ -1308,8 +1314,8 @@ std::vector<paddle::Tensor> BnReluDoubleBackward(
 std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
                                                  const std::vector<int64_t>& scale,
                                                  const std::vector<int64_t>& shift, float eps,
-                                                 bool relu) {
-  return {x, x, {x[1]}};
+                                                 bool relu, bool save) {
+  return {x, save ? x : std::vector<int64_t>{0}, {x[1]}};
 }
 
 std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xhat,
@@ -1414,7 +1420,7 @@ PD_BUILD_OP(fastconv_backward_weights)
 PD_BUILD_OP(fastbn_forward)
     .Inputs({"X", "Scale", "Shift"})
     .Outputs({"Y", "XHat", "RStd"})
-    .Attrs({"eps: float", "relu: bool"})
+    .Attrs({"eps: float", "relu: bool", "save: bool"})
     .SetKernelFn(PD_KERNEL(fastconv::BnForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnForwardDtype));
