@@ -1021,10 +1021,11 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 //
 // Threads: the channels are split into contiguous ranges, one per thread, through the
 // GOMP_parallel entry point of the OpenMP runtime oneDNN uses (libiomp5 in a Paddle process, see
-// "Threads" at the top), with `Runtime::threads` threads (PADDLE_MAML_FASTCONV_THREADS) on shapes
-// with at least kBnParallelWork values. Every channel's sums are formed by one thread in the same
-// order whatever the thread count, so results are bit-identical for any number of threads. All
-// passes over a channel run back to back, while its N·H·W values are still in the cache.
+// "Threads" at the top), with `Runtime::threads` threads on shapes with at least kBnParallelWork
+// values: always if PADDLE_MAML_FASTCONV_THREADS fixes the count, else where the running timings
+// of class Pace find a team faster than one thread. Every channel's sums are formed by one thread
+// in the same order whatever the thread count, so results are bit-identical for any number of
+// threads. All passes over a channel run back to back, while its N·H·W values are in the cache.
 
 struct BnShape {
   int64_t n, c, hw;
@@ -1079,28 +1080,75 @@ static inline double channel_sum(const BnShape& s, int64_t c, F f) {
   return total;
 }
 
-// body(first, last) for contiguous channel ranges that cover [0, s.c), on up to
-// Runtime::threads OpenMP threads (one call with the whole range if the shape is small).
+// Which of one thread and Runtime::threads threads is faster for one (pass, shape), learnt while
+// running: both are timed on their first kPaceTrials calls, then the faster one runs, and every
+// kPaceProbe-th call times the other again, so the choice follows the machine's load (a busy
+// second core makes a team of two several times slower than one thread). Timing needs no care
+// about determinism here: the results do not depend on the thread count.
+class Pace {
+ public:
+  static constexpr int kPaceTrials = 3;
+  static constexpr int64_t kPaceProbe = 32;
+
+  bool use_team() {
+    ++calls_;
+    for (int team : {1, 0})
+      if (runs_[team] < kPaceTrials) return team;
+    const bool faster = seconds_[1] < seconds_[0];
+    return calls_ % kPaceProbe == 0 ? !faster : faster;
+  }
+
+  void record(bool team, double seconds) {  // a moving average over the last ~4 calls
+    double& mean = seconds_[team];
+    mean = runs_[team]++ == 0 ? seconds : 0.75 * mean + 0.25 * seconds;
+  }
+
+ private:
+  double seconds_[2] = {0, 0};  // [one thread, a team]
+  int64_t runs_[2] = {0, 0};
+  int64_t calls_ = 0;
+};
+
+static Pace& pace_of(int pass, const BnShape& s) {
+  static std::mutex guard;
+  static std::map<std::array<int64_t, 4>, Pace> paces;
+  std::lock_guard<std::mutex> hold(guard);
+  return paces[{pass, s.n, s.c, s.hw}];  // std::map: references stay valid
+}
+
+// body(first, last) for contiguous channel ranges that cover [0, s.c): one call with the whole
+// range, or on Runtime::threads OpenMP threads if the shape is large enough and Pace says so
+// (always, if PADDLE_MAML_FASTCONV_THREADS fixes the count). `pass` names the calling loop.
 template <class F>
-static void for_channel_ranges(const BnShape& s, F body) {
+static void for_channel_ranges(int pass, const BnShape& s, F body) {
   const Runtime& rt = runtime();
   const int64_t threads = std::min<int64_t>(rt.threads, s.c);
   if (threads <= 1 || rt.omp.parallel == nullptr || s.n * s.c * s.hw < kBnParallelWork) {
     body(int64_t{0}, s.c);
     return;
   }
-  struct Job {
-    F* body;
-    int64_t channels;
-    const Omp* omp;
-  } job{&body, s.c, &rt.omp};
-  auto run = [](void* data) {
-    const Job& j = *static_cast<const Job*>(data);
-    const int64_t t = j.omp->thread_num(), count = j.omp->num_threads();
-    const int64_t first = j.channels * t / count, last = j.channels * (t + 1) / count;
-    if (first < last) (*j.body)(first, last);
-  };
-  rt.omp.parallel(run, &job, static_cast<unsigned>(threads), 0);
+  Pace* pace = rt.threads_fixed ? nullptr : &pace_of(pass, s);
+  const bool team = pace == nullptr || pace->use_team();
+  const auto start = std::chrono::steady_clock::now();
+  if (team) {
+    struct Job {
+      F* body;
+      int64_t channels;
+      const Omp* omp;
+    } job{&body, s.c, &rt.omp};
+    auto run = [](void* data) {
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t t = j.omp->thread_num(), count = j.omp->num_threads();
+      const int64_t first = j.channels * t / count, last = j.channels * (t + 1) / count;
+      if (first < last) (*j.body)(first, last);
+    };
+    rt.omp.parallel(run, &job, static_cast<unsigned>(threads), 0);
+  } else {
+    body(int64_t{0}, s.c);
+  }
+  if (pace != nullptr)
+    pace->record(team, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                           .count());
 }
 
 // y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
@@ -1128,7 +1176,7 @@ static inline float bn_grad(const float* g, const float* h, float a, float b, in
 template <bool kRelu, bool kSave>
 static void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
                        float* yp, float* hp, float* r) {
-  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+  for_channel_ranges(kRelu * 2 + kSave, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const float mean0 = static_cast<float>(channel_sum(s, c, [&](int64_t i) { return xp[i]; }) /
                                              s.count());
@@ -1175,7 +1223,7 @@ std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::
 template <bool kRelu>
 static void bn_backward(const BnShape& s, const float* hp, const float* r, const float* a,
                         const float* b, const float* gp, float* dxp, float* ds, float* db) {
-  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+  for_channel_ranges(4 + kRelu, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const float ac = a[c], bc = kRelu ? b[c] : 0.0f;
       double sg = 0, sgh = 0;
@@ -1236,7 +1284,7 @@ struct BnDoubleBackwardArgs {
 template <bool kRelu>
 static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) {
   const double count = s.count();
-  for_channel_ranges(s, [&](int64_t first, int64_t last) {
+  for_channel_ranges(6 + kRelu, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const float ac32 = p.a[c], bc32 = kRelu ? p.b[c] : 0.0f;
       double sg = 0, sgh = 0, sx = 0, sxh = 0, sxg = 0;
