@@ -40,20 +40,21 @@ def sparse_binary(rng: np.random.Generator, shape) -> np.ndarray:
 def batch_norm_derivatives(x, scale, shift, weights, direction, dtype: str, relu: bool = False):
     """Batch norm (then ReLU if ``relu``), the gradients of a smooth loss of it, and the
     gradients of a functional of those gradients (what second-order MAML differentiates), as
-    float64 arrays."""
-    x, scale, shift = (
-        paddle.to_tensor(a.astype(dtype), stop_gradient=False) for a in (x, scale, shift)
+    float64 arrays. The loss has weights of its own, which dL/dy depends on, as a later layer's
+    do in MAML: their second-order gradient sees the cotangent of dL/dy (where a ReLU masks it)."""
+    x, scale, shift, weights = (
+        paddle.to_tensor(a.astype(dtype), stop_gradient=False) for a in (x, scale, shift, weights)
     )
     y = ops.batch_norm(x, scale, shift, 1e-3, relu=relu)
-    loss = (paddle.tanh(y) * paddle.to_tensor(weights.astype(dtype))).sum()
+    loss = (paddle.tanh(y) * weights).sum()
     gx, gscale, gshift = paddle.grad(loss, [x, scale, shift], create_graph=True)
     second = (
         (gx * paddle.to_tensor(direction.astype(dtype))).sum()
         + (gscale * gscale).sum()
         + (gshift * paddle.linspace(-1, 1, gshift.shape[0], dtype=dtype)).sum()
     )
-    hx, hscale, hshift = paddle.grad(second, [x, scale, shift])
-    return [t.numpy().astype("float64") for t in (y, gx, gscale, gshift, hx, hscale, hshift)]
+    second_order = paddle.grad(second, [x, scale, shift, weights])
+    return [t.numpy().astype("float64") for t in (y, gx, gscale, gshift, *second_order)]
 
 
 def batch_norm_case(shape, dense: bool = False):
@@ -82,7 +83,7 @@ def test_fused_batch_norm_equals_the_composition(fast, shape, relu) -> None:
     assert kernels.active().fuses_batch_norm(x32), "float32 CPU must take the fused operator"
     fused = batch_norm_derivatives(*case, "float32", relu=relu)
     reference = batch_norm_derivatives(*case, "float64", relu=relu)
-    names = ("y", "dx", "dscale", "dshift", "d2x", "d2scale", "d2shift")
+    names = ("y", "dx", "dscale", "dshift", "d2x", "d2scale", "d2shift", "d2weights")
     for name, got, want in zip(names, fused, reference):
         error = np.abs(got - want).max() / np.abs(want).max()
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
