@@ -1098,9 +1098,11 @@ class Pace {
     return calls_ % kPaceProbe == 0 ? !faster : faster;
   }
 
-  void record(bool team, double seconds) {  // a moving average over the last ~4 calls
+  // A moving average over the last ~2 calls, so that a probe soon corrects a time measured
+  // while the machine was busier (an option probed every kPaceProbe calls learns slowly).
+  void record(bool team, double seconds) {
     double& mean = seconds_[team];
-    mean = runs_[team]++ == 0 ? seconds : 0.75 * mean + 0.25 * seconds;
+    mean = runs_[team]++ == 0 ? seconds : 0.5 * (mean + seconds);
   }
 
  private:
@@ -1109,11 +1111,15 @@ class Pace {
   int64_t calls_ = 0;
 };
 
+static std::mutex& pace_lock() {
+  static std::mutex m;
+  return m;
+}
+
+// Call with pace_lock() held.
 static Pace& pace_of(int pass, const BnShape& s) {
-  static std::mutex guard;
   static std::map<std::array<int64_t, 4>, Pace> paces;
-  std::lock_guard<std::mutex> hold(guard);
-  return paces[{pass, s.n, s.c, s.hw}];  // std::map: references stay valid
+  return paces[{pass, s.n, s.c, s.hw}];
 }
 
 // body(first, last) for contiguous channel ranges that cover [0, s.c): one call with the whole
@@ -1127,8 +1133,13 @@ static void for_channel_ranges(int pass, const BnShape& s, F body) {
     body(int64_t{0}, s.c);
     return;
   }
-  Pace* pace = rt.threads_fixed ? nullptr : &pace_of(pass, s);
-  const bool team = pace == nullptr || pace->use_team();
+  Pace* pace = nullptr;
+  bool team = true;
+  if (!rt.threads_fixed) {
+    std::lock_guard<std::mutex> hold(pace_lock());
+    pace = &pace_of(pass, s);  // std::map: the reference stays valid
+    team = pace->use_team();
+  }
   const auto start = std::chrono::steady_clock::now();
   if (team) {
     struct Job {
@@ -1146,9 +1157,11 @@ static void for_channel_ranges(int pass, const BnShape& s, F body) {
   } else {
     body(int64_t{0}, s.c);
   }
-  if (pace != nullptr)
-    pace->record(team, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                           .count());
+  if (pace != nullptr) {
+    const auto end = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> hold(pace_lock());
+    pace->record(team, std::chrono::duration<double>(end - start).count());
+  }
 }
 
 // y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
