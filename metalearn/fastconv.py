@@ -3,10 +3,12 @@
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward; plain C++ loops, no oneDNN) for :func:`metalearn.ops.batch_norm`,
-and likewise the ReLU network of the sinusoid MLP for :func:`metalearn.ops.relu_network`. :func:`load_kernels` compiles that operator once per
-machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, 20-30 s), caches it on disk
-and registers it in this process (well under a second on later starts).
+(forward, backward and double-backward, optionally followed by ReLU; plain C++ loops on the
+same OpenMP threads, no oneDNN) for :func:`metalearn.ops.batch_norm`, and likewise the ReLU
+network of the sinusoid MLP for :func:`metalearn.ops.relu_network`. :func:`load_kernels`
+compiles that operator once per machine (``paddle.utils.cpp_extension.load`` in a quiet
+subprocess, 20-30 s), caches it on disk and registers it in this process (well under a second on
+later starts).
 
 Cache folder: ``$PADDLE_MAML_CACHE_DIR/fastconv`` if set, else
 ``$XDG_CACHE_HOME/paddle-maml/fastconv`` (default ``~/.cache/paddle-maml/fastconv``), one
@@ -37,7 +39,9 @@ Environment:
 * ``PADDLE_MAML_NO_FASTCONV=1``: disable; :func:`load_kernels` returns None.
 * ``PADDLE_MAML_FASTCONV_THREADS=N``: use exactly N oneDNN threads. Default: per shape, all the
   CPUs this process may use or one thread, whichever timed faster (one wins on a busy machine).
-  Paddle keeps its OpenMP runtime at one thread; the operator changes that only during its calls.
+  Batch norm splits its channels over N threads (default: all those CPUs), with results that do
+  not depend on N. Paddle keeps its OpenMP runtime at one thread; the operator changes that only
+  during its calls.
 * ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in.
 * ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads
   (recorded choices are neither read nor written).
@@ -78,7 +82,7 @@ __all__ = ["Kernels", "load_kernels", "use_kernels"]
 DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "onednn_conv.cc"
 _NAME = "paddle_maml_fastconv"
-_CXX_FLAGS = ["-O2", "-g0", "-w"]
+_CXX_FLAGS = ["-O3", "-g0", "-w"]
 _LD_FLAGS = ["-ldl"]
 _BUILD_TIMEOUT_S = 900
 CHOICES_ENV = "PADDLE_MAML_FASTCONV_CHOICES"
@@ -90,6 +94,8 @@ _OPS = (
     "fastbn_forward",
     "fastbn_backward",
     "fastbn_double_backward",
+    "fastbnrelu_backward",
+    "fastbnrelu_double_backward",
     "fastnet_forward",
     "fastnet_backward",
     "fastnet_double_backward",
@@ -185,19 +191,40 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def batch_norm_forward(self, x, scale, shift, eps: float):
-        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm")."""
-        return _C_ops._run_custom_op("fastbn_forward", x, scale, shift, float(eps))
-
-    def batch_norm_backward(self, xhat, rstd, scale, grad_out):
-        """(dx, dscale, dshift) given dL/dy."""
-        return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
-
-    def batch_norm_double_backward(self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift):
-        """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
-        backward's outputs (dx, dscale, dshift)."""
+    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, save=True):
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm"); with
+        ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
+        written: an empty tensor comes back in its place."""
         return _C_ops._run_custom_op(
-            "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+            "fastbn_forward", x, scale, shift, float(eps), bool(relu), bool(save)
+        )
+
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None):
+        """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_shift`` is the forward's
+        shift, from which the ReLU mask is recomputed, and ``grad_out`` is the ReLU's dL/dz."""
+        if relu_shift is None:
+            return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
+        return _C_ops._run_custom_op("fastbnrelu_backward", xhat, rstd, scale, relu_shift, grad_out)
+
+    def batch_norm_double_backward(
+        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None
+    ):
+        """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
+        backward's outputs (dx, dscale, dshift); ``relu_shift`` as for the backward."""
+        if relu_shift is None:
+            return _C_ops._run_custom_op(
+                "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+            )
+        return _C_ops._run_custom_op(
+            "fastbnrelu_double_backward",
+            xhat,
+            rstd,
+            scale,
+            relu_shift,
+            grad_out,
+            g_x,
+            g_scale,
+            g_shift,
         )
 
     # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks

@@ -136,9 +136,12 @@ class _BlockNet:
                 f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
             )
 
-    def _block(self, x, params, block: int, stride: int, step: int) -> paddle.Tensor:
-        """Convolution and batch norm; ``x`` is [N, T·C, H, W] for T stacked tasks (weights with
-        a leading task axis) or [N, C, H, W] for one task."""
+    def _block(
+        self, x, params, block: int, stride: int, step: int, relu: bool = False
+    ) -> paddle.Tensor:
+        """Convolution and batch norm (then ReLU if ``relu``, in the same fused operator where
+        batch norm is one); ``x`` is [N, T·C, H, W] for T stacked tasks (weights with a leading
+        task axis) or [N, C, H, W] for one task."""
         weight = params[f"conv{block}.weight"]
         scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
         tasks = weight.shape[0] if weight.ndim == 5 else 1
@@ -152,7 +155,7 @@ class _BlockNet:
             weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
         x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
         # per-step rows are not adapted in the inner loop: see ops.batch_norm's ``fuse``
-        return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps)
+        return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps, relu=relu)
 
     @staticmethod
     def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:
@@ -239,10 +242,12 @@ class ConvNet(_BlockNet):
         self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
     ) -> paddle.Tensor:
         self.check_input(x)
+        fused_relu = self.activation == "relu"  # ReLU goes into batch norm's operator
         act = _activation(self.activation)
         x = self._channels_of_tasks(x)
         for block in range(self.blocks):
-            x = act(self._block(x, params, block, stride=2, step=step))
+            x = self._block(x, params, block, stride=2, step=step, relu=fused_relu)
+            x = x if fused_relu else act(x)
         return self._tasks_of_features(x.mean(axis=[2, 3]), params)
 
 

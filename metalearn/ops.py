@@ -12,8 +12,9 @@ derivative of its own backward pass. This module supplies the three the networks
 * :func:`max_pool2x2`: Paddle's max-pooling kernels for the forward and backward passes, with the
   backward's own derivative written out (the backward routes gradients through a fixed mask).
 * :func:`cross_entropy`: mean cross-entropy from ``exp``/``log``/``sum`` only.
-* :func:`batch_norm`: with the oneDNN kernels (float32 CPU) one fused operator whose backward
-  and double-backward are hand-written C++ operators; otherwise elementwise ops.
+* :func:`batch_norm` (optionally with ReLU): with the oneDNN kernels (float32 CPU) one fused
+  operator whose backward and double-backward are hand-written C++ operators; otherwise
+  elementwise ops.
 """
 
 from __future__ import annotations
@@ -113,7 +114,16 @@ def conv2d(
     input [N, T·C, H, W]): the stacked tasks of a meta-batch, each with its own weights. The
     derivations below hold group by group, so they are unchanged.
     """
+    if not _records_graph(x, weight):
+        return kernels.active().forward(x, weight, stride, padding, groups)
     return _Conv.apply(x, weight, (stride, padding, groups))
+
+
+def _records_graph(*inputs: paddle.Tensor) -> bool:
+    """Whether autograd records an op on ``inputs``. If not (scoring under ``paddle.no_grad``),
+    the ops below call their forward kernels directly: a PyLayer would save what its backward
+    passes need, and batch norm would write x̂, for nothing."""
+    return paddle.is_grad_enabled() and not all(t.stop_gradient for t in inputs)
 
 
 _POOL = (
@@ -213,42 +223,53 @@ class _BatchNormGrad(PyLayer):
     """The map (x, scale, dy) -> (dx, dscale, dshift) of batch norm's backward pass, as a
     differentiable op. x enters through x̂ and rstd (saved by the forward); it is an input only
     so that its gradient reaches it. The derivative is the fused double-backward operator
-    (formulas in csrc/onednn_conv.cc, "Batch norm"); MAML never needs a third derivative."""
+    (formulas in csrc/onednn_conv.cc, "Batch norm"); MAML never needs a third derivative.
+
+    After a fused ReLU, dy is the gradient of the ReLU's output z and ``relu_shift`` the batch
+    norm's shift (detached): the operators recompute the mask [z > 0] from it and x̂ (no output
+    is saved: a PyLayer that saves its own output keeps it alive in a reference cycle) and apply
+    it to dy and to its cotangent. The mask is piecewise constant, so it adds no other term
+    (ReLU's second derivative is 0)."""
 
     @staticmethod
-    def forward(ctx, x, scale, grad_out, xhat, rstd):
-        ctx.save_for_backward(x, scale, grad_out, xhat, rstd)
-        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out)
+    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift=None):
+        ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_shift)
+        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift)
 
     @staticmethod
     def backward(ctx, g_x, g_scale, g_shift):
-        x, scale, grad_out, xhat, rstd = ctx.saved_tensor()
+        x, scale, grad_out, xhat, rstd, relu_shift = ctx.saved_tensor()
         g_x = paddle.zeros_like(grad_out) if g_x is None else g_x
         g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
         g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
         d_x, d_scale, d_grad_out = kernels.active().batch_norm_double_backward(
-            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift
         )
-        return (
+        grads = (
             _as_input_grad(d_x, x),
             _as_input_grad(d_scale, scale),
             _as_input_grad(d_grad_out, grad_out),
             None,
             None,
         )
+        return grads if relu_shift is None else (*grads, None)
 
 
 class _BatchNorm(PyLayer):
     @staticmethod
-    def forward(ctx, x, scale, shift, eps):
-        y, xhat, rstd = kernels.active().batch_norm_forward(x, scale, shift, eps)
+    def forward(ctx, x, scale, shift, eps, relu):
+        y, xhat, rstd = kernels.active().batch_norm_forward(x, scale, shift, eps, relu)
         ctx.save_for_backward(x, scale, shift, xhat, rstd)
+        ctx.relu = relu
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, scale, shift, xhat, rstd = ctx.saved_tensor()
-        grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(x, scale, grad_out, xhat, rstd)
+        relu_shift = shift.detach() if ctx.relu else None
+        grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
+            x, scale, grad_out, xhat, rstd, relu_shift
+        )
         return (
             _as_input_grad(grad_x, x),
             _as_input_grad(grad_scale, scale),
@@ -257,17 +278,22 @@ class _BatchNorm(PyLayer):
 
 
 def batch_norm(
-    x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor, eps: float, fuse: bool = True
+    x: paddle.Tensor,
+    scale: paddle.Tensor,
+    shift: paddle.Tensor,
+    eps: float,
+    fuse: bool = True,
+    relu: bool = False,
 ) -> paddle.Tensor:
     """Batch norm of ``x`` [N, C, H, W] with the batch's own statistics and exact first and
-    second derivatives; ``scale`` and ``shift`` hold C values (any shape). Running averages are
-    never used (batch statistics everywhere). For stacked tasks C = T·C': each task's channels
-    get their own statistics.
+    second derivatives, followed by ReLU if ``relu``; ``scale`` and ``shift`` hold C values (any
+    shape). Running averages are never used (batch statistics everywhere). For stacked tasks
+    C = T·C': each task's channels get their own statistics.
 
     Where the active kernels fuse it (oneDNN kernels, float32 CPU) it is one operator for the
-    forward, backward and double-backward passes each; elsewhere (float64 for the gradient
-    checks, GPU) it is :func:`_batch_norm_composed`, the reference the fused one is tested
-    against.
+    forward, backward and double-backward passes each, ReLU included; elsewhere (float64 for the
+    gradient checks, GPU) it is :func:`_batch_norm_composed` (then ``F.relu``), the reference the
+    fused one is tested against.
 
     ``fuse=False`` keeps the composition where a ``paddle.grad(..., inputs=subset)`` may want
     x's gradient but not scale's and shift's: Paddle then prunes them and requires the fused
@@ -277,8 +303,11 @@ def batch_norm(
     c = x.shape[1]
     scale, shift = scale.reshape([c]), shift.reshape([c])
     if fuse and kernels.active().fuses_batch_norm(x, scale, shift):
-        return _BatchNorm.apply(x, scale, shift, eps)
-    return _batch_norm_composed(x, scale, shift, eps)
+        if not _records_graph(x, scale, shift):
+            return kernels.active().batch_norm_forward(x, scale, shift, eps, relu, save=False)[0]
+        return _BatchNorm.apply(x, scale, shift, eps, relu)
+    y = _batch_norm_composed(x, scale, shift, eps)
+    return paddle.nn.functional.relu(y) if relu else y
 
 
 def _batch_norm_composed(x, scale, shift, eps: float) -> paddle.Tensor:

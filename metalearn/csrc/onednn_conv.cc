@@ -12,12 +12,15 @@
 //   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
 //   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
 // each with int attributes stride, padding and groups; and batch norm with the batch's own
-// statistics (see "Batch norm" below):
+// statistics, alone or followed by ReLU (see "Batch norm" below):
 //   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
 //   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
 //   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-// with a float attribute eps for the forward; and the ReLU network of the sinusoid MLP, one
-// call per pass (see "The ReLU network" below):
+//   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
+//   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
+// with attributes eps (float), relu (bool: y = z = relu(batch norm)) and save (bool: output x̂
+// for a backward pass, else an empty xhat) for the forward; and the ReLU network of the sinusoid
+// MLP, one call per pass (see "The ReLU network" below):
 //   fastnet_forward, fastnet_backward, fastnet_double_backward
 //
 // The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
@@ -30,7 +33,8 @@
 // bind to Intel's libiomp5, whose thread count Paddle sets to 1 (FLAGS_paddle_num_threads). Each
 // plan records its own thread count; a call sets libiomp5's count to it for its duration and then
 // restores Paddle's. PADDLE_MAML_FASTCONV_THREADS=N fixes the count; by default it is up to the
-// number of CPUs this process may run on (see the tuning below).
+// number of CPUs this process may run on (see the tuning below). The batch-norm loops fork their
+// own teams in the same runtime (GOMP_parallel, which libiomp5 exports), never a second runtime.
 //
 // Primitives are cached per (kind, shape). At the first call of a shape, the implementations
 // oneDNN offers (up to kMaxImpls, reference ones excluded) on plain NCHW/OIHW memory and on the
@@ -157,6 +161,11 @@ struct Api {
 struct Omp {
   int (*get_max_threads)() = nullptr;
   void (*set_num_threads)(int) = nullptr;
+  // GOMP_parallel(fn, data, threads, flags) and the team queries, for the batch-norm loops;
+  // parallel is null if the runtime lacks them (the loops then run on one thread).
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
   const char* name = "none";
 };
 
@@ -241,6 +250,15 @@ struct Runtime {
         omp.get_max_threads = reinterpret_cast<int (*)()>(get);
         omp.set_num_threads = reinterpret_cast<void (*)(int)>(set);
         omp.name = name;
+        void* parallel = dlsym(h, "GOMP_parallel");
+        void* thread_num = dlsym(h, "omp_get_thread_num");
+        void* num_threads = dlsym(h, "omp_get_num_threads");
+        if (parallel != nullptr && thread_num != nullptr && num_threads != nullptr) {
+          omp.parallel = reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(
+              parallel);
+          omp.thread_num = reinterpret_cast<int (*)()>(thread_num);
+          omp.num_threads = reinterpret_cast<int (*)()>(num_threads);
+        }
         break;
       }
     }
@@ -978,7 +996,8 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Batch norm with the batch's own statistics, its backward and its double backward.
+// Batch norm with the batch's own statistics, its backward and its double backward, optionally
+// followed by ReLU in the same operator.
 //
 // x is [N, C, H, W]; channel c is normalised over its M = N·H·W values: mean μ, variance σ² of
 // the centred values, r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = scale·x̂ + shift. The statistics
@@ -996,10 +1015,27 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 //   d_x     = r·(u − mean(u) − x̂·mean(x̂·u)) − R·r²·x̂/M, where
 //             u = (gs − scale·r·q)·g − scale·r·m·gx   (∂L/∂x̂ at fixed r) and
 //             R = scale·d_scale/r                      (∂L/∂r at fixed x̂).
+//
+// With ReLU (the `fastbnrelu_*` operators and fastbn_forward's `relu`), the output is
+// z = max(y, 0) and the incoming gradient is dL/dz. The backward passes use the mask [z > 0] (the
+// one Paddle's relu_grad uses), recomputed as [y > 0] from the saved x̂ with the forward's float
+// operations (bn_out), so no output needs saving: g = [y > 0]·dL/dz goes into the formulas above,
+// and the double backward's d_dy (a cotangent of dL/dz) is masked the same way. The mask is
+// piecewise constant in (x, scale, shift), so it contributes no other term: ReLU's second
+// derivative is 0.
+//
+// Threads: the channels are split into contiguous ranges, one per thread, through the
+// GOMP_parallel entry point of the OpenMP runtime oneDNN uses (libiomp5 in a Paddle process, see
+// "Threads" at the top), with `Runtime::threads` threads on shapes with at least kBnParallelWork
+// values: always if PADDLE_MAML_FASTCONV_THREADS fixes the count, else where the running timings
+// of class Pace find a team faster than one thread. Every channel's sums are formed by one thread
+// in the same order whatever the thread count, so results are bit-identical for any number of
+// threads. All passes over a channel run back to back, while its N·H·W values are in the cache.
 
 struct BnShape {
   int64_t n, c, hw;
   double count() const { return static_cast<double>(n) * static_cast<double>(hw); }
+  int64_t at(int64_t image, int64_t channel) const { return (image * c + channel) * hw; }
 };
 
 static BnShape bn_shape(const paddle::Tensor& x) {
@@ -1022,6 +1058,9 @@ static paddle::Tensor per_channel(const paddle::Tensor& t, int64_t c, const char
 
 constexpr int kLanes = 8;
 
+// Fewer values than this run on one thread: below it the fork and join cost more than they save.
+constexpr int64_t kBnParallelWork = 1 << 14;
+
 // Σ f(i) over i < len in kLanes independent float partial sums (a row of H·W values), in double.
 template <class F>
 static inline double row_sum(int64_t len, F f) {
@@ -1035,154 +1074,314 @@ static inline double row_sum(int64_t len, F f) {
   return total;
 }
 
+// Σ over the channel's N rows of row_sum(H·W, f(offset of the row + i)).
+template <class F>
+static inline double channel_sum(const BnShape& s, int64_t c, F f) {
+  double total = 0;
+  for (int64_t n = 0; n < s.n; ++n) {
+    const int64_t at = s.at(n, c);
+    total += row_sum(s.hw, [&](int64_t i) { return f(at + i); });
+  }
+  return total;
+}
+
+// Which of one thread and Runtime::threads threads is faster for one (pass, shape), learnt while
+// running: both are timed on their first kPaceTrials calls, then the faster one runs, and every
+// kPaceProbe-th call times the other again, so the choice follows the machine's load (a busy
+// second core makes a team of two several times slower than one thread). Timing needs no care
+// about determinism here: the results do not depend on the thread count.
+class Pace {
+ public:
+  static constexpr int kPaceTrials = 3;
+  static constexpr int64_t kPaceProbe = 32;
+
+  bool use_team() {
+    ++calls_;
+    for (int team : {1, 0})
+      if (runs_[team] < kPaceTrials) return team;
+    const bool faster = seconds_[1] < seconds_[0];
+    return calls_ % kPaceProbe == 0 ? !faster : faster;
+  }
+
+  // A moving average over the last ~2 calls, so that a probe soon corrects a time measured
+  // while the machine was busier (an option probed every kPaceProbe calls learns slowly).
+  void record(bool team, double seconds) {
+    double& mean = seconds_[team];
+    mean = runs_[team]++ == 0 ? seconds : 0.5 * (mean + seconds);
+  }
+
+ private:
+  double seconds_[2] = {0, 0};  // [one thread, a team]
+  int64_t runs_[2] = {0, 0};
+  int64_t calls_ = 0;
+};
+
+static std::mutex& pace_lock() {
+  static std::mutex m;
+  return m;
+}
+
+// Call with pace_lock() held.
+static Pace& pace_of(int pass, const BnShape& s) {
+  static std::map<std::array<int64_t, 4>, Pace> paces;
+  return paces[{pass, s.n, s.c, s.hw}];
+}
+
+// body(first, last) for contiguous channel ranges that cover [0, s.c): one call with the whole
+// range, or on Runtime::threads OpenMP threads if the shape is large enough and Pace says so
+// (always, if PADDLE_MAML_FASTCONV_THREADS fixes the count). `pass` names the calling loop.
+template <class F>
+static void for_channel_ranges(int pass, const BnShape& s, F body) {
+  const Runtime& rt = runtime();
+  const int64_t threads = std::min<int64_t>(rt.threads, s.c);
+  if (threads <= 1 || rt.omp.parallel == nullptr || s.n * s.c * s.hw < kBnParallelWork) {
+    body(int64_t{0}, s.c);
+    return;
+  }
+  Pace* pace = nullptr;
+  bool team = true;
+  if (!rt.threads_fixed) {
+    std::lock_guard<std::mutex> hold(pace_lock());
+    pace = &pace_of(pass, s);  // std::map: the reference stays valid
+    team = pace->use_team();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  if (team) {
+    struct Job {
+      F* body;
+      int64_t channels;
+      const Omp* omp;
+    } job{&body, s.c, &rt.omp};
+    auto run = [](void* data) {
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t t = j.omp->thread_num(), count = j.omp->num_threads();
+      const int64_t first = j.channels * t / count, last = j.channels * (t + 1) / count;
+      if (first < last) (*j.body)(first, last);
+    };
+    rt.omp.parallel(run, &job, static_cast<unsigned>(threads), 0);
+  } else {
+    body(int64_t{0}, s.c);
+  }
+  if (pace != nullptr) {
+    const auto end = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> hold(pace_lock());
+    pace->record(team, std::chrono::duration<double>(end - start).count());
+  }
+}
+
+// y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
+static inline float bn_out(float h, float a, float b) { return h * a + b; }
+
+// v if open, else +0, without a branch: `open ? v : 0` compiles to a jump that a ReLU mask
+// mispredicts half the time (10x slower than the rest of the loop), and blocks vectorisation.
+static inline float keep_if(bool open, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= 0u - static_cast<uint32_t>(open);
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// The incoming gradient g[i] as the batch-norm formulas see it: after a fused ReLU, masked by
+// [y > 0] (x̂ = h[i], scale a, shift b).
+template <bool kRelu>
+static inline float bn_grad(const float* g, const float* h, float a, float b, int64_t i) {
+  if (kRelu) return keep_if(bn_out(h[i], a, b) > 0.0f, g[i]);
+  return g[i];
+}
+
+// kSave: write x̂ to hp (the backward passes need it; inference does not).
+template <bool kRelu, bool kSave>
+static void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
+                       float* yp, float* hp, float* r) {
+  for_channel_ranges(kRelu * 2 + kSave, s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const float mean0 = static_cast<float>(channel_sum(s, c, [&](int64_t i) { return xp[i]; }) /
+                                             s.count());
+      double dev = 0, sq = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const float* row = xp + s.at(n, c);
+        dev += row_sum(s.hw, [&](int64_t i) { return row[i] - mean0; });
+        sq += row_sum(s.hw, [&](int64_t i) { return (row[i] - mean0) * (row[i] - mean0); });
+      }
+      const double shift_of_mean = dev / s.count();
+      const double var = std::max(0.0, sq / s.count() - shift_of_mean * shift_of_mean);
+      const float m = static_cast<float>(mean0 + shift_of_mean);
+      const float rc = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+      const float ac = a[c], bc = b[c];
+      r[c] = rc;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i) {
+          const float h = (xp[i] - m) * rc, y = bn_out(h, ac, bc);
+          if (kSave) hp[i] = h;
+          yp[i] = kRelu ? keep_if(y > 0.0f, y) : y;
+        }
+      }
+    }
+  });
+}
+
+// Without `save` (no backward pass will follow) x̂ is not written and comes back empty ([0]).
 std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::Tensor& scale_in,
-                                      const paddle::Tensor& shift_in, float eps) {
+                                      const paddle::Tensor& shift_in, float eps, bool relu,
+                                      bool save) {
   paddle::Tensor x = dense(x_in, "x");
   BnShape s = bn_shape(x);
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
   paddle::Tensor shift = per_channel(shift_in, s.c, "shift");
-  auto y = empty(x.shape()), xhat = empty(x.shape()), rstd = empty({s.c});
-  const float* xp = ptr(x);
-  std::vector<double> sum(s.c), dev(s.c), sq(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const float* row = xp + (n * s.c + c) * s.hw;
-      sum[c] += row_sum(s.hw, [&](int64_t i) { return row[i]; });
-    }
-  std::vector<float> mean0(s.c), mean(s.c);
-  for (int64_t c = 0; c < s.c; ++c) mean0[c] = static_cast<float>(sum[c] / s.count());
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const float* row = xp + (n * s.c + c) * s.hw;
-      const float m = mean0[c];
-      dev[c] += row_sum(s.hw, [&](int64_t i) { return row[i] - m; });
-      sq[c] += row_sum(s.hw, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
-    }
-  float* r = ptr(rstd);
-  for (int64_t c = 0; c < s.c; ++c) {
-    double shift_of_mean = dev[c] / s.count();
-    double var = std::max(0.0, sq[c] / s.count() - shift_of_mean * shift_of_mean);
-    mean[c] = static_cast<float>(mean0[c] + shift_of_mean);
-    r[c] = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-  }
-  const float *a = ptr(scale), *b = ptr(shift);
-  float *yp = ptr(y), *hp = ptr(xhat);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float m = mean[c], rc = r[c], ac = a[c], bc = b[c];
-      for (int64_t i = 0; i < s.hw; ++i) {
-        float h = (xp[at + i] - m) * rc;
-        hp[at + i] = h;
-        yp[at + i] = h * ac + bc;
-      }
-    }
+  auto y = empty(x.shape()), rstd = empty({s.c});
+  auto xhat = save ? empty(x.shape()) : empty({0});
+  auto run = relu ? (save ? bn_forward<true, true> : bn_forward<true, false>)
+                  : (save ? bn_forward<false, true> : bn_forward<false, false>);
+  run(s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), save ? ptr(xhat) : nullptr, ptr(rstd));
   return {y, xhat, rstd};
 }
 
-std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat_in,
-                                       const paddle::Tensor& rstd_in,
-                                       const paddle::Tensor& scale_in,
-                                       const paddle::Tensor& dy_in) {
+template <bool kRelu>
+static void bn_backward(const BnShape& s, const float* hp, const float* r, const float* a,
+                        const float* b, const float* gp, float* dxp, float* ds, float* db) {
+  for_channel_ranges(4 + kRelu, s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const float ac = a[c], bc = kRelu ? b[c] : 0.0f;
+      double sg = 0, sgh = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(gp, hp, ac, bc, at + i); };
+        sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * hp[at + i]; });
+      }
+      ds[c] = static_cast<float>(sgh);
+      db[c] = static_cast<float>(sg);
+      const float kc = ac * r[c], g0 = static_cast<float>(sg / s.count()),
+                  gh = static_cast<float>(sgh / s.count());
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i)
+          dxp[i] = kc * (bn_grad<kRelu>(gp, hp, ac, bc, i) - g0 - hp[i] * gh);
+      }
+    }
+  });
+}
+
+// fastbn_backward (no shift) and fastbnrelu_backward (the forward's shift, for the ReLU mask).
+static std::vector<paddle::Tensor> bn_backward_op(const paddle::Tensor& xhat_in,
+                                                  const paddle::Tensor& rstd_in,
+                                                  const paddle::Tensor& scale_in,
+                                                  const paddle::Tensor* shift_in,
+                                                  const paddle::Tensor& dy_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy");
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
-  const float *hp = ptr(xhat), *gp = ptr(dy), *r = ptr(rstd), *a = ptr(scale);
-  std::vector<double> sg(s.c), sgh(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      sg[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i]; });
-      sgh[c] += row_sum(s.hw, [&](int64_t i) { return gp[at + i] * hp[at + i]; });
-    }
+  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
   auto dx = empty(xhat.shape()), dscale = empty({s.c}), dshift = empty({s.c});
-  float *dxp = ptr(dx), *ds = ptr(dscale), *db = ptr(dshift);
-  std::vector<float> k(s.c), mg(s.c), mgh(s.c);
-  for (int64_t c = 0; c < s.c; ++c) {
-    ds[c] = static_cast<float>(sgh[c]);
-    db[c] = static_cast<float>(sg[c]);
-    k[c] = a[c] * r[c];
-    mg[c] = static_cast<float>(sg[c] / s.count());
-    mgh[c] = static_cast<float>(sgh[c] / s.count());
-  }
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float kc = k[c], g0 = mg[c], gh = mgh[c];
-      for (int64_t i = 0; i < s.hw; ++i)
-        dxp[at + i] = kc * (gp[at + i] - g0 - hp[at + i] * gh);
-    }
+  auto run = shift_in ? bn_backward<true> : bn_backward<false>;
+  run(s, ptr(xhat), ptr(rstd), ptr(scale), ptr(shift), ptr(dy), ptr(dx), ptr(dscale),
+      ptr(dshift));
   return {dx, dscale, dshift};
 }
 
-std::vector<paddle::Tensor> BnDoubleBackward(
+std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
+                                       const paddle::Tensor& scale, const paddle::Tensor& dy) {
+  return bn_backward_op(xhat, rstd, scale, nullptr, dy);
+}
+
+std::vector<paddle::Tensor> BnReluBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
+                                           const paddle::Tensor& scale,
+                                           const paddle::Tensor& shift, const paddle::Tensor& dz) {
+  return bn_backward_op(xhat, rstd, scale, &shift, dz);
+}
+
+struct BnDoubleBackwardArgs {
+  const float *hp, *gp, *xp, *r, *a, *b, *gsp, *gbp;
+  float *dxp, *dsp, *ddp;
+};
+
+template <bool kRelu>
+static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) {
+  const double count = s.count();
+  for_channel_ranges(6 + kRelu, s, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const float ac32 = p.a[c], bc32 = kRelu ? p.b[c] : 0.0f;
+      double sg = 0, sgh = 0, sx = 0, sxh = 0, sxg = 0;
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        const float *h = p.hp + at, *v = p.xp + at;
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(p.gp, p.hp, ac32, bc32, at + i); };
+        sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * h[i]; });
+        sx += row_sum(s.hw, [&](int64_t i) { return v[i]; });
+        sxh += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
+        sxg += row_sum(s.hw, [&](int64_t i) { return v[i] * g(i); });
+      }
+      // d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
+      const double rc = p.r[c], ac = ac32, k = ac * rc;
+      const double gbar = sg / count, m = sgh / count, xbar = sx / count, q = sxh / count;
+      const double dscale = rc * (sxg - sg * xbar - sgh * q);
+      const double big_r = ac * dscale / rc;
+      const double w = p.gsp[c] - k * q;  // u = w·g − k·m·gx
+      const double mean_u = w * gbar - k * m * xbar;
+      const double mean_hu = w * m - k * m * q;
+      p.dsp[c] = static_cast<float>(dscale);
+      const float al = static_cast<float>(rc * w), be = static_cast<float>(-rc * k * m),
+                  ga = static_cast<float>(-rc * mean_hu - big_r * rc * rc / count),
+                  de = static_cast<float>(-rc * mean_u), ka = static_cast<float>(k),
+                  la = static_cast<float>(w), nc = static_cast<float>(p.gbp[c] - k * xbar);
+      for (int64_t n = 0; n < s.n; ++n) {
+        const int64_t at = s.at(n, c);
+        for (int64_t i = at; i < at + s.hw; ++i) {
+          const float v = p.xp[i], h = p.hp[i];
+          const bool open = !kRelu || bn_out(h, ac32, bc32) > 0.0f;  // the ReLU mask
+          const float g = keep_if(open, p.gp[i]);
+          p.dxp[i] = al * g + be * v + ga * h + de;
+          p.ddp[i] = keep_if(open, ka * v + la * h + nc);
+        }
+      }
+    }
+  });
+}
+
+// fastbn_double_backward (no shift) and fastbnrelu_double_backward (the forward's shift, for the
+// ReLU mask).
+static std::vector<paddle::Tensor> bn_double_backward_op(
     const paddle::Tensor& xhat_in, const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
-    const paddle::Tensor& dy_in, const paddle::Tensor& gx_in, const paddle::Tensor& gs_in,
-    const paddle::Tensor& gb_in) {
+    const paddle::Tensor* shift_in, const paddle::Tensor& dy_in, const paddle::Tensor& gx_in,
+    const paddle::Tensor& gs_in, const paddle::Tensor& gb_in) {
   paddle::Tensor xhat = dense(xhat_in, "xhat");
   BnShape s = bn_shape(xhat);
   paddle::Tensor dy = like_x(dy_in, xhat, "dy"), gx = like_x(gx_in, xhat, "gx");
   paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
+  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
   paddle::Tensor gs = per_channel(gs_in, s.c, "gs"), gb = per_channel(gb_in, s.c, "gb");
-  const float *hp = ptr(xhat), *gp = ptr(dy), *xp = ptr(gx);
-  std::vector<double> sg(s.c), sgh(s.c), sx(s.c), sxh(s.c), sxg(s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float *h = hp + at, *g = gp + at, *v = xp + at;
-      sg[c] += row_sum(s.hw, [&](int64_t i) { return g[i]; });
-      sgh[c] += row_sum(s.hw, [&](int64_t i) { return g[i] * h[i]; });
-      sx[c] += row_sum(s.hw, [&](int64_t i) { return v[i]; });
-      sxh[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
-      sxg[c] += row_sum(s.hw, [&](int64_t i) { return v[i] * g[i]; });
-    }
   auto d_x = empty(xhat.shape()), d_dy = empty(xhat.shape()), d_scale = empty({s.c});
-  const float *r = ptr(rstd), *a = ptr(scale), *gsp = ptr(gs), *gbp = ptr(gb);
-  float* dsp = ptr(d_scale);
-  // Per channel: d_x = α·g + β·gx + γ·x̂ + δ and d_dy = κ·gx + λ·x̂ + ν (see the comment above).
-  std::vector<float> alpha(s.c), beta(s.c), gamma(s.c), delta(s.c), kappa(s.c), lambda(s.c),
-      nu(s.c);
-  const double count = s.count();
-  for (int64_t c = 0; c < s.c; ++c) {
-    const double rc = r[c], ac = a[c], k = ac * rc;
-    const double gbar = sg[c] / count, m = sgh[c] / count, xbar = sx[c] / count,
-                 q = sxh[c] / count;
-    const double dscale = rc * (sxg[c] - sg[c] * xbar - sgh[c] * q);
-    const double big_r = ac * dscale / rc;
-    const double w = gsp[c] - k * q;  // u = w·g − k·m·gx
-    const double mean_u = w * gbar - k * m * xbar;
-    const double mean_hu = w * m - k * m * q;
-    dsp[c] = static_cast<float>(dscale);
-    alpha[c] = static_cast<float>(rc * w);
-    beta[c] = static_cast<float>(-rc * k * m);
-    gamma[c] = static_cast<float>(-rc * mean_hu - big_r * rc * rc / count);
-    delta[c] = static_cast<float>(-rc * mean_u);
-    kappa[c] = static_cast<float>(k);
-    lambda[c] = static_cast<float>(w);
-    nu[c] = static_cast<float>(gbp[c] - k * xbar);
-  }
-  float *dxp = ptr(d_x), *ddp = ptr(d_dy);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t c = 0; c < s.c; ++c) {
-      const int64_t at = (n * s.c + c) * s.hw;
-      const float al = alpha[c], be = beta[c], ga = gamma[c], de = delta[c], ka = kappa[c],
-                  la = lambda[c], nc = nu[c];
-      for (int64_t i = 0; i < s.hw; ++i) {
-        const float g = gp[at + i], v = xp[at + i], h = hp[at + i];
-        dxp[at + i] = al * g + be * v + ga * h + de;
-        ddp[at + i] = ka * v + la * h + nc;
-      }
-    }
+  BnDoubleBackwardArgs args{ptr(xhat), ptr(dy), ptr(gx),  ptr(rstd),    ptr(scale), ptr(shift),
+                            ptr(gs),   ptr(gb), ptr(d_x), ptr(d_scale), ptr(d_dy)};
+  (shift_in ? bn_double_backward<true> : bn_double_backward<false>)(s, args);
   return {d_x, d_scale, d_dy};
+}
+
+std::vector<paddle::Tensor> BnDoubleBackward(
+    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
+    const paddle::Tensor& dy, const paddle::Tensor& gx, const paddle::Tensor& gs,
+    const paddle::Tensor& gb) {
+  return bn_double_backward_op(xhat, rstd, scale, nullptr, dy, gx, gs, gb);
+}
+
+std::vector<paddle::Tensor> BnReluDoubleBackward(
+    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
+    const paddle::Tensor& shift, const paddle::Tensor& dz, const paddle::Tensor& gx,
+    const paddle::Tensor& gs, const paddle::Tensor& gb) {
+  return bn_double_backward_op(xhat, rstd, scale, &shift, dz, gx, gs, gb);
 }
 
 std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
                                                  const std::vector<int64_t>& scale,
-                                                 const std::vector<int64_t>& shift, float eps) {
-  return {x, x, {x[1]}};
+                                                 const std::vector<int64_t>& shift, float eps,
+                                                 bool relu, bool save) {
+  return {x, save ? x : std::vector<int64_t>{0}, {x[1]}};
 }
 
 std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xhat,
@@ -1192,11 +1391,27 @@ std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xh
   return {xhat, {xhat[1]}, {xhat[1]}};
 }
 
+std::vector<std::vector<int64_t>> BnReluBackwardShape(const std::vector<int64_t>& xhat,
+                                                      const std::vector<int64_t>& rstd,
+                                                      const std::vector<int64_t>& scale,
+                                                      const std::vector<int64_t>& shift,
+                                                      const std::vector<int64_t>& dz) {
+  return {xhat, {xhat[1]}, {xhat[1]}};
+}
+
 std::vector<std::vector<int64_t>> BnDoubleBackwardShape(
     const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
     const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
     const std::vector<int64_t>& gx, const std::vector<int64_t>& gs,
     const std::vector<int64_t>& gb) {
+  return {xhat, {xhat[1]}, xhat};
+}
+
+std::vector<std::vector<int64_t>> BnReluDoubleBackwardShape(
+    const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
+    const std::vector<int64_t>& scale, const std::vector<int64_t>& shift,
+    const std::vector<int64_t>& dz, const std::vector<int64_t>& gx,
+    const std::vector<int64_t>& gs, const std::vector<int64_t>& gb) {
   return {xhat, {xhat[1]}, xhat};
 }
 
@@ -1212,10 +1427,25 @@ std::vector<paddle::DataType> BnBackwardDtype(const paddle::DataType& xhat,
   return {xhat, xhat, xhat};
 }
 
+std::vector<paddle::DataType> BnReluBackwardDtype(const paddle::DataType& xhat,
+                                                  const paddle::DataType& rstd,
+                                                  const paddle::DataType& scale,
+                                                  const paddle::DataType& shift,
+                                                  const paddle::DataType& dz) {
+  return {xhat, xhat, xhat};
+}
+
 std::vector<paddle::DataType> BnDoubleBackwardDtype(
     const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
     const paddle::DataType& dy, const paddle::DataType& gx, const paddle::DataType& gs,
     const paddle::DataType& gb) {
+  return {xhat, xhat, xhat};
+}
+
+std::vector<paddle::DataType> BnReluDoubleBackwardDtype(
+    const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
+    const paddle::DataType& shift, const paddle::DataType& dz, const paddle::DataType& gx,
+    const paddle::DataType& gs, const paddle::DataType& gb) {
   return {xhat, xhat, xhat};
 }
 
@@ -1779,7 +2009,7 @@ PD_BUILD_OP(fastconv_backward_weights)
 PD_BUILD_OP(fastbn_forward)
     .Inputs({"X", "Scale", "Shift"})
     .Outputs({"Y", "XHat", "RStd"})
-    .Attrs({"eps: float"})
+    .Attrs({"eps: float", "relu: bool", "save: bool"})
     .SetKernelFn(PD_KERNEL(fastconv::BnForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnForwardDtype));
@@ -1797,6 +2027,20 @@ PD_BUILD_OP(fastbn_double_backward)
     .SetKernelFn(PD_KERNEL(fastconv::BnDoubleBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnDoubleBackwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnDoubleBackwardDtype));
+
+PD_BUILD_OP(fastbnrelu_backward)
+    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ"})
+    .Outputs({"DX", "DScale", "DShift"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnReluBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluBackwardDtype));
+
+PD_BUILD_OP(fastbnrelu_double_backward)
+    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ", "GX", "GScale", "GShift"})
+    .Outputs({"D_X", "D_Scale", "D_DZ"})
+    .SetKernelFn(PD_KERNEL(fastconv::BnReluDoubleBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnReluDoubleBackwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluDoubleBackwardDtype));
 
 PD_BUILD_OP(fastnet_forward)
     .Inputs({"X", paddle::Vec("Params")})
