@@ -96,6 +96,7 @@ _OPS = (
     "fastbn_double_backward",
     "fastbnrelu_backward",
     "fastbnrelu_double_backward",
+    "fastbody_forward",
     "fastnet_forward",
     "fastnet_backward",
     "fastnet_double_backward",
@@ -226,6 +227,14 @@ class Kernels(NativeKernels):
             g_scale,
             g_shift,
         )
+
+    def fuses_relu_conv_body(self, x, *params) -> bool:
+        return x.ndim == 4 and all(p.ndim != 5 for p in params) and self._fast(x, *params)
+
+    def relu_conv_body_features(self, x, params, stride: int, padding: int, eps: float):
+        return _C_ops._run_custom_op(
+            "fastbody_forward", x, list(params), int(stride), int(padding), float(eps)
+        )[0]
 
     # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks
     # of at most MAX_NETWORK_LAYERS layers. The hidden activations and the dz_l travel packed,

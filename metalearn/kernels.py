@@ -41,6 +41,18 @@ class NativeKernels:
         composes batch norm of elementwise ops."""
         return False
 
+    def fuses_relu_conv_body(self, x, *params) -> bool:
+        """Whether :meth:`relu_conv_body_features` takes these tensors. Paddle's kernels have no
+        such operator: :func:`metalearn.ops.relu_conv_body` then returns None and the network
+        runs its blocks one op at a time."""
+        return False
+
+    def relu_conv_body_features(self, x, params, stride: int, padding: int, eps: float):
+        """Features [N, C] of x [N, C_in, H, W] through blocks [conv (no bias) → batch norm with
+        the batch's statistics → ReLU], params = [w_0, scale_0, shift_0, w_1, ...], then the mean
+        over the spatial positions; no autograd record (csrc: "The convolution body")."""
+        raise NotImplementedError
+
     # -- the ReLU network of metalearn.ops.relu_network: h_0 = x, z_l = h_l·W_l + b_l,
     # h_{l+1} = relu(z_l), y = z_{L-1}; params = [W_0, b_0, W_1, b_1, ...] ---------------------
     def fuses_linear(self, *tensors) -> bool:

@@ -136,21 +136,27 @@ class _BlockNet:
                 f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
             )
 
+    def _block_params(self, params, block: int, step: int) -> tuple[paddle.Tensor, ...]:
+        """(conv weight, BN scale, BN shift) of ``block`` for the weights after ``step`` inner
+        steps: per-step batch norm's row of that step."""
+        weight = params[f"conv{block}.weight"]
+        scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+        if self.bn_steps:
+            row = min(step, self.bn_steps - 1)
+            if weight.ndim == 5:  # stacked tasks: [T, steps, C]
+                scale, shift = scale[:, row : row + 1], shift[:, row : row + 1]
+            else:
+                scale, shift = scale[row : row + 1], shift[row : row + 1]
+        return weight, scale, shift
+
     def _block(
         self, x, params, block: int, stride: int, step: int, relu: bool = False
     ) -> paddle.Tensor:
         """Convolution and batch norm (then ReLU if ``relu``, in the same fused operator where
         batch norm is one); ``x`` is [N, T·C, H, W] for T stacked tasks (weights with a leading
         task axis) or [N, C, H, W] for one task."""
-        weight = params[f"conv{block}.weight"]
-        scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+        weight, scale, shift = self._block_params(params, block, step)
         tasks = weight.shape[0] if weight.ndim == 5 else 1
-        if self.bn_steps:
-            row = min(step, self.bn_steps - 1)
-            if tasks > 1:
-                scale, shift = scale[:, row : row + 1], shift[:, row : row + 1]
-            else:
-                scale, shift = scale[row : row + 1], shift[row : row + 1]
         if tasks > 1:
             weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
         x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
@@ -243,6 +249,11 @@ class ConvNet(_BlockNet):
     ) -> paddle.Tensor:
         self.check_input(x)
         fused_relu = self.activation == "relu"  # ReLU goes into batch norm's operator
+        if fused_relu and x.ndim == 4:  # one task: the whole body may be one kernel call
+            blocks = [self._block_params(params, b, step) for b in range(self.blocks)]
+            features = ops.relu_conv_body(x, blocks, stride=2, padding=1, eps=self.bn_eps)
+            if features is not None:
+                return features
         act = _activation(self.activation)
         x = self._channels_of_tasks(x)
         for block in range(self.blocks):

@@ -310,6 +310,27 @@ def batch_norm(
     return paddle.nn.functional.relu(y) if relu else y
 
 
+def relu_conv_body(
+    x: paddle.Tensor,
+    blocks: list[tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]],
+    stride: int,
+    padding: int,
+    eps: float,
+) -> paddle.Tensor | None:
+    """Features [N, C] of ``x`` [N, C_in, H, W] through ``blocks`` of (conv weight, BN scale,
+    BN shift): conv → batch norm with the batch's statistics → ReLU each, then the mean over the
+    spatial positions, as one kernel call. Only where nothing records a graph (scoring under
+    ``paddle.no_grad``) and the active kernels have that call; None otherwise, and the caller
+    runs the blocks op by op (same function; the fused call keeps the activations in oneDNN's
+    blocked layout and saves every op's dispatch and reorders)."""
+    params = [t for block in blocks for t in block]
+    active = kernels.active()
+    if _records_graph(x, *params) or not active.fuses_relu_conv_body(x, *params):
+        return None
+    flat = [t.reshape([-1]) if i % 3 else t for i, t in enumerate(params)]
+    return active.relu_conv_body_features(x, flat, stride, padding, eps)
+
+
 def _batch_norm_composed(x, scale, shift, eps: float) -> paddle.Tensor:
     """Batch norm written out in elementwise ops, whose double-grads Paddle computes exactly.
 
