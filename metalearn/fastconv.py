@@ -229,7 +229,8 @@ class Kernels(NativeKernels):
         )
 
     def fuses_relu_conv_body(self, x, *params) -> bool:
-        return x.ndim == 4 and all(p.ndim != 5 for p in params) and self._fast(x, *params)
+        one_task = x.ndim == 4 and x.shape[0] > 0 and all(p.ndim != 5 for p in params)
+        return one_task and self._fast(x, *params)
 
     def relu_conv_body_features(self, x, params, stride: int, padding: int, eps: float):
         return _C_ops._run_custom_op(
