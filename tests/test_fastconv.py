@@ -478,3 +478,50 @@ def test_launcher_stop_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(fastconv, "_build", stopped)
     with pytest.raises(UserError, match="stopped by the launcher"):
         fastconv.load_kernels()
+
+
+THREADS_SCRIPT = """
+import sys, threading
+import numpy as np, paddle
+from metalearn import fastconv
+from metalearn.nets import ConvNet
+fastconv.use_kernels("fast")
+net = ConvNet(5)
+params = {k: paddle.to_tensor(v) for k, v in net.init_params(0).items()}
+x = paddle.to_tensor(np.random.default_rng(0).random((25, 1, 28, 28)).astype("float32"))
+def forward_and_grads(results):
+    grad_params = {k: v.detach() for k, v in params.items()}
+    for v in grad_params.values():
+        v.stop_gradient = False
+    loss = net.forward(x, grad_params).square().mean()
+    grads = paddle.grad(loss, list(grad_params.values()))
+    with paddle.no_grad():
+        scored = net.forward(x, params)
+    results.append(np.concatenate([g.numpy().ravel() for g in grads] + [scored.numpy().ravel()]))
+results = []
+forward_and_grads(results)
+worker = threading.Thread(target=forward_and_grads, args=(results,))
+worker.start()
+worker.join()
+forward_and_grads(results)
+assert len(results) == 3, "a thread failed"
+assert all(np.array_equal(results[0], r) for r in results[1:]), "threads disagree"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("layout", ["plain", "blocked"])
+def test_kernels_run_on_any_thread(kernels, layout):
+    """A primitive created on one thread runs on another and back (the playground's worker after
+    the main thread). With oneDNN's per-thread library scratchpad this crashed in gemm's im2col
+    (the plain layout's first choice) or corrupted the heap; the kernels now pass their own."""
+    env = {
+        **os.environ,
+        "PADDLE_MAML_FASTCONV_LAYOUT": layout,
+        "PADDLE_MAML_FASTCONV_TUNE": "0",  # oneDNN's first choice: gemm on the plain layout
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

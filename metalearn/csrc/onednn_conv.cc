@@ -122,12 +122,15 @@ constexpr int kQueryWeightsMd = 131;          // dnnl_query_weights_md
 constexpr int kQueryDiffWeightsMd = 132;      // dnnl_query_diff_weights_md
 constexpr int kQueryDstMd = 133;              // dnnl_query_dst_md
 constexpr int kQueryDiffDstMd = 134;          // dnnl_query_diff_dst_md
+constexpr int kQueryScratchpadMd = 136;       // dnnl_query_scratchpad_md
+constexpr int kScratchpadUser = 1;            // dnnl_scratchpad_mode_user
 constexpr int kArgSrc = 1;                    // DNNL_ARG_SRC == DNNL_ARG_FROM
 constexpr int kArgDst = 17;                   // DNNL_ARG_DST == DNNL_ARG_TO
 constexpr int kArgWeights = 33;               // DNNL_ARG_WEIGHTS
 constexpr int kArgDiffSrc = 129;              // DNNL_ARG_DIFF_SRC
 constexpr int kArgDiffDst = 145;              // DNNL_ARG_DIFF_DST
 constexpr int kArgDiffWeights = 161;          // DNNL_ARG_DIFF_WEIGHTS
+constexpr int kArgScratchpad = 80;            // DNNL_ARG_SCRATCHPAD
 static void* const kMemoryAllocate = reinterpret_cast<void*>(static_cast<size_t>(-1));
 
 struct Api {
@@ -137,6 +140,9 @@ struct Api {
   dnnl_status (*stream_wait)(handle);
   dnnl_status (*memory_desc_create_with_tag)(handle*, int, const dnnl_dims, int, int);
   dnnl_status (*memory_desc_destroy)(handle);
+  size_t (*memory_desc_get_size)(chandle);
+  dnnl_status (*primitive_attr_create)(handle*);
+  dnnl_status (*primitive_attr_set_scratchpad_mode)(handle, int);
   int (*memory_desc_equal)(chandle, chandle);
   dnnl_status (*memory_create)(handle*, chandle, handle, void*);
   dnnl_status (*memory_set_data_handle)(handle, void*);
@@ -207,6 +213,12 @@ struct Runtime {
   Omp omp{};
   handle engine = nullptr;
   handle stream = nullptr;
+  // Every primitive takes its scratchpad from us (user mode), not from oneDNN's library-owned
+  // one, which is per thread and sized when a primitive is created: a primitive created on one
+  // thread and run on another (the playground's worker after the main thread) wrote past it
+  // (measured: SIGSEGV in im2col, or heap corruption). The operators' lock serialises every
+  // execution, so one buffer, grown as needed, serves them all (see scratch()).
+  handle attr = nullptr;
   int threads = 1;           // most threads a primitive may use
   bool threads_fixed = false;  // PADDLE_MAML_FASTCONV_THREADS given: use exactly that many
   bool try_plain = true, try_blocked = true, tune = true;
@@ -226,6 +238,9 @@ struct Runtime {
     bind(lib, "dnnl_stream_wait", &api.stream_wait);
     bind(lib, "dnnl_memory_desc_create_with_tag", &api.memory_desc_create_with_tag);
     bind(lib, "dnnl_memory_desc_destroy", &api.memory_desc_destroy);
+    bind(lib, "dnnl_memory_desc_get_size", &api.memory_desc_get_size);
+    bind(lib, "dnnl_primitive_attr_create", &api.primitive_attr_create);
+    bind(lib, "dnnl_primitive_attr_set_scratchpad_mode", &api.primitive_attr_set_scratchpad_mode);
     bind(lib, "dnnl_memory_desc_equal", &api.memory_desc_equal);
     bind(lib, "dnnl_memory_create", &api.memory_create);
     bind(lib, "dnnl_memory_set_data_handle", &api.memory_set_data_handle);
@@ -287,6 +302,9 @@ struct Runtime {
 
     check(api.engine_create(&engine, kEngineCpu, 0), "dnnl_engine_create");
     check(api.stream_create(&stream, engine, kStreamDefault), "dnnl_stream_create");
+    check(api.primitive_attr_create(&attr), "dnnl_primitive_attr_create");
+    check(api.primitive_attr_set_scratchpad_mode(attr, kScratchpadUser),
+          "dnnl_primitive_attr_set_scratchpad_mode");
     if (verbose())
       std::fprintf(stderr,
                    "fastconv: oneDNN %d.%d.%d cpu_runtime=%u omp=%s threads=%d layout=%s tune=%d "
@@ -295,6 +313,20 @@ struct Runtime {
                    layout.c_str(), int(tune), choices.empty() ? "-" : choices.c_str());
   }
 };
+
+// The shared scratchpad, at least `bytes` long (see Runtime::attr); call with the lock held.
+static void* scratch(size_t bytes) {
+  static void* buffer = nullptr;
+  static size_t size = 0;
+  if (bytes > size) {
+    std::free(buffer);
+    const size_t rounded = (bytes + 4095) / 4096 * 4096;
+    buffer = std::aligned_alloc(64, rounded);
+    size = buffer != nullptr ? rounded : 0;
+    if (buffer == nullptr) PD_THROW("fastconv: out of memory for a scratchpad");
+  }
+  return buffer;
+}
 
 static Runtime& runtime() {
   static Runtime* rt = new Runtime();  // never destroyed: avoids teardown-order problems at exit
@@ -347,7 +379,34 @@ static int plain_tag(const Dims& dims) { return dims.size() == 4 ? kTagAbcd : kT
 struct Step {
   handle primitive;
   std::vector<dnnl_exec_arg> args;
+  handle scratchpad = nullptr;  // memory over scratch(), if the primitive wants one
+  size_t scratch_bytes = 0;
 };
+
+// The step running `primitive` (created from `pd`) on `args`, with a scratchpad argument if the
+// primitive wants one; its memory object goes to `owned`.
+static Step make_step(Runtime& rt, chandle pd, handle primitive, std::vector<dnnl_exec_arg> args,
+                      std::vector<handle>* owned) {
+  Step step{primitive, std::move(args)};
+  chandle md = rt.api.primitive_desc_query_md(pd, kQueryScratchpadMd, 0);
+  step.scratch_bytes = md != nullptr ? rt.api.memory_desc_get_size(md) : 0;
+  if (step.scratch_bytes > 0) {
+    check(rt.api.memory_create(&step.scratchpad, md, rt.engine, nullptr), "memory_create");
+    owned->push_back(step.scratchpad);
+    step.args.push_back({kArgScratchpad, step.scratchpad});
+  }
+  return step;
+}
+
+// Call with the operators' lock held (the scratchpad is shared).
+static void run_step(Runtime& rt, Step& step) {
+  if (step.scratchpad != nullptr)
+    check(rt.api.memory_set_data_handle(step.scratchpad, scratch(step.scratch_bytes)),
+          "memory_set_data_handle");
+  check(rt.api.primitive_execute(step.primitive, rt.stream, static_cast<int>(step.args.size()),
+                                 step.args.data()),
+        "primitive_execute");
+}
 
 // User slots (wrapping Paddle tensors; data handles set per run):
 //   forward:          0 = x,  1 = w, 2 = y (output)
@@ -402,7 +461,7 @@ class Plan {
     const char* impl = nullptr;
     if (rt_.api.primitive_desc_query(pd, kQueryImplInfoStr, 0, &impl) == kSuccess && impl)
       impl_ = impl;
-    main_.push_back(Step{primitive, std::move(args)});
+    main_.push_back(make_step(rt_, pd, primitive, std::move(args), &internal_mem_));
   }
 
   void run(void* in0, void* in1, void* out) {
@@ -411,10 +470,7 @@ class Plan {
     for (int i = 0; i < 3; ++i)
       check(rt_.api.memory_set_data_handle(user_mem_[i], pointers[i]), "memory_set_data_handle");
     for (auto* steps : {&pre_, &main_, &post_})
-      for (auto& step : *steps)
-        check(rt_.api.primitive_execute(step.primitive, rt_.stream,
-                                        static_cast<int>(step.args.size()), step.args.data()),
-              "primitive_execute");
+      for (auto& step : *steps) run_step(rt_, step);
     check(rt_.api.stream_wait(rt_.stream), "stream_wait");
   }
 
@@ -458,13 +514,12 @@ class Plan {
   Step reorder(handle from, chandle from_md, handle to, chandle to_md) {
     handle pd = nullptr;
     check(rt_.api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine,
-                                                nullptr),
+                                                rt_.attr),
           "reorder_primitive_desc_create");
+    pds_.push_back(pd);
     handle primitive = nullptr;
-    dnnl_status status = rt_.api.primitive_create(&primitive, pd);
-    rt_.api.primitive_desc_destroy(pd);
-    check(status, "reorder primitive_create");
-    return Step{primitive, {{kArgSrc, from}, {kArgDst, to}}};
+    check(rt_.api.primitive_create(&primitive, pd), "reorder primitive_create");
+    return make_step(rt_, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, &internal_mem_);
   }
 
   Runtime& rt_;
@@ -518,7 +573,7 @@ static std::vector<handle> candidates(Runtime& rt, Kind kind, const Shape& s, bo
   if (mds.size() == 3 &&
       api.conv_fwd_pd_create(&pd, rt.engine, kForwardTraining, kConvolutionDirect, x_md, w_md,
                              nullptr, y_md, g.strides, g.dilates, g.pad_l, g.pad_r,
-                             nullptr) == kSuccess) {
+                             rt.attr) == kSuccess) {
     pds.push_back(pd);
     if (kind != kForward) {
       handle hint = pd;
@@ -526,10 +581,10 @@ static std::vector<handle> candidates(Runtime& rt, Kind kind, const Shape& s, bo
       dnnl_status status =
           kind == kBackwardData
               ? api.conv_bwd_data_pd_create(&pd, rt.engine, kConvolutionDirect, x_md, w_md, y_md,
-                                            g.strides, g.dilates, g.pad_l, g.pad_r, hint, nullptr)
+                                            g.strides, g.dilates, g.pad_l, g.pad_r, hint, rt.attr)
               : api.conv_bwd_weights_pd_create(&pd, rt.engine, kConvolutionDirect, x_md, w_md,
                                                nullptr, y_md, g.strides, g.dilates, g.pad_l,
-                                               g.pad_r, hint, nullptr);
+                                               g.pad_r, hint, rt.attr);
       if (status == kSuccess) pds.push_back(pd);
       else pd = nullptr;
     }
@@ -1500,13 +1555,15 @@ static bool is_channel_blocked(Runtime& rt, int tag, int64_t B) {
   ok = ok && api.memory_create(&src, plain, rt.engine, from.data()) == kSuccess;
   ok = ok && api.memory_create(&dst, blocked, rt.engine, to.data()) == kSuccess;
   ok = ok && api.reorder_primitive_desc_create(&pd, plain, rt.engine, blocked, rt.engine,
-                                               nullptr) == kSuccess;
+                                               rt.attr) == kSuccess;
   ok = ok && api.primitive_create(&reorder, pd) == kSuccess;
+  std::vector<handle> scratchpads;
   if (ok) {
-    dnnl_exec_arg args[2] = {{kArgSrc, src}, {kArgDst, dst}};
-    ok = api.primitive_execute(reorder, rt.stream, 2, args) == kSuccess &&
-         api.stream_wait(rt.stream) == kSuccess;
+    Step step = make_step(rt, pd, reorder, {{kArgSrc, src}, {kArgDst, dst}}, &scratchpads);
+    run_step(rt, step);
+    ok = api.stream_wait(rt.stream) == kSuccess;
   }
+  for (handle m : scratchpads) api.memory_destroy(m);
   for (int64_t c = 0; ok && c < channels; ++c)
     for (int64_t p = 0; p < pixels; ++p)
       ok = ok && to[((c / B) * pixels + p) * B + c % B] == from[c * pixels + p];
@@ -1619,10 +1676,7 @@ class Body {
       Layer& layer = layers_[i];
       const Shape& s = shapes_[i];
       check(api.memory_set_data_handle(layer.w_user, params[3 * i]), "memory_set_data_handle");
-      for (auto& step : layer.steps)
-        check(api.primitive_execute(step.primitive, rt_.stream,
-                                    static_cast<int>(step.args.size()), step.args.data()),
-              "primitive_execute");
+      for (auto& step : layer.steps) run_step(rt_, step);
       check(api.stream_wait(rt_.stream), "stream_wait");
       const float *a = params[3 * i + 1], *b = params[3 * i + 2];
       const int64_t hw = s.oh * s.ow;
@@ -1680,7 +1734,7 @@ class Body {
     handle pd = nullptr;
     if (rt_.api.conv_fwd_pd_create(&pd, rt_.engine, kForwardTraining, kConvolutionDirect, x, w,
                                    nullptr, y, g.strides, g.dilates, g.pad_l, g.pad_r,
-                                   nullptr) != kSuccess)
+                                   rt_.attr) != kSuccess)
       return nullptr;
     return pd;
   }
@@ -1698,14 +1752,14 @@ class Body {
     check(api.memory_get_memory_desc(from, &from_md), "memory_get_memory_desc");
     check(api.memory_get_memory_desc(to, &to_md), "memory_get_memory_desc");
     handle pd = nullptr;
-    check(api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine, nullptr),
+    check(api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine,
+                                            rt_.attr),
           "reorder_primitive_desc_create");
+    pds_.push_back(pd);
     handle primitive = nullptr;
-    dnnl_status status = api.primitive_create(&primitive, pd);
-    api.primitive_desc_destroy(pd);
-    check(status, "reorder primitive_create");
+    check(api.primitive_create(&primitive, pd), "reorder primitive_create");
     primitives_.push_back(primitive);
-    return Step{primitive, {{kArgSrc, from}, {kArgDst, to}}};
+    return make_step(rt_, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, &mems_);
   }
 
   // Memory in layout `want` holding `user` before the convolution runs (a reorder if needed).
@@ -1744,7 +1798,8 @@ class Body {
       handle conv = nullptr;
       check(rt_.api.primitive_create(&conv, pd), "primitive_create");
       primitives_.push_back(conv);
-      layer.steps.push_back(Step{conv, {{kArgSrc, src}, {kArgWeights, w}, {kArgDst, y}}});
+      layer.steps.push_back(
+          make_step(rt_, pd, conv, {{kArgSrc, src}, {kArgWeights, w}, {kArgDst, y}}, &mems_));
       layers_.push_back(std::move(layer));
       src = y;
     }

@@ -221,10 +221,10 @@ class PlaygroundEngine:
         from metalearn import fastconv
         from metalearn.tasks import Task
 
-        # The oneDNN operator crashes when a thread other than the one that first used it calls
-        # it (measured: SIGSEGV in the OpenMP runtime); Paddle's own kernels compute the same
-        # function and are safe here. Set per call: an in-process training may switch back.
-        fastconv.use_kernels("native")
+        # The oneDNN kernels, as evaluate.py uses (Paddle's own where they cannot be built); they
+        # run on this worker thread as on any other (tests/test_fastconv.py). Set per call: an
+        # in-process training may have installed others.
+        fastconv.use_kernels("fast")
         run = self._load(best, spec)
         labels = sorted(set(support_y.tolist()))
         if labels != list(range(run.n_way)):
