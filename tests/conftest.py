@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, the Omniglot source, and packed Omniglot arrays.
+"""Shared fixtures: the repository root, the Omniglot source, packed Omniglot arrays, and the
+oneDNN kernels installed for a module (``fast``).
 
 Omniglot is found where the README's first command (``python make_data.py``) puts it, unless an
 environment variable points elsewhere:
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from metalearn import omniglot
+from metalearn import fastconv, omniglot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKED_FILES = [*(omniglot.npy_name(split) for split in omniglot.SPLITS), omniglot.MANIFEST_NAME]
@@ -83,3 +84,13 @@ def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("omniglot")
     omniglot.pack(source, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def fast():
+    """The oneDNN kernels in use for the module's tests (skipped where they cannot be built)."""
+    if fastconv.load_kernels() is None:
+        pytest.skip("the oneDNN kernels could not be built here")
+    fastconv.use_kernels("fast")
+    yield
+    fastconv.use_kernels("native")

@@ -15,21 +15,12 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import fastconv, kernels, ops
+from metalearn import kernels, ops
 from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
 from metalearn.nets import ConvNet, PoolConvNet
 from metalearn.tasks import Task
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def fast():
-    if fastconv.load_kernels() is None:
-        pytest.skip("the oneDNN kernels could not be built here")
-    fastconv.use_kernels("fast")
-    yield
-    fastconv.use_kernels("native")
 
 
 def sparse_binary(rng: np.random.Generator, shape) -> np.ndarray:

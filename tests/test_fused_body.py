@@ -9,19 +9,10 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import fastconv, kernels, ops
+from metalearn import kernels, ops
 from metalearn.algorithms import MetaLearner, make_parameters
 from metalearn.nets import ConvNet
 from metalearn.tasks import Task
-
-
-@pytest.fixture(scope="module")
-def fast():
-    if fastconv.load_kernels() is None:
-        pytest.skip("the oneDNN kernels could not be built here")
-    fastconv.use_kernels("fast")
-    yield
-    fastconv.use_kernels("native")
 
 
 def perturbed_params(net: ConvNet, seed: int) -> dict[str, np.ndarray]:
