@@ -229,12 +229,13 @@ class Kernels(NativeKernels):
         )
 
     def fuses_relu_conv_body(self, x, *params) -> bool:
-        one_task = x.ndim == 4 and x.shape[0] > 0 and all(p.ndim != 5 for p in params)
-        return one_task and self._fast(x, *params)
+        return x.ndim == 4 and x.shape[0] > 0 and self._fast(x, *params)
 
-    def relu_conv_body_features(self, x, params, stride: int, padding: int, eps: float):
+    def relu_conv_body_features(
+        self, x, params, stride: int, padding: int, eps: float, groups: int = 1
+    ):
         return _C_ops._run_custom_op(
-            "fastbody_forward", x, list(params), int(stride), int(padding), float(eps)
+            "fastbody_forward", x, list(params), int(stride), int(padding), int(groups), float(eps)
         )[0]
 
     # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks

@@ -47,10 +47,13 @@ class NativeKernels:
         runs its blocks one op at a time."""
         return False
 
-    def relu_conv_body_features(self, x, params, stride: int, padding: int, eps: float):
-        """Features [N, C] of x [N, C_in, H, W] through blocks [conv (no bias) → batch norm with
-        the batch's statistics → ReLU], params = [w_0, scale_0, shift_0, w_1, ...], then the mean
-        over the spatial positions; no autograd record (csrc: "The convolution body")."""
+    def relu_conv_body_features(
+        self, x, params, stride: int, padding: int, eps: float, groups: int = 1
+    ):
+        """Features [N, C] of x [N, C_in, H, W] through blocks [conv (no bias, ``groups`` as
+        :meth:`forward`'s) → batch norm with the batch's statistics → ReLU], params = [w_0,
+        scale_0, shift_0, w_1, ...], then the mean over the spatial positions; no autograd
+        record (csrc: "The convolution body at inference")."""
         raise NotImplementedError
 
     # -- the ReLU network of metalearn.ops.relu_network: h_0 = x, z_l = h_l·W_l + b_l,

@@ -249,17 +249,29 @@ class ConvNet(_BlockNet):
     ) -> paddle.Tensor:
         self.check_input(x)
         fused_relu = self.activation == "relu"  # ReLU goes into batch norm's operator
-        if fused_relu and x.ndim == 4:  # one task: the whole body may be one kernel call
-            blocks = [self._block_params(params, b, step) for b in range(self.blocks)]
-            features = ops.relu_conv_body(x, blocks, stride=2, padding=1, eps=self.bn_eps)
-            if features is not None:
-                return features
         act = _activation(self.activation)
         x = self._channels_of_tasks(x)
+        if fused_relu and not paddle.is_grad_enabled():  # scoring: maybe one kernel call
+            features = self._fused_features(x, params, step)
+            if features is not None:
+                return self._tasks_of_features(features, params)
         for block in range(self.blocks):
             x = self._block(x, params, block, stride=2, step=step, relu=fused_relu)
             x = x if fused_relu else act(x)
         return self._tasks_of_features(x.mean(axis=[2, 3]), params)
+
+    def _fused_features(self, x, params, step: int) -> paddle.Tensor | None:
+        """The body's features [N, T·F] of ``x`` [N, T·C, H, W] as one kernel call
+        (:func:`metalearn.ops.relu_conv_body`), or None where the kernels have none."""
+        weight = params["conv0.weight"]
+        tasks = weight.shape[0] if weight.ndim == 5 else 1
+        blocks = []
+        for block in range(self.blocks):
+            weight, scale, shift = self._block_params(params, block, step)
+            if weight.ndim == 5:
+                weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]
+            blocks.append((weight, scale, shift))
+        return ops.relu_conv_body(x, blocks, 2, 1, self.bn_eps, groups=tasks)
 
 
 class PoolConvNet(_BlockNet):

@@ -316,10 +316,12 @@ def relu_conv_body(
     stride: int,
     padding: int,
     eps: float,
+    groups: int = 1,
 ) -> paddle.Tensor | None:
     """Features [N, C] of ``x`` [N, C_in, H, W] through ``blocks`` of (conv weight, BN scale,
-    BN shift): conv → batch norm with the batch's statistics → ReLU each, then the mean over the
-    spatial positions, as one kernel call. Only where nothing records a graph (scoring under
+    BN shift): conv (``groups`` as :func:`conv2d`'s: stacked tasks) → batch norm with the
+    batch's statistics → ReLU each, then the mean over the spatial positions, as one kernel
+    call. Only where nothing records a graph (scoring under
     ``paddle.no_grad``) and the active kernels have that call; None otherwise, and the caller
     runs the blocks op by op (same function; the fused call keeps the activations in oneDNN's
     blocked layout and saves every op's dispatch and reorders)."""
@@ -328,7 +330,7 @@ def relu_conv_body(
     if _records_graph(x, *params) or not active.fuses_relu_conv_body(x, *params):
         return None
     flat = [t.reshape([-1]) if i % 3 else t for i, t in enumerate(params)]
-    return active.relu_conv_body_features(x, flat, stride, padding, eps)
+    return active.relu_conv_body_features(x, flat, stride, padding, eps, groups)
 
 
 def _batch_norm_composed(x, scale, shift, eps: float) -> paddle.Tensor:

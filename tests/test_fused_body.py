@@ -58,6 +58,22 @@ def test_fused_body_matches_the_float64_composition(
     assert np.array_equal(fused, features(net, x, arrays, "float32")), "not deterministic"
 
 
+@pytest.mark.parametrize("bn_steps", [0, 2])
+def test_fused_body_of_stacked_tasks_is_each_tasks_body(fast, bn_steps: int) -> None:
+    """T tasks stacked (images [T, N, C, H, W], θ with a leading task axis) run as one call with
+    grouped convolutions; each task's features are its own body's, as in float64 one by one."""
+    net = ConvNet(5, hidden=16, bn_steps=bn_steps)
+    per_task = [perturbed_params(net, seed=task) for task in range(3)]
+    stacked = {k: np.stack([arrays[k] for arrays in per_task]) for k in per_task[0]}
+    rng = np.random.default_rng(4)
+    x = (rng.random((3, 10, 1, 28, 28)) < 0.2).astype("float64")
+    fused = features(net, x, stacked, "float32", step=1)
+    assert fused.shape == (3, 10, 16)
+    for task, arrays in enumerate(per_task):
+        reference = features(net, x[task], arrays, "float64", step=1)
+        assert np.abs(fused[task] - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
 def test_fused_body_uses_the_step_row_of_per_step_batch_norm(fast) -> None:
     net = ConvNet(5, hidden=16, bn_steps=3)
     arrays = perturbed_params(net, seed=3)
@@ -100,6 +116,9 @@ def test_scoring_runs_the_fused_body_and_training_does_not(fused_calls) -> None:
     accuracies = learner.evaluate([task], 2)
     assert accuracies.shape == (1, 3)
     assert fused_calls == [[6, 1, 28, 28]] * 3, "each of the 3 weight sets scores the queries"
+    fused_calls.clear()
+    assert np.array_equal(learner.evaluate([task, task], 2), np.concatenate([accuracies] * 2))
+    assert fused_calls == [[6, 2, 28, 28]] * 3, "two stacked tasks: one call per weight set"
 
 
 def test_fused_and_op_by_op_scoring_agree(fast, monkeypatch) -> None:

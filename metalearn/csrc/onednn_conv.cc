@@ -1515,9 +1515,10 @@ std::vector<paddle::DataType> BnReluDoubleBackwardDtype(
 
 // ---------------------------------------------------------------------------------------------
 // The convolution body at inference (ConvNet under paddle.no_grad: scoring query sets,
-// evaluation, the playground), one operator call for the whole body:
+// evaluation and validation, the playground), one operator call for the whole body:
 //   fastbody_forward(x, [w_0, scale_0, shift_0, w_1, ...]) -> features [N, C]
-// with attributes stride, padding and eps: per block y = relu(batch norm(conv(x))) with the
+// with attributes stride, padding, groups (T stacked tasks: x [N, T·C, H, W], w_i [T·O, C, k, k],
+// as fastconv_forward) and eps: per block y = relu(batch norm(conv(x))) with the
 // batch's statistics, then the mean over the spatial positions.
 //
 // Why: run op by op, each convolution reorders its input from Paddle's NCHW into the
@@ -1693,10 +1694,12 @@ class Body {
   void log() const {
     if (!verbose()) return;
     const Shape& s = shapes_.front();
-    std::fprintf(stderr, "fastbody: x=[%ld,%ld,%ld,%ld] %zu blocks -> %s, %d threads\n",
-                 long(s.n), long(s.c), long(s.h), long(s.w), shapes_.size(),
+    std::string impls;
+    for (chandle pd : pds_) impls += std::string(" ") + impl_name(rt_, pd);
+    std::fprintf(stderr, "fastbody: x=[%ld,%ld,%ld,%ld] g%ld %zu blocks -> %s, %d threads:%s\n",
+                 long(s.n), long(s.c), long(s.h), long(s.w), long(s.g), shapes_.size(),
                  block_ == 1 ? "plain NCHW" : ("nChw" + std::to_string(block_) + "c").c_str(),
-                 rt_.threads);
+                 rt_.threads, impls.c_str());
   }
 
   struct Layer {
@@ -1710,7 +1713,7 @@ class Body {
   bool prefers(int64_t B) {
     int tag = B == 16 ? kTagABcd16b : kTagABcd8b;
     for (const Shape& s : shapes_)
-      if (s.o % B != 0) return false;
+      if ((s.o / s.g) % B != 0) return false;  // each group's channels fill whole blocks
     if (!is_channel_blocked(rt_, tag, B)) return false;
     const Shape& s = shapes_[shapes_.size() > 1 ? 1 : 0];
     handle x = md(s.x(), kTagAny), w = md(s.wei(), kTagAny), y = md(s.y(), kTagAny);
@@ -1728,6 +1731,8 @@ class Body {
     mds_.push_back(d);
     return d;
   }
+
+  bool is_reference(chandle pd) { return std::strncmp(impl_name(rt_, pd), "ref:", 4) == 0; }
 
   handle conv_pd(const Shape& s, chandle x, chandle w, chandle y) {
     Geometry g(s);
@@ -1779,11 +1784,18 @@ class Body {
       Layer layer;
       handle x_md = i == 0 ? md(s.x(), kTagAbcd) : md(s.x(), tag);
       handle y_md = md(s.y(), tag);
-      handle w_plain = md(s.wei(), kTagAbcd);
+      handle w_plain = md(s.wei(), plain_tag(s.wei()));
       handle pd = i == 0 ? conv_pd(s, md(s.x(), kTagAny), md(s.wei(), kTagAny), y_md)
                          : conv_pd(s, x_md, md(s.wei(), kTagAny), y_md);
+      if (i == 0 && (pd == nullptr || is_reference(pd))) {
+        // The first block reads plain images; writing the blocked layout may leave oneDNN only
+        // its reference code (grouped 1-channel inputs): compute in its own layout, reorder.
+        if (pd != nullptr) rt_.api.primitive_desc_destroy(pd);
+        pd = conv_pd(s, md(s.x(), kTagAny), md(s.wei(), kTagAny), md(s.y(), kTagAny));
+      }
       if (pd == nullptr) return false;
       pds_.push_back(pd);
+      if (block_ != 1 && is_reference(pd)) return false;  // plain NCHW has better code
       if (i == 0) {
         x_user_ = memory(x_md, nullptr);
         src = input(layer, x_user_, x_md, rt_.api.primitive_desc_query_md(pd, kQuerySrcMd, 0));
@@ -1795,11 +1807,14 @@ class Body {
       void* data = nullptr;
       check(rt_.api.memory_get_data_handle(y, &data), "memory_get_data_handle");
       layer.y = static_cast<float*>(data);
+      chandle out_md = rt_.api.primitive_desc_query_md(pd, kQueryDstMd, 0);
+      handle out = rt_.api.memory_desc_equal(out_md, y_md) ? y : memory(out_md, kMemoryAllocate);
       handle conv = nullptr;
       check(rt_.api.primitive_create(&conv, pd), "primitive_create");
       primitives_.push_back(conv);
       layer.steps.push_back(
-          make_step(rt_, pd, conv, {{kArgSrc, src}, {kArgWeights, w}, {kArgDst, y}}, &mems_));
+          make_step(rt_, pd, conv, {{kArgSrc, src}, {kArgWeights, w}, {kArgDst, out}}, &mems_));
+      if (out != y) layer.steps.push_back(reorder(out, y));
       layers_.push_back(std::move(layer));
       src = y;
     }
@@ -1830,20 +1845,21 @@ class Body {
 
 std::vector<paddle::Tensor> BodyForward(const paddle::Tensor& x_in,
                                         const std::vector<paddle::Tensor>& params_in, int stride,
-                                        int padding, float eps) {
+                                        int padding, int groups, float eps) {
   PD_CHECK(!params_in.empty() && params_in.size() % 3 == 0,
            "fastbody: params are (weight, scale, shift) per block");
   paddle::Tensor x = dense(x_in, "x");
   std::vector<paddle::Tensor> params;  // contiguous copies where needed, alive for the call
   std::vector<Shape> shapes;
-  Dims key = {stride, padding};
+  PD_CHECK(groups >= 1, "fastbody: groups must be positive");
+  Dims key = {stride, padding, groups};
   std::vector<int64_t> in_shape = x.shape();
   for (size_t i = 0; i < params_in.size(); i += 3) {
     paddle::Tensor w = dense(params_in[i], "weight");
-    PD_CHECK(in_shape[1] == w.shape()[1], "fastbody: block ", i / 3, " expects ",
-             w.shape()[1], " channels, gets ", in_shape[1]);
+    PD_CHECK(in_shape[1] == w.shape()[1] * groups && w.shape()[0] % groups == 0, "fastbody: block ",
+             i / 3, " expects ", w.shape()[1] * groups, " channels, gets ", in_shape[1]);
     Shape s{in_shape[0], in_shape[1], in_shape[2], in_shape[3], w.shape()[0], w.shape()[2], 0, 0,
-            stride, padding};
+            stride, padding, groups};
     PD_CHECK(w.shape()[2] == w.shape()[3], "fastbody: only square kernels are supported");
     PD_CHECK(stride >= 1 && padding >= 0, "fastbody: bad stride/padding");
     s.oh = (s.h + 2 * padding - s.k) / stride + 1;
@@ -2463,7 +2479,7 @@ PD_BUILD_OP(fastbnrelu_double_backward)
 PD_BUILD_OP(fastbody_forward)
     .Inputs({"X", paddle::Vec("Params")})
     .Outputs({"Features"})
-    .Attrs({"stride: int", "padding: int", "eps: float"})
+    .Attrs({"stride: int", "padding: int", "groups: int", "eps: float"})
     .SetKernelFn(PD_KERNEL(fastconv::BodyForward));
 
 PD_BUILD_OP(fastnet_forward)
