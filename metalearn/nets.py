@@ -136,18 +136,22 @@ class _BlockNet:
                 f"{type(self).__name__} expects images {expected}, got {list(x.shape)}"
             )
 
-    def _block_params(self, params, block: int, step: int) -> tuple[paddle.Tensor, ...]:
-        """(conv weight, BN scale, BN shift) of ``block`` for the weights after ``step`` inner
-        steps: per-step batch norm's row of that step."""
+    def _block_params(self, params, block: int, step: int) -> tuple:
+        """(conv weight, BN scale, BN shift, tasks T) of ``block`` for the weights after
+        ``step`` inner steps (per-step batch norm's row of that step). Stacked tasks' weights
+        come as one grouped convolution's [T·O, C, k, k] (groups = T)."""
         weight = params[f"conv{block}.weight"]
         scale, shift = params[f"bn{block}.scale"], params[f"bn{block}.shift"]
+        stacked = weight.ndim == 5
         if self.bn_steps:
             row = min(step, self.bn_steps - 1)
-            if weight.ndim == 5:  # stacked tasks: [T, steps, C]
+            if stacked:  # [T, steps, C]
                 scale, shift = scale[:, row : row + 1], shift[:, row : row + 1]
             else:
                 scale, shift = scale[row : row + 1], shift[row : row + 1]
-        return weight, scale, shift
+        if not stacked:
+            return weight, scale, shift, 1
+        return weight.reshape([-1, *weight.shape[2:]]), scale, shift, weight.shape[0]
 
     def _block(
         self, x, params, block: int, stride: int, step: int, relu: bool = False
@@ -155,10 +159,7 @@ class _BlockNet:
         """Convolution and batch norm (then ReLU if ``relu``, in the same fused operator where
         batch norm is one); ``x`` is [N, T·C, H, W] for T stacked tasks (weights with a leading
         task axis) or [N, C, H, W] for one task."""
-        weight, scale, shift = self._block_params(params, block, step)
-        tasks = weight.shape[0] if weight.ndim == 5 else 1
-        if tasks > 1:
-            weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]: groups = tasks
+        weight, scale, shift, tasks = self._block_params(params, block, step)
         x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
         # per-step rows are not adapted in the inner loop: see ops.batch_norm's ``fuse``
         return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps, relu=relu)
@@ -263,15 +264,10 @@ class ConvNet(_BlockNet):
     def _fused_features(self, x, params, step: int) -> paddle.Tensor | None:
         """The body's features [N, T·F] of ``x`` [N, T·C, H, W] as one kernel call
         (:func:`metalearn.ops.relu_conv_body`), or None where the kernels have none."""
-        weight = params["conv0.weight"]
-        tasks = weight.shape[0] if weight.ndim == 5 else 1
-        blocks = []
-        for block in range(self.blocks):
-            weight, scale, shift = self._block_params(params, block, step)
-            if weight.ndim == 5:
-                weight = weight.reshape([-1, *weight.shape[2:]])  # [T·O, C, k, k]
-            blocks.append((weight, scale, shift))
-        return ops.relu_conv_body(x, blocks, 2, 1, self.bn_eps, groups=tasks)
+        blocks = [self._block_params(params, block, step) for block in range(self.blocks)]
+        tasks = blocks[0][3]
+        weights = [(weight, scale, shift) for weight, scale, shift, _ in blocks]
+        return ops.relu_conv_body(x, weights, 2, 1, self.bn_eps, groups=tasks)
 
 
 class PoolConvNet(_BlockNet):

@@ -321,10 +321,10 @@ def relu_conv_body(
     """Features [N, C] of ``x`` [N, C_in, H, W] through ``blocks`` of (conv weight, BN scale,
     BN shift): conv (``groups`` as :func:`conv2d`'s: stacked tasks) → batch norm with the
     batch's statistics → ReLU each, then the mean over the spatial positions, as one kernel
-    call. Only where nothing records a graph (scoring under
-    ``paddle.no_grad``) and the active kernels have that call; None otherwise, and the caller
-    runs the blocks op by op (same function; the fused call keeps the activations in oneDNN's
-    blocked layout and saves every op's dispatch and reorders)."""
+    call. Only where nothing records a graph (scoring under ``paddle.no_grad``) and the active
+    kernels have that call; None otherwise, and the caller runs the blocks op by op (same
+    function; the fused call keeps the activations in oneDNN's blocked layout and saves every
+    op's dispatch and reorders)."""
     params = [t for block in blocks for t in block]
     active = kernels.active()
     if _records_graph(x, *params) or not active.fuses_relu_conv_body(x, *params):

@@ -408,6 +408,20 @@ static void run_step(Runtime& rt, Step& step) {
         "primitive_execute");
 }
 
+// The step reordering memory `from` (layout from_md) into `to` (layout to_md). Its primitive
+// descriptor goes to `pds`, its scratchpad memory (if any) to `mems`; the caller owns the
+// step's primitive.
+static Step reorder_step(Runtime& rt, handle from, chandle from_md, handle to, chandle to_md,
+                         std::vector<handle>* pds, std::vector<handle>* mems) {
+  handle pd = nullptr;
+  check(rt.api.reorder_primitive_desc_create(&pd, from_md, rt.engine, to_md, rt.engine, rt.attr),
+        "reorder_primitive_desc_create");
+  pds->push_back(pd);
+  handle primitive = nullptr;
+  check(rt.api.primitive_create(&primitive, pd), "reorder primitive_create");
+  return make_step(rt, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, mems);
+}
+
 // User slots (wrapping Paddle tensors; data handles set per run):
 //   forward:          0 = x,  1 = w, 2 = y (output)
 //   backward data:    0 = dy, 1 = w, 2 = dx (output)
@@ -512,14 +526,7 @@ class Plan {
   }
 
   Step reorder(handle from, chandle from_md, handle to, chandle to_md) {
-    handle pd = nullptr;
-    check(rt_.api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine,
-                                                rt_.attr),
-          "reorder_primitive_desc_create");
-    pds_.push_back(pd);
-    handle primitive = nullptr;
-    check(rt_.api.primitive_create(&primitive, pd), "reorder primitive_create");
-    return make_step(rt_, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, &internal_mem_);
+    return reorder_step(rt_, from, from_md, to, to_md, &pds_, &internal_mem_);
   }
 
   Runtime& rt_;
@@ -1756,15 +1763,9 @@ class Body {
     chandle from_md = nullptr, to_md = nullptr;
     check(api.memory_get_memory_desc(from, &from_md), "memory_get_memory_desc");
     check(api.memory_get_memory_desc(to, &to_md), "memory_get_memory_desc");
-    handle pd = nullptr;
-    check(api.reorder_primitive_desc_create(&pd, from_md, rt_.engine, to_md, rt_.engine,
-                                            rt_.attr),
-          "reorder_primitive_desc_create");
-    pds_.push_back(pd);
-    handle primitive = nullptr;
-    check(api.primitive_create(&primitive, pd), "reorder primitive_create");
-    primitives_.push_back(primitive);
-    return make_step(rt_, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, &mems_);
+    Step step = reorder_step(rt_, from, from_md, to, to_md, &pds_, &mems_);
+    primitives_.push_back(step.primitive);
+    return step;
   }
 
   // Memory in layout `want` holding `user` before the convolution runs (a reorder if needed).
