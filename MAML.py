@@ -17,8 +17,8 @@ for the learned inner loops (MAML++, Meta-SGD, ANIL), and for a meta-batch of ta
 one computation (grouped convolutions: the path train.py takes with the fast kernels).
 """
 
-from metalearn.algorithms import ALGORITHMS, MetaLearner, make_parameters
-from metalearn.nets import MLP, ConvNet, PoolConvNet
+from metalearn.learning.learner import ALGORITHMS, MetaLearner, make_parameters
+from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 
 __all__ = [
     "ALGORITHMS",
@@ -31,7 +31,7 @@ __all__ = [
 
 
 def _self_check() -> None:
-    from metalearn.gradcheck import meta_gradient_error
+    from metalearn.learning.gradcheck import meta_gradient_error
 
     learners = {
         "maml, Omniglot conv net": ("conv", {}),

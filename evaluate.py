@@ -5,9 +5,9 @@ from metalearn.runtime import tune_allocator
 
 def main() -> None:
     # Imported here so that Paddle loads only after tune_allocator() has re-executed us.
-    from metalearn.args import evaluate_parser
     from metalearn.errors import run_cli
-    from metalearn.evaluation import evaluate
+    from metalearn.training.config import evaluate_parser
+    from metalearn.training.evaluation import evaluate
 
     run_cli(lambda: evaluate(vars(evaluate_parser().parse_args())))
 

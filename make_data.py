@@ -1,7 +1,7 @@
 """Pack Omniglot, or a folder of your own images, into validated train/val/test splits.
 
-See metalearn/omniglot.py (Omniglot) and metalearn/folders.py (your images) for layouts, splits
-and pixel conventions, metalearn/images.py for the one image preprocessing.
+See metalearn/data/omniglot.py (Omniglot) and metalearn/data/folders.py (your images) for layouts, splits
+and pixel conventions, metalearn/data/images.py for the one image preprocessing.
 
 python make_data.py                          # data/omniglot (downloaded if empty) -> ./
 python make_data.py --source DIR --out DIR --split 1100,100,423 --seed 0
@@ -18,7 +18,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from metalearn import folders, omniglot
+from metalearn.data import folders, omniglot
 from metalearn.errors import UserError, run_cli
 
 
@@ -123,8 +123,8 @@ def preview(
 
     ``name`` previews that image-folder set instead of Omniglot.
     """
-    from metalearn import plots  # matplotlib only for the preview
-    from metalearn.tasks import ImageTasks
+    from metalearn.data.tasks import ImageTasks
+    from metalearn.runs import plots  # matplotlib only for the preview
 
     for flag, value in (("n_way", n_way), ("k_spt", k_spt), ("k_query", k_query)):
         if value <= 0:

@@ -2,7 +2,7 @@
 | delete NAME [--yes] [--files] [--force], each with --work_dir (default work)."""
 
 from metalearn.errors import run_cli
-from metalearn.runs_cli import main
+from metalearn.runs.cli import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -5,9 +5,9 @@ from metalearn.runtime import tune_allocator
 
 def main() -> None:
     # Imported here so that Paddle loads only after tune_allocator() has re-executed us.
-    from metalearn.args import train_parser
     from metalearn.errors import run_cli
-    from metalearn.trainer import train
+    from metalearn.training.config import train_parser
+    from metalearn.training.trainer import train
 
     run_cli(lambda: train(vars(train_parser().parse_args())))
 

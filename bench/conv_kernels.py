@@ -1,4 +1,4 @@
-"""Milliseconds per call of Paddle's native conv kernels vs the oneDNN fast path (metalearn.fastconv).
+"""Milliseconds per call of Paddle's native conv kernels vs the oneDNN fast path (metalearn.kernels.onednn).
 
 Covers the convolutions of the Omniglot conv net (3x3, stride 2, padding 1, 64 channels) at the
 batch sizes MAML uses. Median of ``--repeats`` timed calls after warm-up, float32, CPU.
@@ -26,7 +26,7 @@ import numpy as np
 import paddle
 from paddle import _C_ops
 
-from metalearn.fastconv import load_kernels
+from metalearn.kernels.onednn import load_kernels
 
 # (input channels, spatial size) of each conv layer's input; 64 output channels, 3x3, s2, p1.
 LAYERS = [(1, 28), (64, 14), (64, 7), (64, 4)]

@@ -45,10 +45,10 @@ from metalearn.runtime import tune_allocator
 tune_allocator()  # as train.py does, before Paddle loads (re-executes this script once)
 
 
-from metalearn import fastconv
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import MLP, ConvNet, PoolConvNet
-from metalearn.tasks import ImageTasks, SinusoidTasks
+from metalearn.data.tasks import ImageTasks, SinusoidTasks
+from metalearn.kernels import onednn
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 
 try:
     import torch
@@ -499,7 +499,7 @@ def main() -> None:
     else:
         torch.set_num_threads(args.ref_threads)
         print(f"reference threads: {args.ref_threads}")
-    print(f"convolution kernels: {fastconv.use_kernels(args.kernels)}")
+    print(f"convolution kernels: {onednn.use_kernels(args.kernels)}")
     selected = [
         config
         for config in CONFIGS

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.args import resolve_defaults
-from metalearn.checkpoint import Checkpoint, export_legacy_pkl, save_checkpoint
-from metalearn.nets import ConvNet
+from metalearn.nets.builtin import ConvNet
+from metalearn.runs.checkpoint import Checkpoint, export_legacy_pkl, save_checkpoint
+from metalearn.training.config import resolve_defaults
 
 N_WAY = 5
 GIB = 1 << 30

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from metalearn import fastconv, omniglot
+from metalearn.data import omniglot
+from metalearn.kernels import onednn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKED_FILES = [*(omniglot.npy_name(split) for split in omniglot.SPLITS), omniglot.MANIFEST_NAME]
@@ -89,8 +90,8 @@ def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fast():
     """The oneDNN kernels in use for the module's tests (skipped where they cannot be built)."""
-    if fastconv.load_kernels() is None:
+    if onednn.load_kernels() is None:
         pytest.skip("the oneDNN kernels could not be built here")
-    fastconv.use_kernels("fast")
+    onednn.use_kernels("fast")
     yield
-    fastconv.use_kernels("native")
+    onednn.use_kernels("native")

@@ -221,7 +221,7 @@ new MutationObserver(() => window.statusTexts.push(status.textContent))
 
 
 def test_playground_adapts_to_drawings(browser, omniglot_dir, tmp_path):
-    from metalearn.trainer import train
+    from metalearn.training.trainer import train
 
     work = tmp_path / "work"
     config = tiny(omniglot_dir, work, run_name="drawn", epochs=3)
@@ -363,8 +363,8 @@ def preview_sizes(driver, selector: str) -> list[list]:
 def test_playground_adapts_to_uploaded_images(browser, tmp_path):
     """A run on an image folder (84x84 RGB, the MiniImagenet net): files of letters it never saw
     are chosen and dropped into the cells; the server shows what its network sees of each."""
-    from metalearn import folders
-    from metalearn.trainer import train
+    from metalearn.data import folders
+    from metalearn.training.trainer import train
 
     n_way, size = 5, 84
     images_dir = make_glyph_folder(tmp_path / "images", classes=25, per_class=6, size=size)
@@ -443,7 +443,7 @@ def statuses(driver, name: str) -> tuple[str | None, set[str]]:
 
 
 def test_runs_page_trains_live_and_shows_the_curve(browser, omniglot_dir, tmp_path):
-    from metalearn.trainer import train
+    from metalearn.training.trainer import train
 
     work = tmp_path / "work"
     train(tiny(omniglot_dir, work, run_name="earlier", epochs=3, val_every=1))

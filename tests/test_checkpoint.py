@@ -15,8 +15,10 @@ import pytest
 from checkpoint_corpus import run_config, segfault_pickle
 from helpers import assert_one_line_error, run_script
 
-from metalearn.args import evaluate_parser
-from metalearn.checkpoint import (
+from metalearn.errors import UserError
+from metalearn.learning.variants import make_variant
+from metalearn.nets.builtin import ConvNet
+from metalearn.runs.checkpoint import (
     Checkpoint,
     check_compatible,
     export_legacy_pkl,
@@ -24,11 +26,9 @@ from metalearn.checkpoint import (
     load_legacy_pkl,
     save_checkpoint,
 )
-from metalearn.errors import UserError
-from metalearn.evaluation import evaluate, find_run
-from metalearn.nets import ConvNet
-from metalearn.trainer import Trainer, TrainState, prepare_config
-from metalearn.variants import make_variant
+from metalearn.training.config import evaluate_parser
+from metalearn.training.evaluation import evaluate, find_run
+from metalearn.training.trainer import Trainer, TrainState, prepare_config
 
 
 def shapes(params: dict) -> dict:
@@ -232,7 +232,7 @@ def resumable_run(folder: Path, data_dir: Path, **changes) -> Path:
 def test_optimizer_shapes_are_what_the_optimizers_keep() -> None:
     """The resume check's idea of Adam and SGD state, against the optimisers' after one step."""
 
-    from metalearn.algorithms import make_parameters
+    from metalearn.learning.learner import make_parameters
 
     arrays = ConvNet(n_way=5).init_params(0)
     for algo in ("maml", "reptile"):

@@ -28,9 +28,9 @@ CHILD = """
 import contextlib, io, json, resource, sys
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from metalearn.args import evaluate_parser
+from metalearn.training.config import evaluate_parser
 from metalearn.errors import run_cli
-from metalearn.evaluation import evaluate
+from metalearn.training.evaluation import evaluate
 data_dir, work_dir, *paths = sys.argv[2:]
 for path in paths:
     print(json.dumps({"started": path}), flush=True)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from helpers import as_flags, tiny
 
-from metalearn import distributed
-from metalearn.checkpoint import load_checkpoint
-from metalearn.records import RunRecords
+from metalearn.runs.checkpoint import load_checkpoint
+from metalearn.runs.records import RunRecords
+from metalearn.training import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

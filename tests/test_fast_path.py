@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metalearn import fastconv
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import ConvNet
-from metalearn.tasks import ImageTasks
+from metalearn.data.tasks import ImageTasks
+from metalearn.kernels import onednn
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import ConvNet
 
 
 @pytest.fixture(scope="module")
@@ -18,20 +18,20 @@ def tasks():
 
 
 def directions(kind: str, algo: str, steps: int, tasks) -> np.ndarray:
-    fastconv.use_kernels(kind)
+    onednn.use_kernels(kind)
     try:
         net = ConvNet(n_way=5)
         learner = MetaLearner(net, make_parameters(net.init_params(7)), algo, 0.4, steps)
         total, _ = learner.batch_direction(tasks)
         return np.concatenate([total[k].numpy().ravel() for k in learner.params])
     finally:
-        fastconv.use_kernels("native")
+        onednn.use_kernels("native")
 
 
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
 def test_fast_kernels_give_the_plain_paths_meta_update(algo: str, steps: int, tasks) -> None:
-    if fastconv.load_kernels() is None:
+    if onednn.load_kernels() is None:
         pytest.skip("the oneDNN kernels could not be built here")
     plain = directions("native", algo, steps, tasks)
     fast = directions("fast", algo, steps, tasks)

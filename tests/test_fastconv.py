@@ -1,4 +1,4 @@
-"""The oneDNN convolution kernels (metalearn.fastconv) against Paddle's native conv2d / conv2d_grad.
+"""The oneDNN convolution kernels (metalearn.kernels.onednn) against Paddle's native conv2d / conv2d_grad.
 
 Shapes are those of the Omniglot conv net at the batch sizes MAML uses, plus a stride-1 / no-padding
 case and a few odd sizes. Skipped where the fast path cannot be built (no compiler, say).
@@ -18,8 +18,8 @@ import paddle
 import pytest
 from paddle import _C_ops
 
-from metalearn import fastconv
 from metalearn.errors import UserError
+from metalearn.kernels import onednn
 
 # (x shape, out channels, stride, padding)
 NETWORK_CASES = [
@@ -42,8 +42,8 @@ def _case_id(case) -> str:
 
 
 @pytest.fixture(scope="module")
-def kernels() -> fastconv.Kernels:
-    found = fastconv.load_kernels()
+def kernels() -> onednn.Kernels:
+    found = onednn.load_kernels()
     if found is None:
         pytest.skip("oneDNN fast path unavailable (see the warning on stderr)")
     return found
@@ -180,9 +180,8 @@ def test_openmp_thread_count_restored(kernels):
 
 
 def test_second_order_gradients_through_ops(kernels, monkeypatch):
-    """MAML-style meta-gradient through metalearn.ops with the fast kernels equals the native one."""
-    from metalearn import kernels as registry
-    from metalearn import ops
+    """MAML-style meta-gradient through metalearn.kernels.ops with the fast kernels equals the native one."""
+    from metalearn.kernels import ops, registry
 
     def meta_gradient(seed):
         rng = np.random.default_rng(seed)
@@ -207,9 +206,7 @@ def test_second_order_gradients_through_ops(kernels, monkeypatch):
 
 
 def test_disabled_by_environment():
-    code = (
-        "import sys; from metalearn import fastconv; sys.exit(fastconv.load_kernels() is not None)"
-    )
+    code = "import sys; from metalearn.kernels import onednn; sys.exit(onednn.load_kernels() is not None)"
     env = dict(os.environ, PADDLE_MAML_NO_FASTCONV="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
@@ -224,9 +221,9 @@ def test_build_failure_returns_none_with_one_line(tmp_path):
     broken = tmp_path / "onednn_conv.cc"
     broken.write_text("this is not C++\n")
     code = (
-        "import pathlib, sys; from metalearn import fastconv; "
-        f"fastconv.SOURCE = pathlib.Path({str(broken)!r}); "
-        "sys.exit(fastconv.load_kernels() is not None)"
+        "import pathlib, sys; from metalearn.kernels import onednn; "
+        f"onednn.SOURCE = pathlib.Path({str(broken)!r}); "
+        "sys.exit(onednn.load_kernels() is not None)"
     )
     env = dict(os.environ, PADDLE_MAML_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("PADDLE_MAML_NO_FASTCONV", None)
@@ -240,7 +237,7 @@ def test_build_failure_returns_none_with_one_line(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "metalearn.fastconv" in line]
+    lines = [line for line in result.stderr.splitlines() if "metalearn.kernels.onednn" in line]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "compilation failed" in lines[0]
@@ -251,10 +248,10 @@ _RECORD_SCRIPT = """
 import json, sys
 import numpy as np
 import paddle
-from metalearn import fastconv
+from metalearn.kernels import onednn
 
 out, cases = sys.argv[1], json.loads(sys.argv[2])
-kernels = fastconv.load_kernels()
+kernels = onednn.load_kernels()
 assert kernels is not None, "fast path unavailable"
 print("LIBRARY", kernels.library)
 for i, (shape, out_channels, stride, padding) in enumerate(cases):
@@ -282,7 +279,7 @@ def _cache_with_build(kernels, tmp_path):
     import shutil
 
     build_dir = kernels.library.parent.parent
-    choices = fastconv.choices_dir(kernels.library)
+    choices = onednn.choices_dir(kernels.library)
     cache = tmp_path / "cache"
     copy = cache / "fastconv" / build_dir.name
     shutil.copytree(build_dir, copy, ignore=shutil.ignore_patterns(choices.name))
@@ -295,7 +292,7 @@ def _run_recording(cache, out, cases):
 
     out.mkdir()
     env = dict(os.environ, PADDLE_MAML_CACHE_DIR=str(cache), PADDLE_MAML_FASTCONV_VERBOSE="1")
-    for name in ("PADDLE_MAML_NO_FASTCONV", "PADDLE_MAML_FASTCONV_TUNE", fastconv.CHOICES_ENV):
+    for name in ("PADDLE_MAML_NO_FASTCONV", "PADDLE_MAML_FASTCONV_TUNE", onednn.CHOICES_ENV):
         env.pop(name, None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
@@ -381,16 +378,16 @@ def fake_builds(tmp_path, monkeypatch):
     def fake_run(command, **kwargs):
         state.commands.append(command)
         if not state.fail:
-            library = Path(command[-1]) / fastconv._NAME / f"{fastconv._NAME}.so"
+            library = Path(command[-1]) / onednn._NAME / f"{onednn._NAME}.so"
             library.parent.mkdir(exist_ok=True)
             library.write_bytes(b"library %d" % len(state.commands))
         return subprocess.CompletedProcess(command, 1 if state.fail else 0)
 
     monkeypatch.setenv("PADDLE_MAML_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(fastconv, "_compiler_id", lambda: "c++: fake 1.0\n")
-    monkeypatch.setattr(fastconv.subprocess, "run", fake_run)
-    state.build_dir = fastconv.cache_root() / (
-        f"{fastconv._NAME}-{fastconv._build_key(fastconv.SOURCE.read_bytes())}"
+    monkeypatch.setattr(onednn, "_compiler_id", lambda: "c++: fake 1.0\n")
+    monkeypatch.setattr(onednn.subprocess, "run", fake_run)
+    state.build_dir = onednn.cache_root() / (
+        f"{onednn._NAME}-{onednn._build_key(onednn.SOURCE.read_bytes())}"
     )
     return state
 
@@ -398,38 +395,38 @@ def fake_builds(tmp_path, monkeypatch):
 def test_failed_build_is_remembered(fake_builds, monkeypatch, capsys):
     fake_builds.fail = True
     with pytest.raises(RuntimeError, match="compilation failed"):
-        fastconv._build()
-    monkeypatch.setattr(fastconv, "_loaded", False)
-    monkeypatch.setattr(fastconv, "_kernels", None)
-    assert fastconv.load_kernels() is None  # a later start: no new compilation, one line
+        onednn._build()
+    monkeypatch.setattr(onednn, "_loaded", False)
+    monkeypatch.setattr(onednn, "_kernels", None)
+    assert onednn.load_kernels() is None  # a later start: no new compilation, one line
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "an earlier build with this compiler failed" in lines[0], lines
     assert "BUILD_FAILED to retry" in lines[0], lines[0]
     assert len(fake_builds.commands) == 1
 
-    monkeypatch.setattr(fastconv, "_compiler_id", lambda: "c++: fake 2.0\n")
+    monkeypatch.setattr(onednn, "_compiler_id", lambda: "c++: fake 2.0\n")
     with pytest.raises(RuntimeError, match="compilation failed"):
-        fastconv._build()  # a new compiler is tried
+        onednn._build()  # a new compiler is tried
     assert len(fake_builds.commands) == 2
     (fake_builds.build_dir / "BUILD_FAILED").unlink()
     fake_builds.fail = False
-    fastconv._build()  # so is a deleted marker
+    onednn._build()  # so is a deleted marker
     assert len(fake_builds.commands) == 3
     assert not (fake_builds.build_dir / "BUILD_FAILED").exists()
 
 
 def test_corrupt_library_is_rebuilt(fake_builds):
-    library = fastconv._build()
-    assert fastconv._build() == library and len(fake_builds.commands) == 1  # cached
+    library = onednn._build()
+    assert onednn._build() == library and len(fake_builds.commands) == 1  # cached
     library.write_bytes(b"corrupt")
-    assert fastconv._build() == library
+    assert onednn._build() == library
     assert len(fake_builds.commands) == 2
     assert library.read_bytes() == b"library 2"
 
 
 def test_cache_folders_are_private(fake_builds):
-    fastconv._build()
-    for folder in (fastconv.cache_root(), fake_builds.build_dir):
+    onednn._build()
+    for folder in (onednn.cache_root(), fake_builds.build_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
@@ -444,14 +441,14 @@ def test_symlinked_lock_or_log_is_not_followed(fake_builds, tmp_path, planted):
     }[planted]
     link.symlink_to(victim)
     with pytest.raises(OSError):
-        fastconv._build()
+        onednn._build()
     assert victim.read_text() == "keep"
     assert fake_builds.commands == []
 
 
 @pytest.mark.parametrize("change", ["group-writable folder", "foreign library"])
 def test_untrusted_cache_is_refused(fake_builds, change):
-    library = fastconv._build()
+    library = onednn._build()
     if change == "foreign library":
         if os.geteuid() != 0:
             pytest.skip("giving a file to another user needs root")
@@ -461,31 +458,31 @@ def test_untrusted_cache_is_refused(fake_builds, change):
         fake_builds.build_dir.chmod(0o770)
         message = "others may write to"
     with pytest.raises(RuntimeError, match=message):
-        fastconv._build()
+        onednn._build()
     assert len(fake_builds.commands) == 1  # refused, neither loaded nor rebuilt
 
 
 def test_launcher_stop_is_not_swallowed(monkeypatch):
-    """The SIGTERM of the launcher arrives as UserError (metalearn.distributed): it must stop the
+    """The SIGTERM of the launcher arrives as UserError (metalearn.training.distributed): it must stop the
     process, not be reported as an unavailable fast path."""
 
     def stopped():
         raise UserError("process 1 was stopped by the launcher")
 
-    monkeypatch.setattr(fastconv, "_loaded", False)
-    monkeypatch.setattr(fastconv, "_kernels", None)
-    monkeypatch.delenv(fastconv.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(fastconv, "_build", stopped)
+    monkeypatch.setattr(onednn, "_loaded", False)
+    monkeypatch.setattr(onednn, "_kernels", None)
+    monkeypatch.delenv(onednn.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(onednn, "_build", stopped)
     with pytest.raises(UserError, match="stopped by the launcher"):
-        fastconv.load_kernels()
+        onednn.load_kernels()
 
 
 THREADS_SCRIPT = """
 import sys, threading
 import numpy as np, paddle
-from metalearn import fastconv
-from metalearn.nets import ConvNet
-fastconv.use_kernels("fast")
+from metalearn.kernels import onednn
+from metalearn.nets.builtin import ConvNet
+onednn.use_kernels("fast")
 net = ConvNet(5)
 params = {k: paddle.to_tensor(v) for k, v in net.init_params(0).items()}
 x = paddle.to_tensor(np.random.default_rng(0).random((25, 1, 28, 28)).astype("float32"))

@@ -16,9 +16,9 @@ import pytest
 from helpers import FONTS, assert_one_line_error, make_glyph_folder, needs_fonts, run_script
 from PIL import Image, ImageDraw
 
-from metalearn import folders, images, omniglot
+from metalearn.data import folders, images, omniglot
+from metalearn.data.tasks import ClassImages, ImageTasks
 from metalearn.errors import UserError
-from metalearn.tasks import ClassImages, ImageTasks
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing

@@ -15,10 +15,10 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import kernels, ops
-from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
-from metalearn.nets import ConvNet, PoolConvNet
-from metalearn.tasks import Task
+from metalearn.data.tasks import Task
+from metalearn.kernels import ops, registry
+from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
+from metalearn.nets.builtin import ConvNet, PoolConvNet
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,7 +71,7 @@ def test_fused_batch_norm_equals_the_composition(fast, shape, relu) -> None:
     threads where there are several."""
     case = batch_norm_case(shape)
     x32 = paddle.to_tensor(case[0].astype("float32"))
-    assert kernels.active().fuses_batch_norm(x32), "float32 CPU must take the fused operator"
+    assert registry.active().fuses_batch_norm(x32), "float32 CPU must take the fused operator"
     fused = batch_norm_derivatives(*case, "float32", relu=relu)
     reference = batch_norm_derivatives(*case, "float64", relu=relu)
     names = ("y", "dx", "dscale", "dshift", "d2x", "d2scale", "d2shift", "d2weights")
@@ -110,9 +110,9 @@ _THREADS_SCRIPT = """
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[3])
-from metalearn import fastconv
+from metalearn.kernels import onednn
 from test_fused_batch_norm import batch_norm_case, batch_norm_derivatives
-assert fastconv.use_kernels("fast") == "fast"
+assert onednn.use_kernels("fast") == "fast"
 case = batch_norm_case(json.loads(sys.argv[2]), dense=True)
 np.savez(sys.argv[1], *batch_norm_derivatives(*case, "float32", relu=True))
 """

@@ -9,10 +9,10 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import kernels, ops
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import ConvNet
-from metalearn.tasks import Task
+from metalearn.data.tasks import Task
+from metalearn.kernels import ops, registry
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import ConvNet
 
 
 def perturbed_params(net: ConvNet, seed: int) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def test_fused_body_uses_the_step_row_of_per_step_batch_norm(fast) -> None:
 def fused_calls(fast, monkeypatch):
     """How often the fused body ran since the test started."""
     calls = []
-    active = kernels.active()
+    active = registry.active()
     original = active.relu_conv_body_features
 
     def counted(*args, **kwargs):
@@ -126,19 +126,19 @@ def test_fused_and_op_by_op_scoring_agree(fast, monkeypatch) -> None:
     arrays = perturbed_params(net, seed=7)
     x = (np.random.default_rng(2).random((25, 1, 28, 28)) < 0.2).astype("float32")
     fused = features(net, x, arrays, "float32")
-    monkeypatch.setattr(kernels.active(), "fuses_relu_conv_body", lambda *tensors: False)
+    monkeypatch.setattr(registry.active(), "fuses_relu_conv_body", lambda *tensors: False)
     op_by_op = features(net, x, arrays, "float32")
     assert np.abs(fused - op_by_op).max() <= 1e-5 * np.abs(op_by_op).max()
 
 
 def test_without_the_fused_kernels_the_body_is_composed() -> None:
-    native = kernels.NativeKernels()
+    native = registry.NativeKernels()
     x = paddle.ones([2, 1, 8, 8])
     blocks = [(paddle.ones([4, 1, 3, 3]), paddle.ones([4]), paddle.zeros([4]))]
-    previous, kind = kernels.active(), kernels.in_use()
-    kernels.install(native, "native")
+    previous, kind = registry.active(), registry.in_use()
+    registry.install(native, "native")
     try:
         with paddle.no_grad():
             assert ops.relu_conv_body(x, blocks, 2, 1, 1e-3) is None
     finally:
-        kernels.install(previous, kind)
+        registry.install(previous, kind)

@@ -12,15 +12,15 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import fastconv, kernels, ops
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.nets import MLP
-from metalearn.tasks import SinusoidTasks, Task
+from metalearn.data.tasks import SinusoidTasks, Task
+from metalearn.kernels import onednn, ops, registry
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import MLP
 
 SIZES = (2, 5, 4, 3)
 
 
-class _FusingNative(kernels.NativeKernels):
+class _FusingNative(registry.NativeKernels):
     """Paddle's kernels, but relu_network takes the fused path for any dtype."""
 
     def fuses_linear(self, *tensors) -> bool:
@@ -29,14 +29,14 @@ class _FusingNative(kernels.NativeKernels):
 
 @pytest.fixture()
 def restore_kernels():
-    previous, kind = kernels.active(), kernels.in_use()
+    previous, kind = registry.active(), registry.in_use()
     yield
-    kernels.install(previous, kind)
+    registry.install(previous, kind)
 
 
 @pytest.fixture(scope="module")
 def fast_kernels():
-    kernel = fastconv.load_kernels()
+    kernel = onednn.load_kernels()
     if kernel is None:
         pytest.skip("the fast kernels could not be built here")
     return kernel
@@ -85,9 +85,9 @@ def assert_outputs_close(got: list[np.ndarray], want: list[np.ndarray], toleranc
 @pytest.mark.parametrize("x_grad", [False, True])
 def test_fused_sweeps_equal_the_composition_in_float64(restore_kernels, stacked, x_grad) -> None:
     arrays = network_arrays(stacked)
-    kernels.install(kernels.NativeKernels(), "native")
+    registry.install(registry.NativeKernels(), "native")
     reference = derivatives(arrays, "float64", x_grad)
-    kernels.install(_FusingNative(), "native")
+    registry.install(_FusingNative(), "native")
     fused = derivatives(arrays, "float64", x_grad)
     assert_outputs_close(fused, reference, 1e-10)
 
@@ -98,9 +98,9 @@ def test_fast_kernels_equal_the_float64_composition(
     restore_kernels, fast_kernels, stacked, x_grad
 ) -> None:
     arrays = network_arrays(stacked, seed=1)
-    kernels.install(kernels.NativeKernels(), "native")
+    registry.install(registry.NativeKernels(), "native")
     reference = derivatives(arrays, "float64", x_grad)
-    kernels.install(fast_kernels, "fast")
+    registry.install(fast_kernels, "fast")
     assert fast_kernels.fuses_linear(paddle.ones([2, 2])), "float32 CPU must take the fused path"
     fused = derivatives(arrays, "float32", x_grad)
     assert_outputs_close(fused, reference, 1e-5)
@@ -125,7 +125,7 @@ def test_fast_network_passes_equal_paddles(fast_kernels, stacked, with_x, sizes)
     cotangents = ([tensor(10, sizes[0])] if with_x else []) + [
         paddle.to_tensor(rng.normal(size=p.shape).astype("float32")) for p in params
     ]
-    native = kernels.NativeKernels()
+    native = registry.NativeKernels()
     results = []
     for kernel in (fast_kernels, native):
         out, state = kernel.relu_network_forward(x, params)
@@ -154,9 +154,9 @@ def sinusoid_meta_gradient(dtype: str, steps: int) -> dict[str, np.ndarray]:
 def test_fused_maml_meta_gradient_equals_the_composed_one(
     restore_kernels, fast_kernels, steps
 ) -> None:
-    kernels.install(kernels.NativeKernels(), "native")
+    registry.install(registry.NativeKernels(), "native")
     reference = sinusoid_meta_gradient("float64", steps)
-    kernels.install(fast_kernels, "fast")
+    registry.install(fast_kernels, "fast")
     fused = sinusoid_meta_gradient("float32", steps)
     for name, want in reference.items():
         error = np.abs(fused[name] - want).max() / np.abs(want).max()

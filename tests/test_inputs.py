@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_script, tiny
 
-from metalearn import omniglot
-from metalearn.args import MAX_TASKS, train_parser
+from metalearn.data import omniglot
 from metalearn.errors import UserError
-from metalearn.evaluation import evaluate
-from metalearn.trainer import train
+from metalearn.training.config import MAX_TASKS, train_parser
+from metalearn.training.evaluation import evaluate
+from metalearn.training.trainer import train
 
 SHAPE_TAIL = (omniglot.NUM_DRAWINGS, 1, omniglot.IMAGE_SIZE, omniglot.IMAGE_SIZE)
 
@@ -21,7 +21,7 @@ SHAPE_TAIL = (omniglot.NUM_DRAWINGS, 1, omniglot.IMAGE_SIZE, omniglot.IMAGE_SIZE
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """A valid packed set of 30 random characters (enough for 5-way tasks in every split)."""
-    from metalearn.omniglot import CharacterRef
+    from metalearn.data.omniglot import CharacterRef
 
     chars = [CharacterRef("images_background", "A", f"c{i}", f"{i:04d}", ()) for i in range(30)]
     images = np.random.default_rng(0).random((30, *SHAPE_TAIL), dtype=np.float32)

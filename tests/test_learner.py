@@ -10,23 +10,23 @@ import paddle
 import pytest
 from helpers import tiny
 
-from metalearn.algorithms import (
+from metalearn.data.tasks import SinusoidTasks
+from metalearn.errors import UserError
+from metalearn.learning.gradcheck import meta_gradient_error, tiny_arrays, tiny_problem
+from metalearn.learning.inner_rules import RATE_PREFIX, rate_name
+from metalearn.learning.learner import (
     MetaLearner,
     initial_arrays,
     make_parameters,
     multi_step_loss_weights,
 )
-from metalearn.args import check_saved_config, resolve_defaults, validate_config
-from metalearn.checkpoint import load_checkpoint
-from metalearn.errors import UserError
-from metalearn.evaluation import load_trained
-from metalearn.gradcheck import meta_gradient_error, tiny_arrays, tiny_problem
-from metalearn.inner_rules import RATE_PREFIX, rate_name
-from metalearn.nets import MLP, ConvNet
-from metalearn.notebook import show_adaptation
-from metalearn.tasks import SinusoidTasks
-from metalearn.trainer import train
-from metalearn.variants import Order, QueryGradient, make_variant
+from metalearn.learning.variants import Order, QueryGradient, make_variant
+from metalearn.nets.builtin import MLP, ConvNet
+from metalearn.runs.checkpoint import load_checkpoint
+from metalearn.training.config import check_saved_config, resolve_defaults, validate_config
+from metalearn.training.evaluation import load_trained
+from metalearn.training.notebook import show_adaptation
+from metalearn.training.trainer import train
 
 
 @pytest.fixture
@@ -195,7 +195,7 @@ def test_derivative_order_annealing_is_fomaml_then_maml_exactly() -> None:
 
 
 def omniglot_like_task(seed: int = 0):
-    from metalearn.tasks import Task
+    from metalearn.data.tasks import Task
 
     rng = np.random.default_rng(seed)
     labels = np.arange(5).repeat(2)

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from helpers import SINE_RECORD, assert_one_line_error, fresh_state, run_script
 
-from metalearn import distributed, liveness, plots
 from metalearn.errors import UserError
-from metalearn.records import Recorder, RunConflict, RunRecords, TestSession, remove_run
-from metalearn.records_schema import MIGRATIONS, SCHEMA_VERSION, db_path
-from metalearn.trainer import Trainer, prepare_config, train
+from metalearn.runs import liveness, plots
+from metalearn.runs.records import Recorder, RunConflict, RunRecords, TestSession, remove_run
+from metalearn.runs.schema import MIGRATIONS, SCHEMA_VERSION, db_path
+from metalearn.training import distributed
+from metalearn.training.trainer import Trainer, prepare_config, train
 
 SINE = {"dataset": "sinusoid", "task_num": 2, "val_tasks": 2, "val_every": 2, "log_every": 1}
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from metalearn import omniglot, packing
+from metalearn.data import omniglot, packing
+from metalearn.data.omniglot import CharacterRef
 from metalearn.errors import UserError
-from metalearn.omniglot import CharacterRef
 
 SHAPE_TAIL = (20, 1, 28, 28)
 
@@ -444,7 +444,7 @@ import os, signal, sys
 import numpy as np
 sys.path[:0] = [{tests!r}, {repo!r}]
 from test_make_data import fake_refs, SHAPE_TAIL
-from metalearn import omniglot
+from metalearn.data import omniglot
 
 out, image_seed, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 images = np.random.default_rng(image_seed).random((7, *SHAPE_TAIL), dtype=np.float32)

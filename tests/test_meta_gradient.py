@@ -6,10 +6,10 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn.algorithms import MetaLearner, make_parameters
-from metalearn.gradcheck import meta_gradient_error, tiny_problem
-from metalearn.nets import MLP, ConvNet
-from metalearn.tasks import Task
+from metalearn.data.tasks import Task
+from metalearn.learning.gradcheck import meta_gradient_error, tiny_problem
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import MLP, ConvNet
 
 
 @pytest.mark.parametrize("steps", [1, 2])

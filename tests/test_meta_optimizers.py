@@ -6,10 +6,10 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn.algorithms import MetaLearner, NonFiniteError, make_parameters, mean_if_finite
-from metalearn.meta_optimizers import SGD, Adam
-from metalearn.nets import MLP
-from metalearn.tasks import SinusoidTasks
+from metalearn.data.tasks import SinusoidTasks
+from metalearn.learning.learner import MetaLearner, NonFiniteError, make_parameters, mean_if_finite
+from metalearn.learning.meta_optimizers import SGD, Adam
+from metalearn.nets.builtin import MLP
 
 
 def arrays(dtype: str) -> dict[str, np.ndarray]:

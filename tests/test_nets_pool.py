@@ -1,7 +1,7 @@
 """The MiniImagenet network (PoolConvNet), its exact max-pool, and ConvNet at other image shapes.
 
 Max-pooling is piecewise linear, so finite differences are valid only while no window's maximum
-changes place: metalearn.gradcheck checks that, and the independent checks (Paddle's own
+changes place: metalearn.learning.gradcheck checks that, and the independent checks (Paddle's own
 first-order max-pool, PyTorch's second-order meta-gradient) need no smoothness at all.
 """
 
@@ -12,13 +12,13 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from metalearn import fastconv, ops
-from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.data.tasks import Task
 from metalearn.errors import UserError
-from metalearn.gradcheck import meta_gradient_error, tiny_problem
-from metalearn.kernels import NativeKernels
-from metalearn.nets import ConvNet, PoolConvNet, build_network
-from metalearn.tasks import Task
+from metalearn.kernels import onednn, ops
+from metalearn.kernels.registry import NativeKernels
+from metalearn.learning.gradcheck import meta_gradient_error, tiny_problem
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import ConvNet, PoolConvNet, build_network
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_conv_net_runs_on_colour_images_of_another_size() -> None:
 )
 def test_fast_kernels_match_native_on_pool_net_shapes(shape) -> None:
     """The oneDNN kernels (tuned on Omniglot's shapes) at the pool net's stride 1 / padding 1."""
-    kernels = fastconv.load_kernels()
+    kernels = onednn.load_kernels()
     if kernels is None:
         pytest.skip("oneDNN fast path unavailable (see the warning on stderr)")
     rng = np.random.default_rng(0)

@@ -11,8 +11,8 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
-from metalearn import plots
-from metalearn.notebook import is_packed, softmax, train_once
+from metalearn.runs import plots
+from metalearn.training.notebook import is_packed, softmax, train_once
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "main.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

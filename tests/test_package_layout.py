@@ -1,7 +1,7 @@
 """The package's modules import each other without cycles, counting imports inside functions.
 
 A cycle (once: the ops and the oneDNN loader importing each other) means two modules cannot be
-understood, tested or replaced one at a time; the kernel registry in metalearn/kernels.py exists
+understood, tested or replaced one at a time; the kernel registry in metalearn/kernels/registry.py exists
 so that both sides import it instead of each other.
 """
 
@@ -69,14 +69,48 @@ def test_the_cycle_finder_sees_a_cycle() -> None:
 
 def test_package_imports_have_no_cycle() -> None:
     graph = import_graph()
-    assert {"metalearn.ops", "metalearn.kernels", "metalearn.fastconv"} <= set(graph)
+    assert {
+        "metalearn.kernels.ops",
+        "metalearn.kernels.registry",
+        "metalearn.kernels.onednn",
+    } <= set(graph)
     assert find_cycle(graph) == []
 
 
 def test_ops_and_the_onednn_loader_meet_only_in_the_kernel_registry() -> None:
     graph = import_graph()
-    assert "metalearn.kernels" in graph["metalearn.ops"]
-    assert "metalearn.kernels" in graph["metalearn.fastconv"]
-    assert "metalearn.fastconv" not in graph["metalearn.ops"]
-    assert "metalearn.ops" not in graph["metalearn.fastconv"]
-    assert not graph["metalearn.kernels"]
+    assert "metalearn.kernels.registry" in graph["metalearn.kernels.ops"]
+    assert "metalearn.kernels.registry" in graph["metalearn.kernels.onednn"]
+    assert "metalearn.kernels.onednn" not in graph["metalearn.kernels.ops"]
+    assert "metalearn.kernels.ops" not in graph["metalearn.kernels.onednn"]
+    assert not graph["metalearn.kernels.registry"]
+
+
+# The sub-packages in the order of docs/design.md's data flow; each imports only from those
+# before it (and from the shared modules at the top of metalearn/).
+LAYERS = ("data", "kernels", "nets", "learning", "runs", "training", "service")
+SHARED = {"metalearn", "errors", "fileio", "metrics", "runtime"}
+# A seed-style .pkl checkpoint names no network: its reader validates the run's config.json
+# with train.py's own checks to find out which network the arrays belong to.
+ALLOWED_UPWARD = {("metalearn.runs.checkpoint", "metalearn.training.config")}
+
+
+def sub_package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "metalearn"
+
+
+def test_sub_packages_import_only_earlier_layers() -> None:
+    graph = import_graph()
+    found = {sub_package(module) for module in graph} - SHARED
+    assert found == set(LAYERS), "a sub-package is missing from LAYERS (or LAYERS is stale)"
+    rank = {name: index for index, name in enumerate(LAYERS)}
+    upward = {
+        (module, dependency)
+        for module, dependencies in graph.items()
+        for dependency in dependencies
+        if sub_package(module) in rank
+        and sub_package(dependency) in rank
+        and rank[sub_package(dependency)] > rank[sub_package(module)]
+    }
+    assert upward == ALLOWED_UPWARD

@@ -25,12 +25,13 @@ from helpers import (
 from helpers import tiny as tiny_run
 from PIL import Image
 
-from metalearn import algorithms, plots
-from metalearn.args import check_run_name
 from metalearn.errors import UserError
-from metalearn.evaluation import evaluate
-from metalearn.records import RecordsError, RunConflict, RunRecords, db_path, remove_run
-from metalearn.trainer import Trainer, prepare_config, train
+from metalearn.learning import learner
+from metalearn.runs import plots
+from metalearn.runs.names import check_run_name
+from metalearn.runs.records import RecordsError, RunConflict, RunRecords, db_path, remove_run
+from metalearn.training.evaluation import evaluate
+from metalearn.training.trainer import Trainer, prepare_config, train
 
 SINE = {
     "dataset": "sinusoid",
@@ -225,7 +226,7 @@ def test_a_dead_process_is_reaped_and_a_live_one_is_protected(tmp_path) -> None:
 
 def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> None:
     trainer = Trainer(prepare_config(sine(tmp_path, run_name="nan", epochs=6)))
-    real = algorithms.MetaLearner.batch_direction
+    real = learner.MetaLearner.batch_direction
 
     def poisoned(self, tasks, *args):
         direction, stats = real(self, tasks, *args)
@@ -233,7 +234,7 @@ def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> 
             direction = {k: v * float("nan") for k, v in direction.items()}
         return direction, stats
 
-    monkeypatch.setattr(algorithms.MetaLearner, "batch_direction", poisoned)
+    monkeypatch.setattr(learner.MetaLearner, "batch_direction", poisoned)
     with pytest.raises(UserError, match="iteration 3"):
         trainer.run()
     run = RunRecords(tmp_path).get_run("nan")
@@ -244,7 +245,7 @@ def test_a_run_that_raises_is_failed_with_its_message(tmp_path, monkeypatch) -> 
     def broken(self, tasks, *args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(algorithms.MetaLearner, "batch_direction", broken)
+    monkeypatch.setattr(learner.MetaLearner, "batch_direction", broken)
     with pytest.raises(RuntimeError):
         train(sine(tmp_path, run_name="boom", epochs=2))
     assert RunRecords(tmp_path).get_run("boom")["error"] == "RuntimeError: boom"

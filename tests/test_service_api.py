@@ -24,20 +24,20 @@ from fastapi.testclient import TestClient
 from helpers import FONTS, TINY, assert_one_line_error, glyph, make_glyph_folder, run_script, tiny
 from PIL import Image, ImageDraw
 
-from metalearn import folders, images, omniglot
-from metalearn.args import train_parser
-from metalearn.checkpoint import load_checkpoint, save_checkpoint
-from metalearn.liveness import process_started
+from metalearn.data import folders, images, omniglot
 from metalearn.metrics import ACCURACY
-from metalearn.records import RunRecords
-from metalearn.runs_cli import LIST_HEADER, list_row
+from metalearn.runs.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.runs.cli import LIST_HEADER, list_row
+from metalearn.runs.liveness import process_started
+from metalearn.runs.records import RunRecords
 from metalearn.service import app as service_app
 from metalearn.service.app import create_app
 from metalearn.service.flags import REFUSED, parse_train_argv, training_argv
 from metalearn.service.server import parser as serve_parser
 from metalearn.service.server import settings_from
 from metalearn.service.settings import Settings
-from metalearn.trainer import train
+from metalearn.training.config import train_parser
+from metalearn.training.trainer import train
 
 TOKEN = "secret-token-1"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metalearn.algorithms import MetaLearner, make_parameters
+from metalearn.data.tasks import SinusoidTasks
 from metalearn.errors import UserError
-from metalearn.nets import MLP
-from metalearn.tasks import SinusoidTasks
-from metalearn.trainer import Trainer, prepare_config
+from metalearn.learning.learner import MetaLearner, make_parameters
+from metalearn.nets.builtin import MLP
+from metalearn.training.trainer import Trainer, prepare_config
 
 SAMPLER = SinusoidTasks(k_spt=5, k_query=5)
 
@@ -103,7 +103,7 @@ def test_negative_ranges_are_rejected() -> None:
 def test_evaluation_writes_results_and_the_papers_figures(tmp_path) -> None:
     from PIL import Image
 
-    from metalearn.evaluation import evaluate
+    from metalearn.training.evaluation import evaluate
 
     Trainer(sinusoid_config(tmp_path, run_name="fig", epochs=20, val_tasks=10)).run()
     results = evaluate(

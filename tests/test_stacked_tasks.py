@@ -7,11 +7,11 @@ import numpy as np
 import paddle
 import pytest
 
-from metalearn import fastconv, kernels
-from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
-from metalearn.gradcheck import meta_gradient_error
-from metalearn.nets import ConvNet, PoolConvNet
-from metalearn.tasks import Task
+from metalearn.data.tasks import Task
+from metalearn.kernels import onednn, registry
+from metalearn.learning.gradcheck import meta_gradient_error
+from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
+from metalearn.nets.builtin import ConvNet, PoolConvNet
 
 
 @pytest.fixture
@@ -118,16 +118,16 @@ def test_stacked_meta_gradient_matches_finite_differences(kind: str) -> None:
 
 
 def test_conv_net_stacks_tasks_by_default_only_with_the_fast_kernels() -> None:
-    previous = kernels.in_use()
+    previous = registry.in_use()
     try:
         net, pool = ConvNet(n_way=5), PoolConvNet(n_way=5)
-        fastconv.use_kernels("native")
+        onednn.use_kernels("native")
         assert net.default_task_chunk == 1
-        if fastconv.use_kernels("fast") == "fast":
+        if onednn.use_kernels("fast") == "fast":
             assert net.default_task_chunk > 1
             assert pool.default_task_chunk == 1  # measured: no faster, 2.5x the memory
     finally:
-        fastconv.use_kernels(previous)
+        onednn.use_kernels(previous)
 
 
 def test_task_chunk_must_be_positive() -> None:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY, as_flags, assert_one_line_error, run_script, tiny
 
-from metalearn import algorithms
-from metalearn.checkpoint import load_checkpoint
 from metalearn.errors import UserError
-from metalearn.evaluation import evaluate
-from metalearn.records import RunRecords
-from metalearn.trainer import Trainer, prepare_config, train
+from metalearn.learning import learner
+from metalearn.runs.checkpoint import load_checkpoint
+from metalearn.runs.records import RunRecords
+from metalearn.training.evaluation import evaluate
+from metalearn.training.trainer import Trainer, prepare_config, train
 
 TINY_LR = TINY["glob_base_lr"]
 
@@ -78,7 +78,7 @@ def test_nan_meta_loss_stops_and_keeps_the_last_good_checkpoint(
 ) -> None:
     config = prepare_config(tiny(omniglot_dir, tmp_path, run_name="nan", epochs=6, ckpt_every=2))
     trainer = Trainer(config)
-    real = algorithms.MetaLearner.batch_direction
+    real = learner.MetaLearner.batch_direction
 
     def poisoned(self, tasks, *args):
         direction, stats = real(self, tasks, *args)
@@ -86,7 +86,7 @@ def test_nan_meta_loss_stops_and_keeps_the_last_good_checkpoint(
             direction = {k: v * float("nan") for k, v in direction.items()}
         return direction, stats
 
-    monkeypatch.setattr(algorithms.MetaLearner, "batch_direction", poisoned)
+    monkeypatch.setattr(learner.MetaLearner, "batch_direction", poisoned)
     with pytest.raises(UserError, match="iteration 3"):
         trainer.run()
     last = load_checkpoint(tmp_path / "nan" / "last.npz")

@@ -8,7 +8,7 @@ Input (``--images DIR``), either layout:
 * ``DIR/{train,val,test}/<class>/<image>``: the user's own split, kept.
 
 Images are ``.png .jpg .jpeg .bmp .gif .webp`` files of any size and mode; every one goes through
-:func:`metalearn.images.preprocess` (``--size``, ``--channels``). Hidden files (``.DS_Store``) are
+:func:`metalearn.data.images.preprocess` (``--size``, ``--channels``). Hidden files (``.DS_Store``) are
 ignored. Files of other types and files that cannot be decoded are listed and skipped (or refused
 with ``--strict``); class folders with fewer than ``--min_per_class`` usable images are named and
 left out (or refused with ``--strict``).
@@ -24,7 +24,7 @@ Output (in ``--out``), for a set called NAME:
 
 uint8 keeps a miniImageNet-sized set (100 classes x 600 images x 3 x 84 x 84) at 1.27 GB in
 memory; tasks are converted to float32 (v / 255) as they are sampled. The set is written and
-committed as a whole by :func:`metalearn.packing.replace_set`, as Omniglot is.
+committed as a whole by :func:`metalearn.data.packing.replace_set`, as Omniglot is.
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn import images, packing
+from metalearn.data import images, packing
 from metalearn.errors import UserError
-from metalearn.omniglot import (
+from metalearn.data.omniglot import (
     SPLITS,
     check_seed,
     check_workers,
     check_writable_folder,
     split_characters,
 )
-from metalearn.tasks import ClassImages
+from metalearn.data.tasks import ClassImages
 
 FORMAT_VERSION = 1
 DEFAULT_SIZE = 84
@@ -435,7 +435,7 @@ def _write(
         if listing.user_split
         else "DIR/<class>/<image>",
         "preprocessing": {
-            "function": "metalearn.images.preprocess",
+            "function": "metalearn.data.images.preprocess",
             "size": options.size,
             "channels": options.channels,
             "mode": images.CHANNELS[options.channels],

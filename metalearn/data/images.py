@@ -17,7 +17,7 @@
 What the network sees is a float32 view of these bytes, chosen per dataset:
 
 * image folders: :func:`to_float`, v / 255 (natural images: black = 0);
-* Omniglot: ink = 1 - v / 255 (:func:`metalearn.omniglot.decode_ink`), the paper's convention,
+* Omniglot: ink = 1 - v / 255 (:func:`metalearn.data.omniglot.decode_ink`), the paper's convention,
   kept so that numbers stay comparable with the paper and a convolution's zero padding equals the
   white background of a drawing.
 """

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn import images, packing
+from metalearn.data import images, packing
 from metalearn.errors import UserError
 from metalearn.fileio import atomic_write
 
@@ -82,7 +82,7 @@ SUPPORTED_ZIP_METHODS = {
 }
 """Compression methods Python's zipfile can read (Deflate64, say, it cannot)."""
 PACK_TAG = "omniglot"
-"""Names the staging and commit folders of :func:`metalearn.packing.replace_set`."""
+"""Names the staging and commit folders of :func:`metalearn.data.packing.replace_set`."""
 PIXELS = "float32, ink (stroke) = 1.0, background = 0.0: x = 1 - gray / 255 after resizing"
 LAYOUT_HINT = "<set>/<Alphabet>/characterNN/NNNN_DD.png"
 
@@ -366,7 +366,7 @@ def decode_ink(
     """Any drawing (dark ink on a light background) -> the 28x28 array the networks see.
 
     The one preprocessing of Omniglot packing and of drawings sent to the service:
-    :func:`metalearn.images.preprocess` to 28x28 grayscale (transparent pixels count as white
+    :func:`metalearn.data.images.preprocess` to 28x28 grayscale (transparent pixels count as white
     background: a browser canvas is transparent where nothing was drawn), then the paper's
     ink = 1 - gray / 255. ``size`` demands an exact square size; ``max_side`` bounds the size,
     checked before any pixel is decoded.

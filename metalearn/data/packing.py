@@ -1,6 +1,6 @@
 """Packed datasets on disk: checked .npy reading and all-or-nothing replacement of a set of files.
 
-Shared by Omniglot (:mod:`metalearn.omniglot`) and image-folder sets (:mod:`metalearn.folders`).
+Shared by Omniglot (:mod:`metalearn.data.omniglot`) and image-folder sets (:mod:`metalearn.data.folders`).
 
 Reading: an .npy header is parsed (no pickle, bounded header) and checked before any data is read,
 and the file's size must match it exactly, so a forged shape cannot make us allocate more than the

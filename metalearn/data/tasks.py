@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metalearn.errors import UserError
-from metalearn.images import to_float
+from metalearn.data.images import to_float
 
 
 @dataclass(frozen=True)

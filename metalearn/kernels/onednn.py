@@ -1,11 +1,11 @@
-"""oneDNN fast path for the first-order convolution kernels behind :mod:`metalearn.ops`.
+"""oneDNN fast path for the first-order convolution kernels behind :mod:`metalearn.kernels.ops`.
 
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
 of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
 (forward, backward and double-backward, optionally followed by ReLU; plain C++ loops on the
-same OpenMP threads, no oneDNN) for :func:`metalearn.ops.batch_norm`, and likewise the ReLU
-network of the sinusoid MLP for :func:`metalearn.ops.relu_network`. :func:`load_kernels`
+same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.ops.batch_norm`, and likewise the ReLU
+network of the sinusoid MLP for :func:`metalearn.kernels.ops.relu_network`. :func:`load_kernels`
 compiles that operator once per machine (``paddle.utils.cpp_extension.load`` in a quiet
 subprocess, 20-30 s), caches it on disk and registers it in this process (well under a second on
 later starts).
@@ -75,7 +75,7 @@ from paddle import _C_ops
 
 from metalearn.errors import UserError
 from metalearn.fileio import atomic_write, file_lock
-from metalearn.kernels import NativeKernels, install
+from metalearn.kernels.registry import NativeKernels, install
 
 __all__ = ["Kernels", "load_kernels", "use_kernels"]
 
@@ -119,7 +119,7 @@ class Kernels(NativeKernels):
     symmetric padding.
     ``backward_data`` / ``backward_weights`` return just dx / dw and skip the other half of the
     work. Outputs are new tensors that record no autograd history: call these from inside a
-    PyLayer (as metalearn.ops does), not on tensors that need gradients through them.
+    PyLayer (as metalearn.kernels.ops does), not on tensors that need gradients through them.
     """
 
     def __init__(self, library: Path):
@@ -292,14 +292,16 @@ def load_kernels() -> Kernels | None:
                 kernels = Kernels(library)
                 _self_check(kernels)
                 _kernels = kernels
-            except UserError:  # the launcher's SIGTERM (metalearn.distributed): stop, not fall back
+            except (
+                UserError
+            ):  # the launcher's SIGTERM (metalearn.training.distributed): stop, not fall back
                 raise
             except Exception as error:  # any other failure means: use the native kernels
                 reason = " ".join(str(error).split()) or type(error).__name__
                 if len(reason) > 300:
                     reason = reason[:300] + "..."
                 print(
-                    f"metalearn.fastconv: oneDNN convolution unavailable, using Paddle's native "
+                    f"metalearn.kernels.onednn: oneDNN convolution unavailable, using Paddle's native "
                     f"kernels ({reason})",
                     file=sys.stderr,
                 )
@@ -307,7 +309,7 @@ def load_kernels() -> Kernels | None:
 
 
 def use_kernels(kind: str) -> str:
-    """Install the convolution kernels for :mod:`metalearn.ops`: ``"fast"`` (oneDNN, CPU float32,
+    """Install the convolution kernels for :mod:`metalearn.kernels.ops`: ``"fast"`` (oneDNN, CPU float32,
     built on first use) or ``"native"`` (Paddle's). Returns the kind actually in use: fast falls
     back to native on a GPU or where oneDNN cannot be built. Both compute the same function.
     """

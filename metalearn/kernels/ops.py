@@ -25,7 +25,7 @@ import paddle
 from paddle import _C_ops
 from paddle.autograd import PyLayer
 
-from metalearn import kernels
+from metalearn.kernels import registry
 
 
 class _ConvGrad(PyLayer):
@@ -35,7 +35,7 @@ class _ConvGrad(PyLayer):
     def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x, weight, grad_out)
         ctx.geometry = geometry
-        return kernels.active().backward(x, weight, grad_out, *geometry)
+        return registry.active().backward(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw):
@@ -44,7 +44,7 @@ class _ConvGrad(PyLayer):
         #   d/d w  = weight-gradient of conv at input gx with output-gradient dy
         #   d/d x  = input-gradient  of conv at weight gw with output-gradient dy
         x, weight, grad_out = ctx.saved_tensor()
-        geometry, kernel = ctx.geometry, kernels.active()
+        geometry, kernel = ctx.geometry, registry.active()
         d_grad_out = paddle.zeros_like(grad_out)
         d_x = d_weight = None
         if grad_dx is not None:
@@ -80,12 +80,12 @@ class _ConvWeightGrad(PyLayer):
     def forward(ctx, x, weight, grad_out, geometry):
         ctx.save_for_backward(x)
         ctx.geometry = geometry
-        return kernels.active().backward_weights(x, weight, grad_out, *geometry)
+        return registry.active().backward_weights(x, weight, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dw):
         (x,) = ctx.saved_tensor()
-        return None, None, kernels.active().forward(x, grad_dw, *ctx.geometry)
+        return None, None, registry.active().forward(x, grad_dw, *ctx.geometry)
 
 
 class _Conv(PyLayer):
@@ -93,7 +93,7 @@ class _Conv(PyLayer):
     def forward(ctx, x, weight, geometry):
         ctx.save_for_backward(x, weight)
         ctx.geometry = geometry
-        return kernels.active().forward(x, weight, *geometry)
+        return registry.active().forward(x, weight, *geometry)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -115,7 +115,7 @@ def conv2d(
     derivations below hold group by group, so they are unchanged.
     """
     if not _records_graph(x, weight):
-        return kernels.active().forward(x, weight, stride, padding, groups)
+        return registry.active().forward(x, weight, stride, padding, groups)
     return _Conv.apply(x, weight, (stride, padding, groups))
 
 
@@ -234,7 +234,7 @@ class _BatchNormGrad(PyLayer):
     @staticmethod
     def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift=None):
         ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_shift)
-        return kernels.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift)
+        return registry.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift)
 
     @staticmethod
     def backward(ctx, g_x, g_scale, g_shift):
@@ -242,7 +242,7 @@ class _BatchNormGrad(PyLayer):
         g_x = paddle.zeros_like(grad_out) if g_x is None else g_x
         g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
         g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
-        d_x, d_scale, d_grad_out = kernels.active().batch_norm_double_backward(
+        d_x, d_scale, d_grad_out = registry.active().batch_norm_double_backward(
             xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift
         )
         grads = (
@@ -258,7 +258,7 @@ class _BatchNormGrad(PyLayer):
 class _BatchNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, scale, shift, eps, relu):
-        y, xhat, rstd = kernels.active().batch_norm_forward(x, scale, shift, eps, relu)
+        y, xhat, rstd = registry.active().batch_norm_forward(x, scale, shift, eps, relu)
         ctx.save_for_backward(x, scale, shift, xhat, rstd)
         ctx.relu = relu
         return y
@@ -302,9 +302,9 @@ def batch_norm(
     """
     c = x.shape[1]
     scale, shift = scale.reshape([c]), shift.reshape([c])
-    if fuse and kernels.active().fuses_batch_norm(x, scale, shift):
+    if fuse and registry.active().fuses_batch_norm(x, scale, shift):
         if not _records_graph(x, scale, shift):
-            return kernels.active().batch_norm_forward(x, scale, shift, eps, relu, save=False)[0]
+            return registry.active().batch_norm_forward(x, scale, shift, eps, relu, save=False)[0]
         return _BatchNorm.apply(x, scale, shift, eps, relu)
     y = _batch_norm_composed(x, scale, shift, eps)
     return paddle.nn.functional.relu(y) if relu else y
@@ -326,7 +326,7 @@ def relu_conv_body(
     function; the fused call keeps the activations in oneDNN's blocked layout and saves every
     op's dispatch and reorders)."""
     params = [t for block in blocks for t in block]
-    active = kernels.active()
+    active = registry.active()
     if _records_graph(x, *params) or not active.fuses_relu_conv_body(x, *params):
         return None
     flat = [t.reshape([-1]) if i % 3 else t for i, t in enumerate(params)]
@@ -378,14 +378,14 @@ def relu_network(
     """Linear layers (shapes as :func:`linear`'s) with ReLU between them, not after the last,
     with exact first and second derivatives.
 
-    Where the active kernels fuse it (:meth:`~metalearn.kernels.NativeKernels.fuses_linear`)
+    Where the active kernels fuse it (:meth:`~metalearn.kernels.registry.NativeKernels.fuses_linear`)
     the whole network is one autograd node, :class:`_ReluNetwork`: second-order MAML on the
     sinusoid MLP otherwise spends most of its time on the bookkeeping of ~15 tiny recorded
     Paddle ops per layer and pass. Elsewhere (float64, Paddle's own kernels) the layers are
     composed of :func:`linear` and ``relu``: the reference the fused network is tested against.
     """
     params = [t for pair in zip(weights, biases) for t in pair]
-    if all(w.ndim == x.ndim for w in weights) and kernels.active().fuses_linear(x, *params):
+    if all(w.ndim == x.ndim for w in weights) and registry.active().fuses_linear(x, *params):
         return _ReluNetwork.apply(x, *params)
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
         x = linear(x, weight, bias)
@@ -406,7 +406,7 @@ class _ReluNetwork(PyLayer):
 
     @staticmethod
     def forward(ctx, x, *params):
-        out, ctx.state = kernels.active().relu_network_forward(x, params)
+        out, ctx.state = registry.active().relu_network_forward(x, params)
         ctx.save_for_backward(x, *params)
         return out
 
@@ -417,7 +417,7 @@ class _ReluNetwork(PyLayer):
         if paddle.is_grad_enabled():  # create_graph: the backward must be differentiable
             grads = _ReluNetworkGrad.apply(x, grad_out, *params, _Saved(ctx.state))
         else:
-            grads, _ = kernels.active().relu_network_backward(
+            grads, _ = registry.active().relu_network_backward(
                 x, params, ctx.state, grad_out, with_x
             )
         grad_x, grad_params = (grads[0], grads[1:]) if with_x else (None, grads)
@@ -434,7 +434,7 @@ class _ReluNetworkGrad(PyLayer):
     def forward(ctx, x, grad_out, *args):
         *params, saved = args
         ctx.with_x = not x.stop_gradient
-        grads, ctx.grad_zs = kernels.active().relu_network_backward(
+        grads, ctx.grad_zs = registry.active().relu_network_backward(
             x, params, saved.value, grad_out, ctx.with_x
         )
         ctx.state = saved.value
@@ -446,7 +446,7 @@ class _ReluNetworkGrad(PyLayer):
         x, grad_out, *params = ctx.saved_tensor()
         like = ([x] if ctx.with_x else []) + params
         cotangents = [paddle.zeros_like(t) if g is None else g for g, t in zip(cotangents, like)]
-        result = kernels.active().relu_network_double_backward(
+        result = registry.active().relu_network_double_backward(
             x, params, ctx.state, ctx.grad_zs, cotangents, ctx.with_x
         )
         d_x = result[0] if ctx.with_x else None

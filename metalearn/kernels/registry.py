@@ -1,8 +1,8 @@
-"""The first-order convolution kernels behind :mod:`metalearn.ops`, and which ones are in use.
+"""The first-order convolution kernels behind :mod:`metalearn.kernels.ops`, and which ones are in use.
 
-Both :mod:`metalearn.ops` (the differentiable convolution) and :mod:`metalearn.fastconv` (the
+Both :mod:`metalearn.kernels.ops` (the differentiable convolution) and :mod:`metalearn.kernels.onednn` (the
 oneDNN operator, a subclass of :class:`NativeKernels`) import this module, and it imports neither:
-the choice is installed here by :func:`metalearn.fastconv.use_kernels`, and read by the ops at
+the choice is installed here by :func:`metalearn.kernels.onednn.use_kernels`, and read by the ops at
 each call, so switching kernels needs no reload of the ops.
 """
 
@@ -37,13 +37,13 @@ class NativeKernels:
 
     def fuses_batch_norm(self, *tensors) -> bool:
         """Whether the ``batch_norm_*`` kernels take these tensors: Paddle has no kernels of
-        its own with an exact double-backward, so :func:`metalearn.ops.batch_norm` then
+        its own with an exact double-backward, so :func:`metalearn.kernels.ops.batch_norm` then
         composes batch norm of elementwise ops."""
         return False
 
     def fuses_relu_conv_body(self, x, *params) -> bool:
         """Whether :meth:`relu_conv_body_features` takes these tensors. Paddle's kernels have no
-        such operator: :func:`metalearn.ops.relu_conv_body` then returns None and the network
+        such operator: :func:`metalearn.kernels.ops.relu_conv_body` then returns None and the network
         runs its blocks one op at a time."""
         return False
 
@@ -56,10 +56,10 @@ class NativeKernels:
         record (csrc: "The convolution body at inference")."""
         raise NotImplementedError
 
-    # -- the ReLU network of metalearn.ops.relu_network: h_0 = x, z_l = h_l·W_l + b_l,
+    # -- the ReLU network of metalearn.kernels.ops.relu_network: h_0 = x, z_l = h_l·W_l + b_l,
     # h_{l+1} = relu(z_l), y = z_{L-1}; params = [W_0, b_0, W_1, b_1, ...] ---------------------
     def fuses_linear(self, *tensors) -> bool:
-        """Whether :func:`metalearn.ops.relu_network` runs these tensors as one node per pass
+        """Whether :func:`metalearn.kernels.ops.relu_network` runs these tensors as one node per pass
         (the ``relu_network_*`` methods). Off here: with Paddle's kernels the composition of
         recorded ops stays the reference the fused network is tested against; the methods below
         are the same passes composed of Paddle operators, for any dtype (and for the tests)."""

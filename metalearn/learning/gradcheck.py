@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from metalearn import ops
-from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
-from metalearn.inner_rules import RATE_PREFIX
-from metalearn.nets import MLP, ConvNet, PoolConvNet
-from metalearn.tasks import Task
+from metalearn.data.tasks import Task
+from metalearn.kernels import ops
+from metalearn.learning.inner_rules import RATE_PREFIX
+from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
+from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 
 
 def tiny_problem(kind: str, seed: int = 0, bn_steps: int = 0):

@@ -26,10 +26,10 @@ import numpy as np
 import paddle
 from paddle import _C_ops
 
-from metalearn.inner_rules import RATE_PREFIX, make_rule
-from metalearn.meta_optimizers import SGD as MetaOptimizer
-from metalearn.tasks import Task
-from metalearn.variants import Order, make_variant
+from metalearn.data.tasks import Task
+from metalearn.learning.inner_rules import RATE_PREFIX, make_rule
+from metalearn.learning.meta_optimizers import SGD as MetaOptimizer
+from metalearn.learning.variants import Order, make_variant
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain", "maml++", "metasgd", "anil")
 ADAPT = ("all", "head")

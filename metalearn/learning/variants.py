@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import paddle
 
-from metalearn import meta_optimizers
+from metalearn.learning import meta_optimizers
 
 
 class Order(enum.Enum):

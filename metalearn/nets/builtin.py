@@ -13,8 +13,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from metalearn import kernels, ops
 from metalearn.errors import UserError
+from metalearn.kernels import ops, registry
 from metalearn.metrics import ACCURACY, MSE
 
 Params = "OrderedDict[str, paddle.Tensor]"
@@ -126,7 +126,7 @@ class _BlockNet:
         """Tasks stacked per computation unless the learner is told otherwise: ``stacked_tasks``
         with the oneDNN kernels; one at a time with Paddle's own, whose grouped convolutions made
         a second-order step ~4x slower than one task at a time."""
-        return self.stacked_tasks if kernels.in_use() == "fast" else 1
+        return self.stacked_tasks if registry.in_use() == "fast" else 1
 
     def check_input(self, x: paddle.Tensor) -> None:
         """Refuse images of another shape than the network was built for (a wiring mistake)."""
@@ -263,7 +263,7 @@ class ConvNet(_BlockNet):
 
     def _fused_features(self, x, params, step: int) -> paddle.Tensor | None:
         """The body's features [N, T·F] of ``x`` [N, T·C, H, W] as one kernel call
-        (:func:`metalearn.ops.relu_conv_body`), or None where the kernels have none."""
+        (:func:`metalearn.kernels.ops.relu_conv_body`), or None where the kernels have none."""
         blocks = [self._block_params(params, block, step) for block in range(self.blocks)]
         tasks = blocks[0][3]
         weights = [(weight, scale, shift) for weight, scale, shift, _ in blocks]

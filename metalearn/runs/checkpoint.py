@@ -308,8 +308,10 @@ def _read_meta(path: Path, archive: zipfile.ZipFile, member: _Member | None) -> 
 
 def _legacy_meta(path: Path) -> tuple[dict, dict[str, tuple]]:
     """The meta record of a ``.pkl`` (from the config.json beside it) and its network's shapes."""
-    from metalearn.args import read_run_config  # only this reader needs configs and networks
-    from metalearn.nets import MLP, ConvNet
+    from metalearn.nets.builtin import MLP, ConvNet
+    from metalearn.training.config import (
+        read_run_config,  # only this reader needs configs and networks
+    )
 
     config_path = path.parent / "config.json"
     if not config_path.is_file():

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from metalearn.args import check_run_name, check_work_dir
 from metalearn.errors import UserError
 from metalearn.metrics import metric_named
-from metalearn.records import RunRecords, remove_run
+from metalearn.runs.names import check_run_name, check_work_dir
+from metalearn.runs.records import RunRecords, remove_run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -245,7 +245,7 @@ def _slug(names: Sequence[str]) -> str:
 
 
 def compare(records: RunRecords, names: Sequence[str], out: str | None) -> None:
-    from metalearn import plots
+    from metalearn.runs import plots
 
     if len(set(names)) < 2:
         raise UserError("compare needs at least two different run names")
@@ -283,7 +283,7 @@ def compare(records: RunRecords, names: Sequence[str], out: str | None) -> None:
 
 
 def plot(records: RunRecords, name: str, out: str | None) -> None:
-    from metalearn import plots
+    from metalearn.runs import plots
 
     run = records.get_run(name)
     path = _out_path(out, records.work_dir / name / "curves.png", f"{name}_curves.png")

@@ -1,7 +1,7 @@
 """The queries on ``work_dir/runs.sqlite``: :class:`RunRecords` and :func:`remove_run`.
 
 Every method opens its own short connection and transaction, so several processes (trainings,
-evaluations, runs.py, the service) share the file safely. Liveness rules: metalearn/liveness.py.
+evaluations, runs.py, the service) share the file safely. Liveness rules: metalearn/runs/liveness.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from metalearn.args import check_run_name, check_work_dir
 from metalearn.errors import UserError
-from metalearn.liveness import HEARTBEAT_TIMEOUT_SECONDS, now, owner_alive, this_process
 from metalearn.metrics import metric_for, results_metric
-from metalearn.records_schema import RecordsError, connect, db_path
+from metalearn.runs.liveness import HEARTBEAT_TIMEOUT_SECONDS, now, owner_alive, this_process
+from metalearn.runs.names import check_run_name, check_work_dir
+from metalearn.runs.schema import RecordsError, connect, db_path
 
 STATUSES = ("training", "complete", "failed", "interrupted")
 EVALUATION_STATUSES = ("running", "complete", "failed", "interrupted")

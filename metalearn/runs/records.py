@@ -12,21 +12,21 @@ Training statuses: ``training`` → ``complete`` | ``failed`` (with the error) |
 Evaluation statuses (per evaluation row): ``running`` → ``complete`` | ``failed`` |
 ``interrupted``. An evaluation never changes its run's status; ``runs.py`` shows ``testing``
 beside the status while one runs. A ``training`` or ``running`` record whose owner is gone
-(metalearn/liveness.py: PID and start time on the same host, otherwise the heartbeat) is marked
+(metalearn/runs/liveness.py: PID and start time on the same host, otherwise the heartbeat) is marked
 ``interrupted`` whenever the database is read, so a killed run shows up as such wherever it ran.
 
-The code is split by concern: records_schema.py (schema, migrations, connections), liveness.py
-(is the owner alive), records_db.py (the queries), records_sessions.py (the writers).
+The code is split by concern: schema.py (schema, migrations, connections), liveness.py
+(is the owner alive), db.py (the queries), sessions.py (the writers).
 """
 
-from metalearn.records_db import (
+from metalearn.runs.db import (
     RunConflict,
     RunRecords,
     describe_failure,
     remove_run,
 )
-from metalearn.records_schema import RecordsError, db_path
-from metalearn.records_sessions import PLOT_TROUBLE, Recorder, TestSession, git_commit
+from metalearn.runs.schema import RecordsError, db_path
+from metalearn.runs.sessions import PLOT_TROUBLE, Recorder, TestSession, git_commit
 
 __all__ = [
     "PLOT_TROUBLE",

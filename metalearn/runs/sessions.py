@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.errors import UserError
-from metalearn.liveness import HEARTBEAT_INTERVAL_SECONDS
-from metalearn.records_db import (
+from metalearn.runs.db import (
     RecordsError,
     RunConflict,
     RunRecords,
     _existing,
     describe_failure,
 )
+from metalearn.runs.liveness import HEARTBEAT_INTERVAL_SECONDS
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 # What a records call can really raise besides bugs: the database (RecordsError wraps
 # sqlite3.Error and a work_dir that cannot be created) and the file system.
 DATABASE_TROUBLE = (RecordsError, sqlite3.Error, OSError)
@@ -179,7 +179,7 @@ class Recorder:
         if not self.curves:
             return
         try:
-            from metalearn import plots
+            from metalearn.runs import plots
 
             plots.training_curves(
                 self.run_dir / "curves.png",
@@ -284,7 +284,7 @@ class TestSession:
 
     def _meta(self) -> dict | None:
         """The run's history from its checkpoint, to record a run trained without a record."""
-        from metalearn.checkpoint import load_checkpoint
+        from metalearn.runs.checkpoint import load_checkpoint
 
         last = self.run_dir / "last.npz"
         try:

@@ -15,7 +15,7 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from metalearn.images import to_float
+from metalearn.data.images import to_float
 from metalearn.service import runs as run_views
 from metalearn.service.errors import add_error_handlers, conflict, invalid, not_found, too_large
 from metalearn.service.flags import describe_flags, validate_training

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from metalearn.args import COMMON_DEFAULTS, DEFAULTS, train_parser
 from metalearn.errors import UserError
 from metalearn.service.errors import field_of, invalid
-from metalearn.trainer import prepare_config
+from metalearn.training.config import COMMON_DEFAULTS, DEFAULTS, train_parser
+from metalearn.training.trainer import prepare_config
 
 # Flags that belong to the server or to other endpoints, never to a client's training request.
 REFUSED = {

@@ -1,10 +1,10 @@
 """Images from clients -> the arrays a run's network sees, with size limits.
 
-* Omniglot runs (drawings): a PNG data URL goes through :func:`metalearn.omniglot.decode_ink`,
+* Omniglot runs (drawings): a PNG data URL goes through :func:`metalearn.data.omniglot.decode_ink`,
   the function that packs Omniglot, so a drawing is preprocessed exactly like the training data;
   a nested list must already be such a 28x28 array (ink = 1).
 * Image-folder runs (uploads): a PNG or JPEG data URL goes through
-  :func:`metalearn.images.preprocess` with the set's size and channels, the function that packed
+  :func:`metalearn.data.images.preprocess` with the set's size and channels, the function that packed
   the set, then v / 255 as in training.
 
 Both refuse an image whose stored sides exceed a bound before any pixel is decoded (413), so a
@@ -22,9 +22,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from metalearn import images
+from metalearn.data import images
+from metalearn.data.omniglot import IMAGE_SIZE, decode_ink
 from metalearn.errors import UserError
-from metalearn.omniglot import IMAGE_SIZE, decode_ink
 from metalearn.service.errors import invalid, too_large
 
 DATA_URL = re.compile(r"data:image/(png|jpeg);base64,")

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metalearn.liveness import now
+from metalearn.runs.liveness import now
 from metalearn.service.progress import OutputReader
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalearn.args import check_run_name as check_cli_run_name
 from metalearn.errors import UserError
+from metalearn.runs.names import check_run_name as check_cli_run_name
 from metalearn.service.errors import invalid
 
 

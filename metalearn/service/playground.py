@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn import folders, omniglot
-from metalearn.checkpoint import read_checkpoint_meta
+from metalearn.data import folders, omniglot
+from metalearn.data.tasks import ClassImages
 from metalearn.errors import UserError
+from metalearn.runs.checkpoint import read_checkpoint_meta
 from metalearn.service.errors import Busy
 from metalearn.service.images import png_data_url
 from metalearn.service.runs import list_runs
-from metalearn.tasks import ClassImages
 
 MAX_WAY = 1000
 MAX_CHECKPOINT_BYTES = 100 * 1024 * 1024
@@ -40,7 +40,7 @@ class ImageSpec:
     """What a run's network sees: Omniglot drawings, or images of folder set ``data``.
 
     ``size`` and ``channels`` come from the set's manifest: the arguments of
-    :func:`metalearn.images.preprocess` that packed it, so an upload is preprocessed the same way.
+    :func:`metalearn.data.images.preprocess` that packed it, so an upload is preprocessed the same way.
     """
 
     data: str | None
@@ -138,10 +138,10 @@ def load_run(best: Path, data_dir: Path) -> LoadedRun:
     The network is built from the run's flags and its data's shape, never from the file's own
     description, and must then equal what the file says it holds.
     """
-    from metalearn.algorithms import MetaLearner, make_parameters
-    from metalearn.args import check_saved_config
-    from metalearn.evaluation import trained_arrays
-    from metalearn.problems import image_network
+    from metalearn.learning.learner import MetaLearner, make_parameters
+    from metalearn.training.config import check_saved_config
+    from metalearn.training.evaluation import trained_arrays
+    from metalearn.training.problems import image_network
 
     _check_file_size(best)
     meta = read_checkpoint_meta(best)
@@ -218,13 +218,13 @@ class PlaygroundEngine:
         return loaded
 
     def _adapt(self, best: Path, spec: ImageSpec, support_x, support_y, query_x, steps: int):
-        from metalearn import fastconv
-        from metalearn.tasks import Task
+        from metalearn.data.tasks import Task
+        from metalearn.kernels import onednn
 
         # The oneDNN kernels, as evaluate.py uses (Paddle's own where they cannot be built); they
         # run on this worker thread as on any other (tests/test_fastconv.py). Set per call: an
         # in-process training may have installed others.
-        fastconv.use_kernels("fast")
+        onednn.use_kernels("fast")
         run = self._load(best, spec)
         labels = sorted(set(support_y.tolist()))
         if labels != list(range(run.n_way)):

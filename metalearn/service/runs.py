@@ -9,8 +9,8 @@ from pathlib import Path
 
 from metalearn.errors import UserError
 from metalearn.metrics import metric_named
-from metalearn.records import RunRecords, remove_run
-from metalearn.runs_cli import LIST_HEADER, list_row
+from metalearn.runs.cli import LIST_HEADER, list_row
+from metalearn.runs.records import RunRecords, remove_run
 from metalearn.service.errors import conflict, not_found
 from metalearn.service.names import run_folder
 

@@ -11,13 +11,10 @@ import argparse
 import json
 import math
 import os
-import re
 from pathlib import Path
 
+from metalearn.data.omniglot import NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
-from metalearn.omniglot import NUM_CHARACTERS, check_seed
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 DATASETS = ("omniglot", "sinusoid", "folder")
 NETS = ("conv4", "pool4")
@@ -187,10 +184,10 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    # Imported here: records, runs.py and the service import this module for check_run_name,
-    # and must not load Paddle for that.
-    from metalearn.algorithms import ADAPT, ALGORITHMS
-    from metalearn.inner_rules import INNER_RULES
+    # Imported here: the service imports this module for its defaults and checks, and must not
+    # load Paddle for that.
+    from metalearn.learning.inner_rules import INNER_RULES
+    from metalearn.learning.learner import ADAPT, ALGORITHMS
 
     parser = argparse.ArgumentParser(
         description="Meta-train MAML / FOMAML / Reptile / MAML++ / Meta-SGD / ANIL."
@@ -507,33 +504,10 @@ def read_run_config(path: str | os.PathLike[str]) -> dict:
     return check_saved_config(config, str(path))
 
 
-def check_run_name(name: str) -> str:
-    """``name`` if it can be a run's folder name directly inside work_dir, else a UserError.
-
-    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so never ``.``,
-    ``..``, a hidden folder, a path, or something that looks like a flag), at most 100
-    characters. train.py, evaluate.py, runs.py and the HTTP service all use this rule.
-    """
-    if not isinstance(name, str) or RUN_NAME.fullmatch(name) is None:
-        raise UserError(
-            f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit, at most 100 characters"
-        )
-    return name
-
-
-def check_work_dir(work_dir: str | os.PathLike[str]) -> Path:
-    """``work_dir`` as a Path, or a UserError if it exists but is not a folder."""
-    path = Path(work_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--work_dir {work_dir} is not a folder")
-    return path
-
-
 def _validate_data(config: dict) -> None:
     """--data names a folder set exactly when --dataset is folder; images only take --net."""
-    from metalearn.folders import check_name  # the rule for set names (they become file names)
-    from metalearn.tasks import parse_augment
+    from metalearn.data.folders import check_name  # the rule for set names (they become file names)
+    from metalearn.data.tasks import parse_augment
 
     dataset = config.get("dataset")
     if dataset == "folder":

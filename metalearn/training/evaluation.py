@@ -8,24 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn import distributed
-from metalearn.algorithms import MetaLearner, initial_arrays, make_parameters
-from metalearn.args import (
+from metalearn.data.omniglot import check_seed
+from metalearn.data.tasks import task_rng
+from metalearn.errors import UserError
+from metalearn.fileio import write_json
+from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
+from metalearn.metrics import MSE, results_metric
+from metalearn.runs.checkpoint import check_compatible, load_checkpoint, read_checkpoint_meta
+from metalearn.runs.names import check_work_dir
+from metalearn.runs.records import PLOT_TROUBLE, TestSession
+from metalearn.training import distributed
+from metalearn.training.config import (
     check_saved_config,
-    check_work_dir,
     read_run_config,
     resolve_defaults,
     validate_config,
 )
-from metalearn.checkpoint import check_compatible, load_checkpoint, read_checkpoint_meta
-from metalearn.device import select_device
-from metalearn.errors import UserError
-from metalearn.fileio import write_json
-from metalearn.metrics import MSE, results_metric
-from metalearn.omniglot import check_seed
-from metalearn.problems import Problem, build_problem
-from metalearn.records import PLOT_TROUBLE, TestSession
-from metalearn.tasks import task_rng
+from metalearn.training.device import select_device
+from metalearn.training.problems import Problem, build_problem
 
 
 def summarise(per_task: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def evaluate(given: dict) -> dict:
     request = resolve_defaults({k: v for k, v in given.items() if k not in ("tasks", "ckpt")})
     check_work_dir(request["work_dir"])
     path = _checkpoint_path(given, request)
-    # Run record (metalearn/records.py): an evaluation row, running meanwhile, then its results
+    # Run record (metalearn/runs/records.py): an evaluation row, running meanwhile, then its results
     # (or why it failed); the run's own status is left alone. Only the first process records.
     session = TestSession(path, record=distributed.is_main())
     session.begin()
@@ -98,7 +98,7 @@ def evaluate(given: dict) -> dict:
 
 
 def _plot_steps(png: Path, results: dict) -> None:
-    from metalearn import plots  # matplotlib only when needed
+    from metalearn.runs import plots  # matplotlib only when needed
 
     metric = results_metric(results)
     key = metric.key
@@ -197,7 +197,7 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
 def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, steps: int) -> None:
     """The paper's Figure 2 (fits before and after adaptation on a few test tasks) and Figure 3
     (MSE against inner steps, beside every other sinusoid run of the same K in this work_dir)."""
-    from metalearn import plots  # matplotlib only when needed
+    from metalearn.runs import plots  # matplotlib only when needed
 
     x_grid = np.linspace(*sampler.x_range, 200, dtype=np.float32).reshape(-1, 1)
     shown = sorted({0, 1, steps})

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn import omniglot, plots
+from metalearn.data import omniglot
 from metalearn.errors import UserError
-from metalearn.evaluation import load_trained
-from metalearn.trainer import train
+from metalearn.runs import plots
+from metalearn.training.evaluation import load_trained
+from metalearn.training.trainer import train
 
 
 def is_packed(data_dir: str | os.PathLike[str]) -> bool:
@@ -50,7 +51,7 @@ def show_adaptation(
     use_gpu: bool = False,
 ) -> list[float]:
     """Adapt a trained Omniglot model to test task ``task_index`` (one of evaluate.py's tasks for
-    ``seed``) and draw :func:`metalearn.plots.adaptation_steps` for one query per class.
+    ``seed``) and draw :func:`metalearn.runs.plots.adaptation_steps` for one query per class.
 
     Batch norm uses the batch's statistics, so predictions are made on the whole query set, as in
     evaluation. Returns the query accuracy of this task after 0, 1, … inner steps.

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metalearn import fastconv, folders, omniglot
-from metalearn.nets import MLP, ConvNet, PoolConvNet
-from metalearn.tasks import ClassImages, ImageTasks, SinusoidTasks
+from metalearn.data import folders, omniglot
+from metalearn.data.tasks import ClassImages, ImageTasks, SinusoidTasks
+from metalearn.kernels import onednn
+from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 
 
 @dataclass
@@ -42,7 +43,7 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
             where=f"the {split} split",
         )
     channels, size = next(iter(samplers.values())).classes.pixels.shape[1:3]
-    config["kernels"] = fastconv.use_kernels(config.get("kernels", "fast"))  # what is really in use
+    config["kernels"] = onednn.use_kernels(config.get("kernels", "fast"))  # what is really in use
     return Problem(image_network(config, int(channels), int(size)), samplers)
 
 

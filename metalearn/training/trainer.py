@@ -22,36 +22,36 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from metalearn import distributed, folders, omniglot
-from metalearn.algorithms import (
+from metalearn.data import folders, omniglot
+from metalearn.errors import UserError
+from metalearn.fileio import write_json
+from metalearn.learning.learner import (
     MetaLearner,
     NonFiniteError,
     initial_arrays,
     make_parameters,
 )
-from metalearn.args import (
-    check_run_name,
-    check_work_dir,
-    read_run_config,
-    resolve_defaults,
-    validate_config,
-)
-from metalearn.checkpoint import (
+from metalearn.learning.variants import make_variant
+from metalearn.runs.checkpoint import (
     Checkpoint,
     check_compatible,
     export_legacy_pkl,
     load_checkpoint,
     save_checkpoint,
 )
-from metalearn.device import select_device
-from metalearn.errors import UserError
-from metalearn.fileio import write_json
-from metalearn.problems import Problem, build_problem
-from metalearn.records import (  # run record: work_dir/runs.sqlite + curves.png
+from metalearn.runs.names import check_run_name, check_work_dir
+from metalearn.runs.records import (  # run record: work_dir/runs.sqlite + curves.png
     Recorder,
     describe_failure,
 )
-from metalearn.variants import make_variant
+from metalearn.training import distributed
+from metalearn.training.config import (
+    read_run_config,
+    resolve_defaults,
+    validate_config,
+)
+from metalearn.training.device import select_device
+from metalearn.training.problems import Problem, build_problem
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Trainer:
             )
         return checkpoint
 
-    # -- run record (metalearn/records.py): runs.sqlite status, history, curves.png --------------
+    # -- run record (metalearn/runs/records.py): runs.sqlite status, history, curves.png --------------
     def run(self) -> TrainState:
         """Train to ``config['epochs']``, keeping the run's record in work_dir/runs.sqlite."""
         main = distributed.is_main()
