@@ -81,11 +81,15 @@ def _pair(value, what: str) -> tuple[int, int]:
 
 
 def _padding_pairs(
-    padding, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int]
+    padding,
+    sizes: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    channel_last: bool = False,
 ) -> list[tuple[int, int]]:
     """(before, after) per spatial axis for Paddle's padding forms (int, list, 'same', 'valid',
     per-side lists); 'same' as Paddle computes it: the total split with the smaller part first."""
-    pads, algorithm = _update_padding_nd(padding, False, len(sizes))
+    pads, algorithm = _update_padding_nd(padding, channel_last, len(sizes))
     if algorithm == "SAME":
         pairs = []
         for size, k, s in zip(sizes, kernel, stride):
@@ -126,7 +130,7 @@ def conv2d(
     if channel_last:
         x = x.transpose([0, 3, 1, 2])
     stride = _pair(stride, "stride")
-    pairs = _padding_pairs(padding, x.shape[2:], weight.shape[2:], stride)
+    pairs = _padding_pairs(padding, x.shape[2:], weight.shape[2:], stride, channel_last)
     out = _conv_nchw(x, weight, bias, stride, pairs, groups)
     return out.transpose([0, 2, 3, 1]) if channel_last else out
 
@@ -141,7 +145,7 @@ def conv1d(
     if channel_last:
         x = x.transpose([0, 2, 1])
     step = _single(stride, "stride")
-    pairs = [(0, 0), *_padding_pairs(padding, x.shape[2:], weight.shape[2:], [step])]
+    pairs = [(0, 0), *_padding_pairs(padding, x.shape[2:], weight.shape[2:], [step], channel_last)]
     out = _conv_nchw(x.unsqueeze(2), weight.unsqueeze(2), bias, (step, step), pairs, groups)
     out = out.squeeze(2)
     return out.transpose([0, 2, 1]) if channel_last else out
@@ -197,7 +201,7 @@ def max_pool2d(
         x = x.transpose([0, 3, 1, 2])
     kernel = _pair(kernel_size, "pooling window")
     step = kernel if stride is None else _pair(stride, "stride")
-    pairs = _padding_pairs(padding, x.shape[2:], kernel, step)
+    pairs = _padding_pairs(padding, x.shape[2:], kernel, step, channel_last)
     if any(before != after for before, after in pairs):
         raise _unsupported(f"max-pooling with asymmetric padding {padding!r}")
     out = ops.max_pool2d(x, kernel, step, [before for before, _ in pairs], ceil_mode)
@@ -386,9 +390,9 @@ def cross_entropy(
         return losses
     if reduction == "sum":
         return losses.sum()
-    if valid is None:
-        return losses.mean(axis=list(range(losses.ndim)))
-    return losses.sum() / valid.astype(losses.dtype).sum()
+    if valid is not None and ignore_index >= 0:  # Paddle: a negative index ignores nothing
+        return losses.sum() / valid.astype(losses.dtype).sum()
+    return losses.mean()
 
 
 def embedding(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from metalearn.errors import UserError
 from metalearn.service.errors import field_of, invalid
-from metalearn.training.config import COMMON_DEFAULTS, DEFAULTS, train_parser
+from metalearn.training.config import COMMON_DEFAULTS, DEFAULTS, NETS, train_parser
 from metalearn.training.trainer import prepare_config
 
 # Flags that belong to the server or to other endpoints, never to a client's training request.
@@ -21,6 +21,9 @@ REFUSED = {
     "work_dir": "the server decides where runs live (serve.py --work_dir)",
     "data_dir": "the server decides where the data is (serve.py --data_dir)",
 }
+# What a client may choose where train.py takes more: --net MODULE:FUNCTION imports Python code,
+# which only the command line may ask for.
+CLIENT_CHOICES = {"net": NETS}
 
 
 def _actions() -> Iterator[argparse.Action]:
@@ -52,11 +55,15 @@ def describe_flags() -> list[dict]:
             "type": _kind(action),
             "default": _default("omniglot", action.dest),
             "defaults": {dataset: _default(dataset, action.dest) for dataset in DEFAULTS},
-            "choices": list(action.choices) if action.choices else None,
+            "choices": list(_choices(action) or []) or None,
             "help": action.help,
         }
         for action in _actions()
     ]
+
+
+def _choices(action: argparse.Action):
+    return CLIENT_CHOICES.get(action.dest, action.choices)
 
 
 def training_argv(body: dict) -> list[str]:
@@ -71,6 +78,12 @@ def training_argv(body: dict) -> list[str]:
             raise invalid(f"unknown flag {str(key)[:64]!r}: see GET /api/flags", str(key)[:64])
         if value is None:
             continue
+        if key in CLIENT_CHOICES and value not in CLIENT_CHOICES[key]:
+            raise invalid(
+                f"--{key} takes one of {', '.join(CLIENT_CHOICES[key])} here (a MODULE:FUNCTION "
+                "model imports Python code: start it with train.py on the server)",
+                key,
+            )
         if kinds[key] == "bool":
             if not isinstance(value, bool):
                 raise invalid(f"--{key} is a switch: send true or false", key)

@@ -15,11 +15,13 @@ from pathlib import Path
 
 from metalearn.data.omniglot import NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
+from metalearn.nets.factory import is_factory
 
 DATASETS = ("omniglot", "sinusoid", "folder")
 NETS = ("conv4", "pool4")
 """conv4: the paper's Omniglot net (stride-2 convolutions, spatial mean); pool4: its MiniImagenet net
-(32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB."""
+(32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB. Any other
+value is a user's model, ``module:function`` (metalearn/nets/factory.py)."""
 
 DEFAULTS = {
     "omniglot": {
@@ -195,9 +197,11 @@ def train_parser() -> argparse.ArgumentParser:
     _add_task_flags(parser)
     parser.add_argument(
         "--net",
-        choices=NETS,
+        metavar="{conv4,pool4,MODULE:FUNCTION}",
         help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
-        "default conv4 for 1-channel images, pool4 for RGB",
+        "default conv4 for 1-channel images, pool4 for RGB; or your own paddle.nn.Layer: "
+        "MODULE:FUNCTION, a function of a module in the working directory called as "
+        "FUNCTION((C, H, W), n_way) (exact second order through it: see README)",
     )
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
     parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
@@ -518,5 +522,8 @@ def _validate_data(config: dict) -> None:
         raise UserError(f"--data {config['data']} is an image-folder set: use --dataset folder")
     if dataset == "sinusoid" and config.get("net"):
         raise UserError("--net chooses an image network; sinusoid regression uses the paper's MLP")
+    net = config.get("net")
+    if net is not None and net not in NETS and not is_factory(net):
+        raise UserError(f"--net {net!r:.80}: expected conv4, pool4 or MODULE:FUNCTION")
     if config.get("augment") is not None:
         config["augment"] = ",".join(parse_augment(config["augment"])) or "none"
