@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import pytest
-from user_models import OmniglotNet, recurrent
+from user_models import OmniglotNet, as_user_arrays, recurrent
 
 from metalearn.data.tasks import Task
 from metalearn.errors import UserError
@@ -25,15 +25,6 @@ def float64():
     paddle.set_default_dtype("float64")
     yield
     paddle.set_default_dtype("float32")
-
-
-def copied_arrays(model: nn.Layer, builtin_arrays: dict[str, np.ndarray]) -> dict:
-    """The built-in network's θ under the user model's parameter names (same order)."""
-    names = LayerNet(model).functional.parameter_names
-    values = list(builtin_arrays.values())
-    assert [tuple(np.shape(v)) for v in values] == [tuple(p.shape) for p in model.parameters()
-                                                     if not p.stop_gradient]  # fmt: skip
-    return dict(zip(names, values))
 
 
 def tasks(count: int, seed: int = 1) -> list[Task]:
@@ -60,7 +51,7 @@ def test_a_user_copy_of_the_omniglot_net_has_the_built_in_meta_gradient(
     ours = MetaLearner(builtin, make_parameters(arrays), "maml", 0.4, steps, task_chunk=count)
     expected, _ = ours.batch_direction(batch)
     net = LayerNet(model, 5, (1, 28, 28))
-    user = MetaLearner(net, make_parameters(copied_arrays(model, arrays)), "maml", 0.4, steps)
+    user = MetaLearner(net, make_parameters(as_user_arrays(model, arrays)), "maml", 0.4, steps)
     found, _ = user.batch_direction(batch)
     for (name, want), got in zip(expected.items(), found.values()):
         want, got = want.numpy(), got.numpy()
@@ -76,7 +67,7 @@ def test_without_the_exact_routing_the_copy_gets_paddles_wrong_meta_gradient(flo
         tasks(1)[0]
     )
     net = LayerNet(model, exact=False)
-    user = MetaLearner(net, make_parameters(copied_arrays(model, arrays)), "maml", 0.4, 1)
+    user = MetaLearner(net, make_parameters(as_user_arrays(model, arrays)), "maml", 0.4, 1)
     found, _ = user.task_direction(tasks(1)[0])
     want, got = expected["conv0.weight"].numpy(), found["body.0.weight"].numpy()
     assert np.abs(got - want).max() > 1e-3 * np.abs(want).max()

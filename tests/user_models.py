@@ -28,6 +28,15 @@ class OmniglotNet(nn.Layer):
         return self.head(self.body(x).mean(axis=[2, 3]))
 
 
+def as_user_arrays(model: nn.Layer, builtin: dict) -> dict:
+    """The built-in ConvNet's θ (``init_params``) under ``model``'s trainable parameter names:
+    both list the same shapes in the same order."""
+    names = [name for name, p in model.named_parameters() if not p.stop_gradient]
+    shapes = [tuple(p.shape) for p in model.parameters() if not p.stop_gradient]
+    assert shapes == [tuple(v.shape) for v in builtin.values()]
+    return dict(zip(names, builtin.values()))
+
+
 def omniglot_net(input_shape, n_way):
     return OmniglotNet(n_way, channels=input_shape[0], hidden=8)
 
