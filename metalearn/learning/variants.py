@@ -2,7 +2,9 @@
 
 Everything else (the inner loop, the adapted subset, the inner update rule, the multi-step loss,
 sampling, averaging over processes, checkpoints) is shared; the trainer and ``meta_update`` only
-ever call the methods below.
+ever call the methods below. ``objective`` is the direction as a scalar to back-propagate:
+``metalearn.MAML``'s ``learner.loss`` (learning/api.py), so a Paddle optimiser gets it as a
+gradient.
 
 * :class:`QueryGradient` — ∇ of the query loss after the inner loop with respect to every
   meta-parameter (θ and learned inner rates). Second order differentiates through the inner
