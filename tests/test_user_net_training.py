@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from helpers import as_flags, assert_one_line_error, run_script, tiny
 
+from metalearn.data.tasks import Task
+from metalearn.nets.layer_net import LayerNet
 from metalearn.runs.checkpoint import load_checkpoint
+from metalearn.service.playground import load_run
 
 FACTORY = "tests.user_models:omniglot_net"
 pytestmark = pytest.mark.slow
@@ -43,6 +46,13 @@ def test_a_user_model_trains_resumes_to_the_same_theta_and_evaluates(omniglot_di
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((tmp_path / "split" / "test_results.json").read_text())
     assert results["tasks"] == 4 and len(results["acc_mean"]) == 2
+
+    played = load_run(tmp_path / "split" / "best.npz", omniglot_dir)  # the playground's loader
+    assert isinstance(played.learner.net, LayerNet)
+    images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    task = Task(images, np.arange(5), images, np.zeros(5, np.int64))
+    logits = played.learner.predict_after_steps(task, images, [0, 1])
+    assert logits[1].shape == (5, 5)
 
 
 @pytest.mark.parametrize(

@@ -531,9 +531,11 @@ def functions_replaced(replacements: Sequence[tuple[object, str, Callable]]) -> 
     share one replacement per attribute (counted), the last one out restores the original."""
     with _patch_lock:
         for owner, name, replacement in replacements:
-            entry = _patched.setdefault((id(owner), name), [getattr(owner, name), replacement, 0])
-            if entry[1] is not replacement:
+            entry = _patched.get((id(owner), name))
+            if entry is not None and entry[1] is not replacement:
                 raise RuntimeError(f"{name} is already replaced by another routing")
+        for owner, name, replacement in replacements:
+            entry = _patched.setdefault((id(owner), name), [getattr(owner, name), replacement, 0])
             entry[2] += 1
             setattr(owner, name, replacement)
     try:

@@ -75,7 +75,10 @@ user's model (:func:`user_layer`)."""
 def user_network(config: dict, input_shape: tuple[int, int, int]) -> LayerNet:
     """The user's model of ``config['net']`` as a network, checked on a sample batch."""
     if config.get("per_step_bn"):
-        raise UserError("--per_step_bn needs a built-in network (conv4 or pool4)")
+        raise UserError(
+            "--per_step_bn (on in --algo maml++) needs a built-in network (conv4 or pool4); "
+            "add --no-per_step_bn"
+        )
     if (config.get("task_chunk") or 1) > 1:
         raise UserError(
             f"--net {config['net']} computes one task at a time: leave --task_chunk out"
