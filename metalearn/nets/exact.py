@@ -1,25 +1,16 @@
 """Exact second order for a user's ``paddle.nn.Layer``: Paddle's ops with wrong or missing
 double-grads are routed to exact ones while the Layer runs under :class:`ExactRouting`.
 
-Measured on Paddle 3.3.1, CPU, float64: second-order MAML meta-gradient of a small model around
-the op against a central finite difference (``tests/test_exact_routing.py`` keeps the proofs).
-
-* Silently **wrong**: ``F.conv2d`` / ``nn.Conv2D`` and ``F.conv1d`` / ``nn.Conv1D`` whenever the
-  convolution's input needs no gradient (the first layer, on the images): analytic / finite
-  difference 1.60, −2.44, 1.38, 1.73 on four small cases (correct, 1.000000, where the input
-  itself depends on θ, e.g. after a linear layer).
-* **Missing** (``... doesn't have any grad op`` or a kernel error): ``flatten``, ``max_pool2d``,
-  ``max_pool1d``, ``adaptive_max_pool2d``, depthwise ``conv2d``, ``cross_entropy``,
-  ``log_softmax``, ``softmax``, ``layer_norm``, ``dropout`` (also in eval mode), ``gelu``
-  (``erf``), ``embedding``, full ``mean()`` via ``cross_entropy``'s mean, and more that are not
-  routed (see README: selu, hardswish, mish, swish, relu6, hardtanh, softsign, log_sigmoid,
-  hardsigmoid, prelu, group_norm, interpolate, pixel_shuffle, normalize, logsumexp, cumsum,
-  einsum, max reductions, strided slicing, nll_loss, kl_div, smooth_l1_loss,
-  conv2d_transpose). nn.GRU / nn.LSTM / nn.SimpleRNN ignore substituted weights altogether.
-* **Correct** as Paddle computes them: linear, matmul, relu, leaky_relu, elu, celu, sigmoid,
-  silu, softplus, tanh, glu, avg_pool1d/2d (also padded), adaptive_avg_pool1d/2d,
-  batch_norm (training), instance_norm, pad (all modes), reshape, transpose, concat, slicing
-  with step 1, gather, index_select, mse_loss, l1_loss, mean/sum/var/std over axes.
+Measured on Paddle 3.3.1, CPU, float64 (second-order MAML meta-gradient of a small model around
+each op against a central finite difference; the full lists are in docs/models.md): Paddle's
+``F.conv2d`` / ``F.conv1d`` double-grad is silently **wrong** whenever the convolution's input
+needs no gradient (the first layer, on the images: analytic / finite difference 1.60, −2.44,
+1.38 and 1.73 on four small cases; 1.000000 where the input depends on θ), and ``flatten``,
+max-pooling, depthwise ``conv2d``, ``cross_entropy`` (its ``mean_all``), ``log_softmax``,
+``softmax``, ``layer_norm``, ``dropout`` (also in evaluation mode), ``gelu`` (``erf``) and
+``embedding`` have **no** double-grad. Those are routed here; linear, the common activations,
+average pooling, batch norm in training mode, instance norm, pad, reshape and the like are
+correct as Paddle computes them (:data:`VERIFIED_LAYERS` lists the layer types either way).
 
 Routing has two halves. Layers whose ``forward`` bypasses ``paddle.nn.functional`` (``nn.Conv2D``
 calls ``F.conv._conv_nd``, batch norm and layer norm call names imported into their module) get
