@@ -404,11 +404,11 @@ def test_spec_files_are_read_with_the_same_checks(tmp_path) -> None:
     path.write_text(json.dumps(EXAMPLE))
     assert load_spec_file(path) == validate_spec(EXAMPLE)
     path.write_text(json.dumps(EXAMPLE) + " " * MAX_SPEC_BYTES)
-    assert f"model spec {path} is larger than 65,536 bytes" in error_of(load_spec_file, path)
+    assert f"{path} is larger than 65,536 bytes" in error_of(load_spec_file, path)
     path.write_text('[{"name": "ReLU"}]')
-    assert f"model spec {path}: the spec has no parameters" in error_of(load_spec_file, path)
+    assert f"{path}: the spec has no parameters" in error_of(load_spec_file, path)
     missing = tmp_path / "missing.json"
-    assert f"model spec {missing}: cannot read it (No such file or directory)" == error_of(
+    assert f"{missing}: cannot read it (No such file or directory)" == error_of(
         load_spec_file, missing
     )
     assert "cannot read it" in error_of(load_spec_file, tmp_path)

@@ -570,13 +570,13 @@ def parse_spec(text: str | bytes, source: str = "the spec") -> dict:
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> dict:
-    """The validated, normalised spec in the JSON file ``path`` (at most 64 kB)."""
+    """The validated, normalised spec in the JSON file ``path`` (at most 64 kB); errors name it."""
     try:
         with open(path, "rb") as handle:
             text = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as error:
-        raise UserError(f"model spec {path}: cannot read it ({error.strerror})") from None
-    return parse_spec(text, f"model spec {path}")
+        raise UserError(f"{path}: cannot read it ({error.strerror})") from None
+    return parse_spec(text, str(path))
 
 
 def save_spec_file(path: str | os.PathLike[str], spec: object) -> Path:
