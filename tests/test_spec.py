@@ -9,12 +9,14 @@ import math
 import numpy as np
 import paddle
 import pytest
+from conftest import REPO_ROOT
 
 from metalearn.errors import UserError
 from metalearn.nets.builtin import ConvNet
 from metalearn.nets.spec import (
     LAYER_NAMES,
     MAX_SPEC_BYTES,
+    VOCABULARY,
     build_from_spec,
     count_parameters,
     load_spec_file,
@@ -415,3 +417,10 @@ def test_spec_files_are_read_with_the_same_checks(tmp_path) -> None:
     with pytest.raises(UserError, match="unknown layer"):
         save_spec_file(tmp_path / "bad.json", [{"name": "Conv3d"}])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_the_vocabulary_is_documented() -> None:
+    page = (REPO_ROOT / "docs" / "model_spec.md").read_text(encoding="utf-8")
+    for name, keys in VOCABULARY.items():
+        assert f"`{name}`" in page, name
+        assert all(f"`{key}`" in page for key in keys), (name, keys)

@@ -111,7 +111,7 @@ _POOL = {
     "stride": _pair(None, 1, MAX_KERNEL),  # None: the kernel size, filled in by normalisation
     "padding": _pair(0, 0, MAX_KERNEL),
 }
-_LAYERS: dict[str, dict[str, _Key]] = {
+VOCABULARY: dict[str, dict[str, _Key]] = {
     "Conv2d": _conv_keys(_pair),
     "Conv1d": _conv_keys(_int),
     "Linear": {
@@ -143,8 +143,8 @@ _LAYERS: dict[str, dict[str, _Key]] = {
 """The vocabulary: each layer's keys with their defaults and bounds (PyTorch's names and
 defaults; pools' stride defaults to their kernel size, filled in by normalisation)."""
 
-LAYER_NAMES = tuple(sorted(_LAYERS))
-_CANONICAL = {name.lower(): name for name in _LAYERS}
+LAYER_NAMES = tuple(sorted(VOCABULARY))
+_CANONICAL = {name.lower(): name for name in VOCABULARY}
 _WIDTH_OUT = {"Conv2d": "out_channels", "Conv1d": "out_channels", "Linear": "out_features"}
 _POOLS = ("MaxPool2d", "AvgPool2d")
 
@@ -233,7 +233,7 @@ def _normalise_layer(layer: object) -> dict:
     if not _known(name):
         raise UserError(f"unknown layer {_shown(name)} (known: {', '.join(LAYER_NAMES)})")
     canonical = _CANONICAL[name.lower()]
-    keys = _LAYERS[canonical]
+    keys = VOCABULARY[canonical]
     unknown = [key for key in layer if key != "name" and key not in keys]
     if unknown:
         known = ", ".join(keys) or "none"
