@@ -80,7 +80,7 @@ from metalearn.kernels.registry import NativeKernels, install
 __all__ = ["Kernels", "load_kernels", "use_kernels"]
 
 DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "onednn_conv.cc"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "conv.cc"
 _NAME = "paddle_maml_fastconv"
 _CXX_FLAGS = ["-O3", "-g0", "-w"]
 _LD_FLAGS = ["-ldl"]
