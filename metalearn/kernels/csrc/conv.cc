@@ -1,42 +1,15 @@
-// oneDNN fast path for the first-order convolution kernels used by metalearn/ops.py.
+// Convolutions through oneDNN (the library, its threads and the other operators: onednn.h):
+//   fastconv_forward(x, w)                  -> y
+//   fastconv_backward(x, w, dy)             -> dx, dw
+//   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
+//   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
+// each with int attributes stride, padding and groups.
 //
 // Semantics are those of Paddle's `_C_ops.conv2d` / `_C_ops.conv2d_grad` with
 // padding_algorithm="EXPLICIT", dilation 1, data_format "NCHW", no bias, square stride and
 // padding, any number of groups, float32 only. Inputs and outputs are plain contiguous NCHW /
 // OIHW Paddle tensors; with g groups the weight [O, C/g, k, k] is the same bytes as oneDNN's
 // plain grouped weight [g, O/g, C/g, k, k].
-//
-// Operators (built as a Paddle custom operator library, see metalearn/fastconv.py):
-//   fastconv_forward(x, w)                  -> y
-//   fastconv_backward(x, w, dy)             -> dx, dw
-//   fastconv_backward_data(x, w, dy)        -> dx   (x supplies the shape only)
-//   fastconv_backward_weights(x, w, dy)     -> dw   (w supplies the shape only)
-// each with int attributes stride, padding and groups; and batch norm with the batch's own
-// statistics, alone or followed by ReLU (see "Batch norm" below):
-//   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
-//   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
-//   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-//   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
-//   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
-// with attributes eps (float), relu (bool: y = z = relu(batch norm)) and save (bool: output x̂
-// for a backward pass, else an empty xhat) for the forward; and the ReLU network of the sinusoid
-// MLP, one call per pass (see relu_network.cc):
-//   fastnet_forward, fastnet_backward, fastnet_double_backward
-// and ConvNet's whole body at inference, one call (see "The convolution body at inference"):
-//   fastbody_forward(x, [w_0, scale_0, shift_0, ...]) -> features
-//
-// The oneDNN library is the one the Paddle wheel already loaded (libdnnl.so.3). The wheel ships
-// only the compatibility wrapper headers of oneDNN (the real `oneapi/dnnl/*.h` are missing), so
-// this file declares the handful of oneDNN v3 C API functions and constants it uses itself and
-// binds the functions with dlsym at first use. Those entry points and values belong to the stable
-// oneDNN v3 C ABI; a library whose major version is not 3 is refused.
-//
-// Threads: the wheel's oneDNN uses the OpenMP runtime, and in a Paddle process its OpenMP calls
-// bind to Intel's libiomp5, whose thread count Paddle sets to 1 (FLAGS_paddle_num_threads). Each
-// plan records its own thread count; a call sets libiomp5's count to it for its duration and then
-// restores Paddle's. PADDLE_MAML_FASTCONV_THREADS=N fixes the count; by default it is up to the
-// number of CPUs this process may run on (see the tuning below). The batch-norm loops fork their
-// own teams in the same runtime (GOMP_parallel, which libiomp5 exports), never a second runtime.
 //
 // Primitives are cached per (kind, shape). At the first call of a shape, the implementations
 // oneDNN offers (up to kMaxImpls, reference ones excluded) on plain NCHW/OIHW memory and on the
@@ -49,18 +22,16 @@
 //
 // Recorded choices: timing is noisy, so two processes may pick different implementations for a
 // shape and then differ in the last bits of their results. When PADDLE_MAML_FASTCONV_CHOICES names
-// a folder (metalearn/fastconv.py sets it to one next to the compiled library), the first process
-// that tunes a shape writes its choice there (one small text file per kind, shape, thread budget
-// and layout setting; temporary file + rename), and later processes rebuild exactly that plan
-// without timing. Tuning happens under an advisory lock on <folder>/.lock, re-checked once the
-// lock is held, so processes started together agree too. A record that cannot be rebuilt (another
-// CPU, say) is replaced by a new tuning. With PADDLE_MAML_FASTCONV_TUNE=0 records are not used.
+// a folder (metalearn/kernels/onednn.py sets it to one next to the compiled library), the first
+// process that tunes a shape writes its choice there (one small text file per kind, shape, thread
+// budget and layout setting; temporary file + rename), and later processes rebuild exactly that
+// plan without timing. Tuning happens under an advisory lock on <folder>/.lock, re-checked once
+// the lock is held, so processes started together agree too. A record that cannot be rebuilt
+// (another CPU, say) is replaced by a new tuning. With PADDLE_MAML_FASTCONV_TUNE=0 records are
+// not used.
 
-#include <dlfcn.h>
 #include <fcntl.h>
-#include <sched.h>
 #include <sys/file.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -68,289 +39,19 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-#include "paddle/extension.h"
+#include "onednn.h"
 
 namespace fastconv {
 
-// ---------------------------------------------------------------------------------------------
-// Minimal oneDNN v3 C API (see the comment at the top of the file).
-
-using dnnl_status = int;
-using dnnl_dims = int64_t[12];  // DNNL_MAX_NDIMS
-using handle = void*;           // every oneDNN object is an opaque pointer
-using chandle = const void*;
-
-struct dnnl_exec_arg {
-  int arg;
-  handle memory;
-};
-
-struct dnnl_version_info {
-  int major, minor, patch;
-  const char* hash;
-  unsigned cpu_runtime, gpu_runtime;
-};
-
-constexpr dnnl_status kSuccess = 0;
-constexpr int kEngineCpu = 1;                 // dnnl_cpu
-constexpr unsigned kStreamDefault = 1;        // dnnl_stream_default_flags (in order)
-constexpr int kF32 = 3;                       // dnnl_f32
-constexpr int kTagAny = 1;                    // dnnl_format_tag_any
-constexpr int kTagAbcd = 5;                   // dnnl_abcd == dnnl_nchw == dnnl_oihw
-constexpr int kTagAbcde = 6;                  // dnnl_abcde == dnnl_goihw
-constexpr int kTagABcd8b = 102;               // dnnl_aBcd8b == dnnl_nChw8c (checked at run time)
-constexpr int kTagABcd16b = 78;               // dnnl_aBcd16b == dnnl_nChw16c (checked too)
-constexpr int kForwardTraining = 64;          // dnnl_forward_training
-constexpr int kConvolutionDirect = 1;         // dnnl_convolution_direct
-constexpr int kQueryImplInfoStr = 8;          // dnnl_query_impl_info_str
-constexpr int kQuerySrcMd = 129;              // dnnl_query_src_md
-constexpr int kQueryDiffSrcMd = 130;          // dnnl_query_diff_src_md
-constexpr int kQueryWeightsMd = 131;          // dnnl_query_weights_md
-constexpr int kQueryDiffWeightsMd = 132;      // dnnl_query_diff_weights_md
-constexpr int kQueryDstMd = 133;              // dnnl_query_dst_md
-constexpr int kQueryDiffDstMd = 134;          // dnnl_query_diff_dst_md
-constexpr int kQueryScratchpadMd = 136;       // dnnl_query_scratchpad_md
-constexpr int kScratchpadUser = 1;            // dnnl_scratchpad_mode_user
-constexpr int kArgSrc = 1;                    // DNNL_ARG_SRC == DNNL_ARG_FROM
-constexpr int kArgDst = 17;                   // DNNL_ARG_DST == DNNL_ARG_TO
-constexpr int kArgWeights = 33;               // DNNL_ARG_WEIGHTS
-constexpr int kArgDiffSrc = 129;              // DNNL_ARG_DIFF_SRC
-constexpr int kArgDiffDst = 145;              // DNNL_ARG_DIFF_DST
-constexpr int kArgDiffWeights = 161;          // DNNL_ARG_DIFF_WEIGHTS
-constexpr int kArgScratchpad = 80;            // DNNL_ARG_SCRATCHPAD
-static void* const kMemoryAllocate = reinterpret_cast<void*>(static_cast<size_t>(-1));
-
-struct Api {
-  const dnnl_version_info* (*version)();
-  dnnl_status (*engine_create)(handle*, int, size_t);
-  dnnl_status (*stream_create)(handle*, handle, unsigned);
-  dnnl_status (*stream_wait)(handle);
-  dnnl_status (*memory_desc_create_with_tag)(handle*, int, const dnnl_dims, int, int);
-  dnnl_status (*memory_desc_destroy)(handle);
-  size_t (*memory_desc_get_size)(chandle);
-  dnnl_status (*primitive_attr_create)(handle*);
-  dnnl_status (*primitive_attr_set_scratchpad_mode)(handle, int);
-  int (*memory_desc_equal)(chandle, chandle);
-  dnnl_status (*memory_create)(handle*, chandle, handle, void*);
-  dnnl_status (*memory_set_data_handle)(handle, void*);
-  dnnl_status (*memory_get_data_handle)(chandle, void**);
-  dnnl_status (*memory_get_memory_desc)(chandle, chandle*);
-  dnnl_status (*memory_destroy)(handle);
-  chandle (*primitive_desc_query_md)(chandle, int, int);
-  dnnl_status (*primitive_desc_query)(chandle, int, int, void*);
-  dnnl_status (*primitive_desc_next_impl)(handle);
-  dnnl_status (*primitive_desc_clone)(handle*, chandle);
-  dnnl_status (*primitive_desc_destroy)(handle);
-  dnnl_status (*primitive_create)(handle*, chandle);
-  dnnl_status (*primitive_execute)(chandle, handle, int, const dnnl_exec_arg*);
-  dnnl_status (*primitive_destroy)(handle);
-  dnnl_status (*reorder_primitive_desc_create)(handle*, chandle, handle, chandle, handle, chandle);
-  dnnl_status (*conv_fwd_pd_create)(handle*, handle, int, int, chandle, chandle, chandle, chandle,
-                                    const dnnl_dims, const dnnl_dims, const dnnl_dims,
-                                    const dnnl_dims, chandle);
-  dnnl_status (*conv_bwd_data_pd_create)(handle*, handle, int, chandle, chandle, chandle,
-                                         const dnnl_dims, const dnnl_dims, const dnnl_dims,
-                                         const dnnl_dims, chandle, chandle);
-  dnnl_status (*conv_bwd_weights_pd_create)(handle*, handle, int, chandle, chandle, chandle,
-                                            chandle, const dnnl_dims, const dnnl_dims,
-                                            const dnnl_dims, const dnnl_dims, chandle, chandle);
-};
-
-// OpenMP entry points of the runtime oneDNN's parallel regions bind to.
-struct Omp {
-  int (*get_max_threads)() = nullptr;
-  void (*set_num_threads)(int) = nullptr;
-  // GOMP_parallel(fn, data, threads, flags) and the team queries, for the batch-norm loops;
-  // parallel is null if the runtime lacks them (the loops then run on one thread).
-  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
-  int (*thread_num)() = nullptr;
-  int (*num_threads)() = nullptr;
-  const char* name = "none";
-};
-
-template <typename F>
-static void bind(void* lib, const char* name, F* fn) {
-  void* sym = dlsym(lib, name);
-  if (sym == nullptr) PD_THROW("fastconv: oneDNN symbol ", name, " not found");
-  *fn = reinterpret_cast<F>(sym);
-}
-
-static void check(dnnl_status status, const char* what) {
-  if (status != kSuccess) PD_THROW("fastconv: ", what, " failed with oneDNN status ", status);
-}
-
-static int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  return std::atoi(value);
-}
-
-static bool verbose() {
-  static const bool on = env_int("PADDLE_MAML_FASTCONV_VERBOSE", 0) != 0;
-  return on;
-}
-
 constexpr int kMaxImpls = 6;  // implementations tried per layout when tuning
-
-// ---------------------------------------------------------------------------------------------
-// Process-wide state.
-
-struct Runtime {
-  Api api{};
-  Omp omp{};
-  handle engine = nullptr;
-  handle stream = nullptr;
-  // Every primitive takes its scratchpad from us (user mode), not from oneDNN's library-owned
-  // one, which is per thread and sized when a primitive is created: a primitive created on one
-  // thread and run on another (the playground's worker after the main thread) wrote past it
-  // (measured: SIGSEGV in im2col, or heap corruption). The operators' lock serialises every
-  // execution, so one buffer, grown as needed, serves them all (see scratch()).
-  handle attr = nullptr;
-  int threads = 1;           // most threads a primitive may use
-  bool threads_fixed = false;  // PADDLE_MAML_FASTCONV_THREADS given: use exactly that many
-  bool try_plain = true, try_blocked = true, tune = true;
-  std::string layout = "auto";
-  std::string choices;  // folder of recorded choices; empty: none
-
-  Runtime() {
-    void* lib = dlopen("libdnnl.so.3", RTLD_LAZY | RTLD_NOLOAD);
-    if (lib == nullptr) lib = dlopen("libdnnl.so.3", RTLD_LAZY);
-    if (lib == nullptr) PD_THROW("fastconv: libdnnl.so.3 is not loaded in this process");
-    bind(lib, "dnnl_version", &api.version);
-    const dnnl_version_info* v = api.version();
-    if (v == nullptr || v->major != 3)
-      PD_THROW("fastconv: needs oneDNN 3.x, found ", v ? v->major : -1);
-    bind(lib, "dnnl_engine_create", &api.engine_create);
-    bind(lib, "dnnl_stream_create", &api.stream_create);
-    bind(lib, "dnnl_stream_wait", &api.stream_wait);
-    bind(lib, "dnnl_memory_desc_create_with_tag", &api.memory_desc_create_with_tag);
-    bind(lib, "dnnl_memory_desc_destroy", &api.memory_desc_destroy);
-    bind(lib, "dnnl_memory_desc_get_size", &api.memory_desc_get_size);
-    bind(lib, "dnnl_primitive_attr_create", &api.primitive_attr_create);
-    bind(lib, "dnnl_primitive_attr_set_scratchpad_mode", &api.primitive_attr_set_scratchpad_mode);
-    bind(lib, "dnnl_memory_desc_equal", &api.memory_desc_equal);
-    bind(lib, "dnnl_memory_create", &api.memory_create);
-    bind(lib, "dnnl_memory_set_data_handle", &api.memory_set_data_handle);
-    bind(lib, "dnnl_memory_get_data_handle", &api.memory_get_data_handle);
-    bind(lib, "dnnl_memory_get_memory_desc", &api.memory_get_memory_desc);
-    bind(lib, "dnnl_memory_destroy", &api.memory_destroy);
-    bind(lib, "dnnl_primitive_desc_query_md", &api.primitive_desc_query_md);
-    bind(lib, "dnnl_primitive_desc_query", &api.primitive_desc_query);
-    bind(lib, "dnnl_primitive_desc_next_impl", &api.primitive_desc_next_impl);
-    bind(lib, "dnnl_primitive_desc_clone", &api.primitive_desc_clone);
-    bind(lib, "dnnl_primitive_desc_destroy", &api.primitive_desc_destroy);
-    bind(lib, "dnnl_primitive_create", &api.primitive_create);
-    bind(lib, "dnnl_primitive_execute", &api.primitive_execute);
-    bind(lib, "dnnl_primitive_destroy", &api.primitive_destroy);
-    bind(lib, "dnnl_reorder_primitive_desc_create", &api.reorder_primitive_desc_create);
-    bind(lib, "dnnl_convolution_forward_primitive_desc_create", &api.conv_fwd_pd_create);
-    bind(lib, "dnnl_convolution_backward_data_primitive_desc_create",
-         &api.conv_bwd_data_pd_create);
-    bind(lib, "dnnl_convolution_backward_weights_primitive_desc_create",
-         &api.conv_bwd_weights_pd_create);
-
-    // Paddle links Intel's OpenMP (libiomp5) ahead of libgomp, so oneDNN's GOMP_* / omp_* calls
-    // resolve to libiomp5 when it is loaded; otherwise they go to libgomp.
-    for (const char* name : {"libiomp5.so", "libgomp.so.1"}) {
-      void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
-      if (h == nullptr) continue;
-      void* get = dlsym(h, "omp_get_max_threads");
-      void* set = dlsym(h, "omp_set_num_threads");
-      if (get != nullptr && set != nullptr) {
-        omp.get_max_threads = reinterpret_cast<int (*)()>(get);
-        omp.set_num_threads = reinterpret_cast<void (*)(int)>(set);
-        omp.name = name;
-        void* parallel = dlsym(h, "GOMP_parallel");
-        void* thread_num = dlsym(h, "omp_get_thread_num");
-        void* num_threads = dlsym(h, "omp_get_num_threads");
-        if (parallel != nullptr && thread_num != nullptr && num_threads != nullptr) {
-          omp.parallel = reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(
-              parallel);
-          omp.thread_num = reinterpret_cast<int (*)()>(thread_num);
-          omp.num_threads = reinterpret_cast<int (*)()>(num_threads);
-        }
-        break;
-      }
-    }
-    cpu_set_t cpus;
-    int available = 1;
-    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) available = std::max(1, CPU_COUNT(&cpus));
-    threads = std::max(1, env_int("PADDLE_MAML_FASTCONV_THREADS", available));
-    threads_fixed = env_int("PADDLE_MAML_FASTCONV_THREADS", 0) > 0;
-    const char* layout_env = std::getenv("PADDLE_MAML_FASTCONV_LAYOUT");
-    if (layout_env != nullptr && *layout_env != '\0') layout = layout_env;
-    try_plain = layout != "blocked";
-    try_blocked = layout != "plain";
-    tune = env_int("PADDLE_MAML_FASTCONV_TUNE", 1) != 0;
-    const char* choices_env = std::getenv("PADDLE_MAML_FASTCONV_CHOICES");
-    if (choices_env != nullptr && std::strcmp(choices_env, "0") != 0) choices = choices_env;
-    while (choices.size() > 1 && choices.back() == '/') choices.pop_back();
-    if (!choices.empty()) ::mkdir(choices.c_str(), 0777);  // usually exists already
-
-    check(api.engine_create(&engine, kEngineCpu, 0), "dnnl_engine_create");
-    check(api.stream_create(&stream, engine, kStreamDefault), "dnnl_stream_create");
-    check(api.primitive_attr_create(&attr), "dnnl_primitive_attr_create");
-    check(api.primitive_attr_set_scratchpad_mode(attr, kScratchpadUser),
-          "dnnl_primitive_attr_set_scratchpad_mode");
-    if (verbose())
-      std::fprintf(stderr,
-                   "fastconv: oneDNN %d.%d.%d cpu_runtime=%u omp=%s threads=%d layout=%s tune=%d "
-                   "choices=%s\n",
-                   v->major, v->minor, v->patch, v->cpu_runtime, omp.name, threads,
-                   layout.c_str(), int(tune), choices.empty() ? "-" : choices.c_str());
-  }
-};
-
-// The shared scratchpad, at least `bytes` long (see Runtime::attr); call with the lock held.
-static void* scratch(size_t bytes) {
-  static void* buffer = nullptr;
-  static size_t size = 0;
-  if (bytes > size) {
-    std::free(buffer);
-    const size_t rounded = (bytes + 4095) / 4096 * 4096;
-    buffer = std::aligned_alloc(64, rounded);
-    size = buffer != nullptr ? rounded : 0;
-    if (buffer == nullptr) PD_THROW("fastconv: out of memory for a scratchpad");
-  }
-  return buffer;
-}
-
-static Runtime& runtime() {
-  static Runtime* rt = new Runtime();  // never destroyed: avoids teardown-order problems at exit
-  return *rt;
-}
-
-// Sets oneDNN's OpenMP thread count for the lifetime of the object, then restores it. oneDNN
-// fixes a primitive's thread count when its descriptor is created, so creation and execution of a
-// plan both run inside a scope with the plan's count.
-class ThreadScope {
- public:
-  ThreadScope(const Runtime& rt, int threads) : omp_(rt.omp) {
-    if (omp_.get_max_threads == nullptr) return;
-    int current = omp_.get_max_threads();
-    if (current != threads) {
-      previous_ = current;
-      omp_.set_num_threads(threads);
-    }
-  }
-  ~ThreadScope() {
-    if (previous_ > 0) omp_.set_num_threads(previous_);
-  }
-
- private:
-  const Omp& omp_;
-  int previous_ = -1;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Execution plans: one convolution primitive plus the reorders between Paddle's plain layout and
@@ -358,66 +59,6 @@ class ThreadScope {
 
 enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 const char* const kKindName[] = {"fwd", "bwd_data", "bwd_weights"};
-
-using Dims = std::vector<int64_t>;
-
-// c and o count all channels; with g > 1 groups the weight is [g, o/g, c/g, k, k].
-struct Shape {
-  int64_t n, c, h, w, o, k, oh, ow;
-  int stride, pad;
-  int64_t g = 1;
-  Dims x() const { return {n, c, h, w}; }
-  Dims wei() const { return g == 1 ? Dims{o, c, k, k} : Dims{g, o / g, c / g, k, k}; }
-  Dims y() const { return {n, o, oh, ow}; }
-};
-
-static int plain_tag(const Dims& dims) { return dims.size() == 4 ? kTagAbcd : kTagAbcde; }
-
-struct Step {
-  handle primitive;
-  std::vector<dnnl_exec_arg> args;
-  handle scratchpad = nullptr;  // memory over scratch(), if the primitive wants one
-  size_t scratch_bytes = 0;
-};
-
-// The step running `primitive` (created from `pd`) on `args`, with a scratchpad argument if the
-// primitive wants one; its memory object goes to `owned`.
-static Step make_step(Runtime& rt, chandle pd, handle primitive, std::vector<dnnl_exec_arg> args,
-                      std::vector<handle>* owned) {
-  Step step{primitive, std::move(args)};
-  chandle md = rt.api.primitive_desc_query_md(pd, kQueryScratchpadMd, 0);
-  step.scratch_bytes = md != nullptr ? rt.api.memory_desc_get_size(md) : 0;
-  if (step.scratch_bytes > 0) {
-    check(rt.api.memory_create(&step.scratchpad, md, rt.engine, nullptr), "memory_create");
-    owned->push_back(step.scratchpad);
-    step.args.push_back({kArgScratchpad, step.scratchpad});
-  }
-  return step;
-}
-
-// Call with the operators' lock held (the scratchpad is shared).
-static void run_step(Runtime& rt, Step& step) {
-  if (step.scratchpad != nullptr)
-    check(rt.api.memory_set_data_handle(step.scratchpad, scratch(step.scratch_bytes)),
-          "memory_set_data_handle");
-  check(rt.api.primitive_execute(step.primitive, rt.stream, static_cast<int>(step.args.size()),
-                                 step.args.data()),
-        "primitive_execute");
-}
-
-// The step reordering memory `from` (layout from_md) into `to` (layout to_md). Its primitive
-// descriptor goes to `pds`, its scratchpad memory (if any) to `mems`; the caller owns the
-// step's primitive.
-static Step reorder_step(Runtime& rt, handle from, chandle from_md, handle to, chandle to_md,
-                         std::vector<handle>* pds, std::vector<handle>* mems) {
-  handle pd = nullptr;
-  check(rt.api.reorder_primitive_desc_create(&pd, from_md, rt.engine, to_md, rt.engine, rt.attr),
-        "reorder_primitive_desc_create");
-  pds->push_back(pd);
-  handle primitive = nullptr;
-  check(rt.api.primitive_create(&primitive, pd), "reorder primitive_create");
-  return make_step(rt, pd, primitive, {{kArgSrc, from}, {kArgDst, to}}, mems);
-}
 
 // User slots (wrapping Paddle tensors; data handles set per run):
 //   forward:          0 = x,  1 = w, 2 = y (output)
@@ -531,25 +172,6 @@ class Plan {
   std::vector<Step> pre_, main_, post_;
   std::string impl_;
 };
-
-struct Geometry {
-  dnnl_dims strides = {}, dilates = {}, pad_l = {}, pad_r = {};
-  explicit Geometry(const Shape& s) {
-    strides[0] = strides[1] = s.stride;
-    pad_l[0] = pad_l[1] = s.pad;
-    // oneDNN wants the right padding for which (h + pad_l + pad_r - k) / stride + 1 == oh holds
-    // exactly; Paddle's floor rule instead leaves trailing rows/columns unused.
-    pad_r[0] = (s.oh - 1) * s.stride + s.k - s.h - s.pad;
-    pad_r[1] = (s.ow - 1) * s.stride + s.k - s.w - s.pad;
-  }
-};
-
-static const char* impl_name(Runtime& rt, chandle pd) {
-  const char* impl = nullptr;
-  if (rt.api.primitive_desc_query(pd, kQueryImplInfoStr, 0, &impl) != kSuccess || !impl)
-    return "?";
-  return impl;
-}
 
 // Primitive descriptors of the implementations oneDNN offers for `kind` on shape `s`, best first
 // by oneDNN's own ranking, at most `limit`, each one a separate clone that the caller owns. Empty
@@ -906,18 +528,6 @@ static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
 // ---------------------------------------------------------------------------------------------
 // Paddle operators.
 
-static std::mutex& lock() {
-  static std::mutex m;
-  return m;
-}
-
-static paddle::Tensor dense(const paddle::Tensor& t, const char* name) {
-  PD_CHECK(t.is_cpu(), "fastconv: ", name, " must be a CPU tensor");
-  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "fastconv: ", name, " must be float32");
-  PD_CHECK(t.shape().size() == 4, "fastconv: ", name, " must be 4-D");
-  return t.is_contiguous() ? t : t.contiguous();
-}
-
 static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad,
                       int groups) {
   auto xs = x.shape(), ws = w.shape();
@@ -943,12 +553,6 @@ static void check_grad_out(const paddle::Tensor& dy, const Shape& s) {
 static paddle::Tensor zeros(const std::vector<int64_t>& shape) {
   return paddle::full(shape, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace());
 }
-
-static paddle::Tensor empty(const std::vector<int64_t>& shape) {
-  return paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
-}
-
-static float* ptr(const paddle::Tensor& t) { return const_cast<float*>(t.data<float>()); }
 
 static void execute(Kind kind, const Shape& s, void* in0, void* in1, void* out) {
   std::lock_guard<std::mutex> guard(lock());
@@ -1064,7 +668,14 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 
 // ---------------------------------------------------------------------------------------------
 // Batch norm with the batch's own statistics, its backward and its double backward, optionally
-// followed by ReLU in the same operator.
+// followed by ReLU in the same operator:
+//   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
+//   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
+//   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
+//   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
+//   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
+// with attributes eps (float), relu (bool: y = z = relu(batch norm)) and save (bool: output x̂
+// for a backward pass, else an empty xhat) for the forward.
 //
 // x is [N, C, H, W]; channel c is normalised over its M = N·H·W values: mean μ, variance σ² of
 // the centred values, r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = scale·x̂ + shift. The statistics
@@ -1093,7 +704,7 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
 //
 // Threads: the channels are split into contiguous ranges, one per thread, through the
 // GOMP_parallel entry point of the OpenMP runtime oneDNN uses (libiomp5 in a Paddle process, see
-// "Threads" at the top), with `Runtime::threads` threads on shapes with at least kBnParallelWork
+// "Threads" in onednn.h), with `Runtime::threads` threads on shapes with at least kBnParallelWork
 // values: always if PADDLE_MAML_FASTCONV_THREADS fixes the count, else where the running timings
 // of class Pace find a team faster than one thread. Every channel's sums are formed by one thread
 // in the same order whatever the thread count, so results are bit-identical for any number of
