@@ -1,12 +1,14 @@
 """oneDNN fast path for the first-order convolution kernels behind :mod:`metalearn.kernels.ops`.
 
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
-of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
+of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward, optionally followed by ReLU; plain C++ loops on the
-same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.ops.batch_norm`, and likewise the ReLU
-network of the sinusoid MLP for :func:`metalearn.kernels.ops.relu_network`. :func:`load_kernels`
-compiles that operator once per machine (``paddle.utils.cpp_extension.load`` in a quiet
+(``csrc/batch_norm.cc``: forward, backward and double-backward, optionally followed by ReLU; plain
+C++ loops on the same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.ops.batch_norm`,
+ConvNet's body at inference (``csrc/body.cc``), and likewise the ReLU network of the sinusoid MLP
+(``csrc/relu_network.cc``) for :func:`metalearn.kernels.ops.relu_network`; ``csrc/onednn.h``
+declares what they share. :func:`load_kernels` compiles every ``csrc/*.cc`` into that library
+once per machine (``paddle.utils.cpp_extension.load`` in a quiet
 subprocess, 20-30 s), caches it on disk and registers it in this process (well under a second on
 later starts).
 
@@ -193,7 +195,7 @@ class Kernels(NativeKernels):
         return self._fast(*tensors)
 
     def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, save=True):
-        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm"); with
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc/batch_norm.cc); with
         ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
         written: an empty tensor comes back in its place."""
         return _C_ops._run_custom_op(
@@ -238,7 +240,7 @@ class Kernels(NativeKernels):
             "fastbody_forward", x, list(params), int(stride), int(padding), int(groups), float(eps)
         )[0]
 
-    # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks
+    # The ReLU network (csrc/relu_network.cc): one operator call per pass, for networks
     # of at most MAX_NETWORK_LAYERS layers. The hidden activations and the dz_l travel packed,
     # between the operators only.
     def fuses_linear(self, *tensors) -> bool:
@@ -260,7 +262,7 @@ class Kernels(NativeKernels):
         return (*_gradients(grads, len(params), with_x), grad_out)
 
 
-MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (csrc: kMaxLayers)
+MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (relu_network.cc: kMaxLayers)
 
 
 def _gradients(outputs: list, count: int, with_x: bool) -> tuple:
