@@ -8,9 +8,9 @@ C++ loops on the same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.op
 ConvNet's body at inference (``csrc/body.cc``), and likewise the ReLU network of the sinusoid MLP
 (``csrc/relu_network.cc``) for :func:`metalearn.kernels.ops.relu_network`; ``csrc/onednn.h``
 declares what they share. :func:`load_kernels` compiles every ``csrc/*.cc`` into that library
-once per machine (``paddle.utils.cpp_extension.load`` in a quiet
-subprocess, 20-30 s), caches it on disk and registers it in this process (well under a second on
-later starts).
+once per machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, the files in
+parallel: about a minute of compiler time, most of it Paddle's headers, parsed once per file),
+caches it on disk and registers it in this process (well under a second on later starts).
 
 Cache folder: ``$PADDLE_MAML_CACHE_DIR/fastconv`` if set, else
 ``$XDG_CACHE_HOME/paddle-maml/fastconv`` (default ``~/.cache/paddle-maml/fastconv``), one
