@@ -37,7 +37,7 @@ def test_a_user_model_trains_resumes_to_the_same_theta_and_evaluates(omniglot_di
     assert list(one.params) == list(two.params)
     for name in one.params:
         np.testing.assert_allclose(one.params[name], two.params[name], rtol=0, atol=1e-6)
-    assert two.meta["network"]["kind"] == "layer" and two.meta["network"]["factory"] == FACTORY
+    assert two.meta["network"]["kind"] == "layer" and two.meta["network"]["source"] == FACTORY
     config = json.loads((tmp_path / "split" / "config.json").read_text())
     assert config["net"] == FACTORY and config["network"]["input_shape"] == [1, 28, 28]
 
@@ -67,7 +67,7 @@ def test_a_user_model_trains_resumes_to_the_same_theta_and_evaluates(omniglot_di
         ("tests.broken_model:model", "importable from the working directory"),
         ("tests.nowhere:model", "importable from the working directory"),
         ("json:loads", "not a file under the working directory"),
-        ("conv5", "expected conv4, pool4 or MODULE:FUNCTION"),
+        ("conv5", "nor MODULE:FUNCTION (a model factory in the working directory)"),
     ],
 )
 def test_a_bad_factory_is_one_error_line_before_any_training(omniglot_dir, tmp_path, net, fragment):

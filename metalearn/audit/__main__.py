@@ -1,5 +1,6 @@
-"""``python -m metalearn.audit MODULE:FUNCTION``: the table of metalearn.audit, exit status 1
-when any parameter's meta-gradient is off (2 for a bad command line or model)."""
+"""``python -m metalearn.audit MODULE:FUNCTION`` (or ``SPEC.json``): the table of
+metalearn.audit, exit status 1 when any parameter's meta-gradient is off (2 for a bad command
+line or model)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(float64, one small random task).",
     )
     parser.add_argument(
-        "factory",
-        help="MODULE:FUNCTION in the working directory, called as FUNCTION((C, H, W), n_way)",
+        "model",
+        help="MODULE:FUNCTION in the working directory, called as FUNCTION((C, H, W), n_way), "
+        "or a model spec file (.json, metalearn/nets/spec.py)",
     )
     parser.add_argument("--input-shape", default="1,28,28", help="C,H,W (default 1,28,28)")
     parser.add_argument("--n-way", type=int, default=5, help="classes per task (default 5)")
@@ -62,10 +64,16 @@ def main(argv: list[str] | None = None) -> bool:
 
     from metalearn import audit  # Paddle loads from here on
     from metalearn.nets.factory import build_layer, load_factory
+    from metalearn.nets.spec import build_from_spec, load_spec_file
 
-    load_factory(args.factory)  # import errors before any work, as one line
+    if args.model.endswith(".json"):
+        spec = load_spec_file(args.model)
+        build = lambda: build_from_spec(spec, shape, args.n_way)  # noqa: E731
+    else:
+        load_factory(args.model)  # import errors before any work, as one line
+        build = lambda: build_layer(args.model, shape, args.n_way)  # noqa: E731
     reports = audit.audit(
-        lambda: build_layer(args.factory, shape, args.n_way),
+        build,
         shape,
         args.n_way,
         steps=args.steps,

@@ -38,8 +38,8 @@ class UnverifiedLayerWarning(UserWarning):
 class LayerNet:
     """A user's Layer adapted to the learner (MetaLearner), trainer and checkpoints.
 
-    ``factory`` (``module:function``) and ``input_shape`` are only recorded in :meth:`config`,
-    so a checkpoint says how to rebuild the model. ANIL's head (``head_names``) is the last
+    ``source`` (how the model was described: ``module:function`` or a spec file) and
+    ``input_shape`` are only recorded in :meth:`config`, so a checkpoint says how to rebuild it. ANIL's head (``head_names``) is the last
     sublayer, in registration order, that owns parameters; its features are that sublayer's
     input, valid only if the model returns that sublayer's output unchanged (checked per call).
     """
@@ -58,11 +58,11 @@ class LayerNet:
         input_shape: Sequence[int] | None = None,
         loss: str = "cross_entropy",
         exact: bool = True,
-        factory: str | None = None,
+        source: str | None = None,
     ):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {tuple(LOSSES)}")
-        self.layer, self.n_way, self.factory = layer, n_way, factory
+        self.layer, self.n_way, self.source = layer, n_way, source
         self.input_shape = None if input_shape is None else [int(n) for n in input_shape]
         self.loss_name, self.exact = loss, exact
         self.objective = LOSSES[loss]()
@@ -85,7 +85,7 @@ class LayerNet:
         """What rebuilds this network (stored in checkpoints; compared key by key on load)."""
         return {
             "kind": self.kind,
-            "factory": self.factory,
+            "source": self.source,
             "n_way": self.n_way,
             "input_shape": self.input_shape,
             "loss": self.loss_name,

@@ -14,6 +14,7 @@ from metalearn.kernels import onednn
 from metalearn.nets import factory
 from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 from metalearn.nets.layer_net import LayerNet
+from metalearn.nets.spec import build_from_spec, load_spec_file
 
 
 @dataclass
@@ -69,7 +70,7 @@ def image_network(config: dict, channels: int, size: int) -> ConvNet | PoolConvN
 
 NETS = {"conv4": ConvNet, "pool4": PoolConvNet}
 """``--net``: the paper's Omniglot network and its MiniImagenet network; anything else is the
-user's model (:func:`user_layer`)."""
+user's own (:func:`user_layer`)."""
 
 
 def user_network(config: dict, input_shape: tuple[int, int, int]) -> LayerNet:
@@ -84,7 +85,7 @@ def user_network(config: dict, input_shape: tuple[int, int, int]) -> LayerNet:
             f"--net {config['net']} computes one task at a time: leave --task_chunk out"
         )
     layer = user_layer(config, input_shape, config["n_way"])
-    net = LayerNet(layer, config["n_way"], input_shape, factory=config["net"])
+    net = LayerNet(layer, config["n_way"], input_shape, source=config["net"])
     try:
         net.check_sample(factory.sample_batch(input_shape), config["n_way"])
     except UserError as error:
@@ -93,10 +94,12 @@ def user_network(config: dict, input_shape: tuple[int, int, int]) -> LayerNet:
 
 
 def user_layer(config: dict, input_shape: tuple[int, int, int], n_way: int) -> paddle.nn.Layer:
-    """The Layer ``config['net']`` names (``module:function``), built with Paddle seeded by the
-    run's seed, so every process and every rebuild starts from the same weights. Another
-    description of a model (a JSON file, say) plugs in here."""
+    """The Layer ``config['net']`` describes: a model spec file (``.json``) or a factory
+    (``module:function``), built with Paddle seeded by the run's seed, so every process and
+    every rebuild starts from the same weights."""
     paddle.seed(config["seed"])
+    if config["net"].endswith(".json"):
+        return build_from_spec(load_spec_file(config["net"]), input_shape, n_way)
     return factory.build_layer(config["net"], input_shape, n_way)
 
 
