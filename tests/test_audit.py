@@ -31,10 +31,14 @@ def test_the_same_model_fails_on_paddles_own_double_grads() -> None:
     assert "audit FAILED" in table.splitlines()[-1]
 
 
-def test_a_subset_of_parameters_adapts_with_an_exact_meta_gradient() -> None:
-    """The fixed weights are re-aliased each inner step (MetaLearner.alias_fixed)."""
-    reports = audit(tanh_omniglot_net((1, 28, 28), 3), (1, 28, 28), 3,
-                    adapt=["body.0.weight", "body.4.bias", "head.weight"], smooth=False)  # fmt: skip
+@pytest.mark.parametrize(
+    "adapt", [["body.0.weight", "body.4.bias", "head.weight"], "head"], ids=["names", "anil"]
+)
+def test_a_subset_of_parameters_adapts_with_an_exact_meta_gradient(adapt) -> None:
+    """Named weights: the fixed ones are re-aliased each inner step (MetaLearner.alias_fixed);
+    the head (ANIL): the body's features once per task, through LayerNet.features."""
+    model = tanh_omniglot_net((1, 28, 28), 3)
+    reports = audit(model, (1, 28, 28), 3, adapt=adapt, smooth=False)
     assert all(r.passed for r in reports), format_reports(reports)[0]
 
 
