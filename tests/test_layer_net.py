@@ -4,6 +4,7 @@ functional calls that substitute and restore parameters, and the checks on a sam
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import paddle
@@ -167,3 +168,18 @@ def test_a_stacked_task_chunk_is_refused() -> None:
     net = LayerNet(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="one task at a time"):
         MetaLearner(net, make_parameters(net.init_params(0)), "maml", 0.1, 1, task_chunk=4)
+
+
+def test_concurrent_calls_on_one_layer_each_see_their_own_weights() -> None:
+    """The substitution is serialised per Layer; the routes are counted across threads."""
+    net = LayerNet(OmniglotNet(3, hidden=4))
+    x = paddle.rand([4, 1, 28, 28])
+    weights = [{k: v * (1.0 + 0.1 * i) for k, v in net.parameters().items()} for i in range(4)]
+    with paddle.no_grad():
+        expected = [net.forward(x, w).numpy() for w in weights]
+        with ThreadPoolExecutor(4) as pool:
+            found = list(pool.map(lambda w: [net.forward(x, w).numpy() for _ in range(5)], weights))
+    for want, outs in zip(expected, found):
+        for out in outs:
+            np.testing.assert_array_equal(out, want)
+    assert not exact._patched

@@ -130,8 +130,9 @@ class MetaLearner:
 
     ``variant`` (a name of :data:`ALGORITHMS` or a variants.py object) chooses the direction and
     the outer optimiser; ``rule`` (inner_rules.py) the inner update; ``adapt`` the subset of θ
-    the inner loop changes (``"all"``, ``"head"``: ANIL, or a list of parameter names). Per-step parameters of the network
-    (per-step batch norm) are meta-learned but never adapted, as in MAML++'s code.
+    the inner loop changes (``"all"``, ``"head"``: ANIL, or a list of parameter names). Per-step
+    parameters of the network (per-step batch norm) are meta-learned but never adapted, as in
+    MAML++'s code.
     ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
     Networks stack tasks as their ``default_task_chunk`` says (the sinusoid MLP: all of them; the
@@ -249,7 +250,8 @@ class MetaLearner:
                 grads = [dict(zip(wrt, grads))[k] for k in self.adapted]
             else:
                 leaves = {
-                    k: _leaf(w) if k in self.adapted else w.detach() for k, w in weights.items()
+                    k: _leaf(w) if k in self._adapted_set else w.detach()
+                    for k, w in weights.items()
                 }
                 loss = self.net.loss(output(support.detach(), leaves, step), y_support)
                 grads = paddle.grad(loss, [leaves[k] for k in self.adapted])
@@ -306,8 +308,6 @@ class MetaLearner:
         """How tasks are computed: stacked ``task_chunk`` at a time (default: the network's
         ``default_task_chunk``, None: all); the last chunk may be smaller."""
         size = max(self.task_chunk or self.net.default_task_chunk or len(tasks), 1)
-        if not getattr(self.net, "stacks_tasks", True):
-            size = 1
         return [tasks[start : start + size] for start in range(0, len(tasks), size)]
 
     def _start(self, count: int, differentiable: bool) -> TensorDict:
