@@ -156,7 +156,7 @@ def load_trained(
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, splits)
     params = make_parameters(trained_arrays(problem.net, trained, Path(path)))
-    learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
+    learner = problem.learner(problem.net, params, config, config["glob_update_step_test"])
     return problem, learner, config
 
 
