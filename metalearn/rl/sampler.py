@@ -77,6 +77,14 @@ def rollout(
     return episodes
 
 
+def paths(episodes: Episodes, shown: int, task: int = 0) -> list[np.ndarray]:
+    """The positions visited (the first two observation entries, from the start) by ``task``'s
+    first ``shown`` trajectories, each up to its episode's last step."""
+    lengths = episodes.mask[task].sum(axis=0).astype(int)
+    positions = episodes.observations[task, ..., :2]
+    return [positions[: lengths[n], n] for n in range(min(shown, len(lengths)))]
+
+
 def add_advantages(episodes: Episodes, gamma: float, lam: float, normalise: bool = True) -> None:
     """GAE(γ, λ) advantages against each task's own linear feature baseline, normalised per
     task (λ = 1: discounted return minus baseline, REINFORCE's)."""
