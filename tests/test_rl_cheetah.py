@@ -23,7 +23,9 @@ def test_rewards_follow_the_goal_velocity_and_the_control_cost(cheetah_vel) -> N
     """The reward is −|v − v*| − 0.05‖clip(a)‖², with v the forward velocity of the same
     simulation stepped by gymnasium directly."""
     import gymnasium
+    import mujoco
 
+    mujoco.set_mju_user_warning(lambda message: None)  # the model's deprecation, once per env
     goals = np.array([[0.5], [1.5]])
     seeds = np.array([[3, 4, 5], [6, 7, 8]])
     obs = cheetah_vel.reset(goals, 3, seeds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 
@@ -46,11 +47,21 @@ def require_mujoco() -> None:
         raise UserError("half-cheetah needs mujoco: pip install -r requirements-rl.txt") from None
 
 
+def _quiet_model_deprecation(message: str) -> None:
+    """MuJoCo 4 warns, once per environment made (and into ./MUJOCO_LOG.TXT), that gymnasium's
+    half_cheetah.xml uses the deprecated ``settotalmass``; other warnings still show."""
+    if "settotalmass" not in message:
+        print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+
 class _CheetahBlock(gymnasium.Env if gymnasium else object):
     """``count`` half-cheetahs stepped together in one process (a worker of the vector env);
     ``offset`` is where its block starts among all trajectories, to pick its seeds."""
 
     def __init__(self, count: int, offset: int):
+        import mujoco
+
+        mujoco.set_mju_user_warning(_quiet_model_deprecation)
         self.envs = [gymnasium.make(ENV_ID).unwrapped for _ in range(count)]
         self.offset = offset
         self.observation_space = Box(-np.inf, np.inf, (count, OBS_DIM + 1), np.float64)
