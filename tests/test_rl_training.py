@@ -94,6 +94,7 @@ def test_resume_with_adam_keeps_its_moments(tmp_path) -> None:
         ({"horizon": 0}, "--horizon must be between 1 and 1000"),
         ({"horizon": 10**6}, "--horizon must be between 1 and 1000"),
         ({"task_num": 10**6}, "tasks, which are all held in memory"),
+        ({"task_num": 1000, "k_spt": 100}, "steps per meta-batch is more than 2,000,000"),
         ({"max_kl": -1.0}, "--max_kl must be a positive number"),
         ({"gamma": 1.5}, "--gamma must be in (0, 1]"),
         ({"gae_lambda": -0.1}, "--gae_lambda must be in [0, 1]"),

@@ -41,6 +41,7 @@ from metalearn.rl.trpo import TRPO
 TensorDict = dict[str, paddle.Tensor]
 _RETURNS = "__returns_per_step__"
 _LOSS, _KL = "__loss__", "__kl__"
+EVALUATION_CHUNK = 20  # a meta-batch's worth of tasks (the paper's) per stacked computation
 
 
 @dataclass(frozen=True)
@@ -236,12 +237,16 @@ class PolicyGradientLearner:
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, tasks: Sequence[GoalTask], steps: int) -> np.ndarray:
-        """Average return of each task's trajectories after 0..steps inner steps, [T, steps + 1]."""
-        adaptation = self.adapt(tasks, Order.NONE, steps)
-        final = self._sample(
-            tasks, adaptation.weights[-1], steps, self.settings.support_trajectories
-        )
-        return np.stack([*adaptation.returns, final.task_returns()], axis=1)
+        """Average return of each task's trajectories after 0..steps inner steps, [T, steps + 1]
+        (``EVALUATION_CHUNK`` tasks stacked at a time, so any number of test tasks fits)."""
+        rows = []
+        for start in range(0, len(tasks), EVALUATION_CHUNK):
+            chunk = tasks[start : start + EVALUATION_CHUNK]
+            adaptation = self.adapt(chunk, Order.NONE, steps)
+            count = self.settings.support_trajectories
+            final = self._sample(chunk, adaptation.weights[-1], steps, count)
+            rows.append(np.stack([*adaptation.returns, final.task_returns()], axis=1))
+        return np.concatenate(rows)
 
     def adapted_trajectories(self, task: GoalTask, steps: int) -> list[Episodes]:
         """One task's trajectories after 0..steps inner steps (for figures and the playground)."""

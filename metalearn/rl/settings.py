@@ -44,5 +44,7 @@ RL_FLAG_DEFAULTS = {
 
 MAX_TRAJECTORIES = 1000
 MAX_HORIZON = 1000
-"""Upper bounds of --k_spt / --k_query and --horizon for RL: a meta-batch's trajectories are held
-in memory at once (tasks × trajectories × horizon steps, and the policy's activations on them)."""
+MAX_BATCH_STEPS = 2_000_000
+"""Upper bounds of --k_spt / --k_query, --horizon and of a meta-batch's steps (tasks × trajectories
+× horizon, 50 times the paper's 2D-navigation batch): a meta-batch's trajectories, the policy's
+activations on them and the graph of their second derivatives are held in memory at once."""

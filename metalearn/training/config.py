@@ -16,6 +16,7 @@ from pathlib import Path
 from metalearn.data.omniglot import NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
 from metalearn.rl.settings import (
+    MAX_BATCH_STEPS,
     MAX_HORIZON,
     MAX_TRAJECTORIES,
     OUTER_OPTIMIZERS,
@@ -478,6 +479,12 @@ def _validate_rl(config: dict) -> None:
     horizon = config.get("horizon")
     if not (isinstance(horizon, int) and 1 <= horizon <= MAX_HORIZON):
         raise UserError(f"--horizon must be between 1 and {MAX_HORIZON}, got {horizon}")
+    steps = config["task_num"] * max(config["k_spt"], config["k_query"]) * horizon
+    if steps > MAX_BATCH_STEPS:
+        raise UserError(
+            f"--task_num × trajectories × --horizon = {steps:,} steps per meta-batch is more "
+            f"than {MAX_BATCH_STEPS:,}, which are all held in memory at once; use fewer"
+        )
     ranges = {
         "max_kl": ("a positive number", lambda v: 0 < v < math.inf),
         "gamma": ("in (0, 1]", lambda v: 0 < v <= 1),
