@@ -194,7 +194,6 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use the GPU if Paddle has CUDA; otherwise warn and use the CPU",
     )
-    _add_rl_flags(parser)
 
 
 def _add_rl_flags(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +235,7 @@ def train_parser() -> argparse.ArgumentParser:
         description="Meta-train MAML / FOMAML / Reptile / MAML++ / Meta-SGD / ANIL."
     )
     _add_task_flags(parser)
+    _add_rl_flags(parser)
     parser.add_argument(
         "--net",
         choices=NETS,
