@@ -19,12 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from metalearn.learning.learner import initial_arrays, make_parameters
-from metalearn.runs import plots
-from metalearn.training.config import resolve_defaults
-from metalearn.training.evaluation import load_trained, summarise
-from metalearn.training.problems import build_problem
+# The package (and Paddle) is imported inside main(): half-cheetah's environment workers are
+# spawned processes that import this script, and need neither.
 
 
 def returns_of(learner, sampler, tasks: int, seed: int, steps: int) -> np.ndarray:
@@ -41,6 +37,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    from metalearn.learning.learner import initial_arrays, make_parameters
+    from metalearn.runs import plots
+    from metalearn.training.config import resolve_defaults
+    from metalearn.training.evaluation import load_trained, summarise
+    from metalearn.training.problems import build_problem
+
     series, first_config = {}, None
     for item in args.run:
         label, run_dir = item.split("=", 1)

@@ -18,15 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import paddle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from metalearn.learning.learner import make_parameters
-from metalearn.rl.policy import GaussianPolicy
-from metalearn.rl.problem import make_env
-from metalearn.rl.sampler import rollout
-from metalearn.training.config import resolve_defaults
+# The package (and Paddle) is imported in the functions: half-cheetah's environment workers are
+# spawned processes that import this script, and need neither.
 
 
 def env_only(env, tasks: int, count: int, horizon: int, rng: np.random.Generator) -> float:
@@ -39,6 +34,10 @@ def env_only(env, tasks: int, count: int, horizon: int, rng: np.random.Generator
 
 
 def with_policy(env, tasks: int, count: int, horizon: int, rng: np.random.Generator) -> float:
+    from metalearn.learning.learner import make_parameters
+    from metalearn.rl.policy import GaussianPolicy
+    from metalearn.rl.sampler import rollout
+
     policy = GaussianPolicy(env.obs_dim, env.act_dim)
     params = make_parameters(policy.init_params(0))
     weights = {k: w.expand([tasks, *w.shape]) for k, w in params.items()}
@@ -56,7 +55,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--envs", nargs="+", default=["nav2d", "cheetah_vel"])
     args = parser.parse_args()
-    paddle.set_device("cpu")
+    from metalearn.rl.problem import make_env
+    from metalearn.training.config import resolve_defaults
+
     rng = np.random.default_rng(0)
     print("| environment | tasks × trajectories × horizon | mode | env steps / s |")
     print("| --- | --- | --- | --- |")
