@@ -58,6 +58,7 @@ function drawResult(result) {
       el("td", { class: "num" }, step.return.toFixed(2)),
       el("td", {}, `${step.paths.length} of ${result.trajectories}`)));
   });
+  plane.append(plane.querySelector(".goal"));  // the goal on top of the paths
   document.getElementById("goal-text").textContent =
     `goal (${result.goal[0].toFixed(2)}, ${result.goal[1].toFixed(2)}), α = ${result.inner_lr}`;
   page.dataset.resultCount = String(Number(page.dataset.resultCount) + 1);
