@@ -2,8 +2,9 @@
 
 The defaults follow the MAML paper (section 5.3 and appendix A.2) and its public code: 20 tasks
 per meta-batch, 20 trajectories per task for 2D navigation, one inner policy-gradient step of
-α = 0.1, TRPO with a KL bound of 0.01. Half-cheetah uses 40 tasks, horizon 200 and α = 0.1 in
-the paper; the defaults here are the reduced budget this project can run (docs/rl.md).
+α = 0.1, TRPO with a KL bound of 0.01. For half-cheetah the paper's code samples 40 tasks × 20
+trajectories × horizon 200 (α = 0.1); the defaults here are the reduced budget this machine can
+run (docs/rl.md).
 """
 
 from __future__ import annotations
