@@ -3,7 +3,7 @@
 glibc hands large freed blocks back to the OS and the next allocation faults every page in again;
 Paddle's eager CPU kernels allocate a fresh output per op, so on this workload much of an
 elementwise op's time was page faults. Raising glibc's mmap and trim thresholds keeps freed memory
-in the process (measured: one MAML task ~2x faster; see README). Such variables are read when the
+in the process (measured: one MAML task ~2x faster; see docs/performance.md). Such variables are read when the
 process starts, so :func:`tune_allocator` re-executes the entry point once with them set.
 
 The re-exec repeats the interpreter's own command line (``sys.orig_argv``), so options such as

@@ -218,11 +218,12 @@ def test_disabled_by_environment():
 
 def test_build_failure_returns_none_with_one_line(tmp_path):
     """A broken source gives None and a single warning line, no traceback."""
-    broken = tmp_path / "onednn_conv.cc"
-    broken.write_text("this is not C++\n")
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / "conv.cc").write_text("this is not C++\n")
     code = (
         "import pathlib, sys; from metalearn.kernels import onednn; "
-        f"onednn.SOURCE = pathlib.Path({str(broken)!r}); "
+        f"onednn.SOURCE_DIR = pathlib.Path({str(broken)!r}); "
         "sys.exit(onednn.load_kernels() is not None)"
     )
     env = dict(os.environ, PADDLE_MAML_CACHE_DIR=str(tmp_path / "cache"))
@@ -387,9 +388,39 @@ def fake_builds(tmp_path, monkeypatch):
     monkeypatch.setattr(onednn, "_compiler_id", lambda: "c++: fake 1.0\n")
     monkeypatch.setattr(onednn.subprocess, "run", fake_run)
     state.build_dir = onednn.cache_root() / (
-        f"{onednn._NAME}-{onednn._build_key(onednn.SOURCE.read_bytes())}"
+        f"{onednn._NAME}-{onednn._build_key(onednn._read_sources(onednn.SOURCE_DIR))}"
     )
     return state
+
+
+def test_every_source_file_is_compiled_and_keyed(fake_builds, tmp_path, monkeypatch):
+    """All .cc files are compiled (sorted, headers only copied beside them); a change to any
+    file, header included, or a renamed file, means a new build sub-folder."""
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for name in ("b.cc", "shared.h", "a.cc"):
+        (sources / name).write_text("// the same text: the key must hash the names too\n")
+    (sources / "notes.txt").write_text("not a source\n")
+    monkeypatch.setattr(onednn, "SOURCE_DIR", sources)
+
+    first = onednn._build()
+    compiled = fake_builds.commands[0][-3:-1]
+    copies = first.parent.parent / "csrc"
+    assert compiled == [str(copies / "a.cc"), str(copies / "b.cc")]
+    assert sorted(path.name for path in copies.iterdir()) == ["a.cc", "b.cc", "shared.h"]
+    assert onednn._build() == first and len(fake_builds.commands) == 1  # nothing changed
+
+    (sources / "shared.h").write_text("// shared.h, changed\n")
+    second = onednn._build()
+    (sources / "a.cc").rename(sources / "c.cc")
+    third = onednn._build()
+    assert len({first, second, third}) == 3 and len(fake_builds.commands) == 3
+
+
+def test_missing_sources_are_a_build_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn, "SOURCE_DIR", tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ sources in"):
+        onednn._build()
 
 
 def test_failed_build_is_remembered(fake_builds, monkeypatch, capsys):

@@ -136,3 +136,10 @@ def test_notebook_runs_end_to_end(
     )
     assert "not packing again" in text
     assert "step 3: accuracy" in text  # evaluate() printed accuracy after 0..3 inner steps
+    stderr = [
+        output.get("text", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.get("name") == "stderr"
+    ]
+    assert not [text for text in stderr if "Warning" in text], stderr  # a quiet start

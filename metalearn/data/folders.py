@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 from metalearn.data import images, packing
-from metalearn.errors import UserError
 from metalearn.data.omniglot import (
     SPLITS,
     check_seed,
@@ -51,6 +50,7 @@ from metalearn.data.omniglot import (
     split_characters,
 )
 from metalearn.data.tasks import ClassImages
+from metalearn.errors import UserError
 
 FORMAT_VERSION = 1
 DEFAULT_SIZE = 84

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metalearn.errors import UserError
 from metalearn.data.images import to_float
+from metalearn.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,20 @@
 """oneDNN fast path for the first-order convolution kernels behind :mod:`metalearn.kernels.ops`.
 
 Paddle's eager CPU ``conv2d`` / ``conv2d_grad`` are several times slower than oneDNN on the shapes
-of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/onednn_conv.cc`` calls it
+of our networks. The wheel ships oneDNN (``libdnnl.so.3``), so ``csrc/conv.cc`` calls it
 directly from a Paddle custom C++ operator. The same library holds batch norm as one operator
-(forward, backward and double-backward, optionally followed by ReLU; plain C++ loops on the
-same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.ops.batch_norm`, and likewise the ReLU
-network of the sinusoid MLP for :func:`metalearn.kernels.ops.relu_network`. :func:`load_kernels`
-compiles that operator once per machine (``paddle.utils.cpp_extension.load`` in a quiet
-subprocess, 20-30 s), caches it on disk and registers it in this process (well under a second on
-later starts).
+(``csrc/batch_norm.cc``: forward, backward and double-backward, optionally followed by ReLU; plain
+C++ loops on the same OpenMP threads, no oneDNN) for :func:`metalearn.kernels.ops.batch_norm`,
+ConvNet's body at inference (``csrc/body.cc``), and likewise the ReLU network of the sinusoid MLP
+(``csrc/relu_network.cc``) for :func:`metalearn.kernels.ops.relu_network`; ``csrc/onednn.h``
+declares what they share. :func:`load_kernels` compiles every ``csrc/*.cc`` into that library
+once per machine (``paddle.utils.cpp_extension.load`` in a quiet subprocess, the files in
+parallel: about a minute of compiler time, most of it Paddle's headers, parsed once per file),
+caches it on disk and registers it in this process (well under a second on later starts).
 
 Cache folder: ``$PADDLE_MAML_CACHE_DIR/fastconv`` if set, else
 ``$XDG_CACHE_HOME/paddle-maml/fastconv`` (default ``~/.cache/paddle-maml/fastconv``), one
-sub-folder per (source, Paddle build, Python, flags) so an edited source or a new Paddle
+sub-folder per (sources, Paddle build, Python, flags) so any edited source or a new Paddle
 rebuilds. Delete it to force a rebuild. ``BUILD_OK`` records the sha256 of the compiled library, so
 a corrupt library is rebuilt. A failed build leaves its log and a ``BUILD_FAILED`` marker naming the
 compiler: later starts use the native kernels at once (one warning line) until the compiler
@@ -80,7 +82,7 @@ from metalearn.kernels.registry import NativeKernels, install
 __all__ = ["Kernels", "load_kernels", "use_kernels"]
 
 DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "onednn_conv.cc"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _NAME = "paddle_maml_fastconv"
 _CXX_FLAGS = ["-O3", "-g0", "-w"]
 _LD_FLAGS = ["-ldl"]
@@ -105,8 +107,8 @@ _BUILD_SCRIPT = """
 import sys, warnings
 warnings.simplefilter("ignore")
 from paddle.utils.cpp_extension import load
-name, source, build_dir = sys.argv[1:4]
-load(name=name, sources=[source], extra_cxx_cflags={cxx!r}, extra_ldflags={ld!r},
+name, *sources, build_dir = sys.argv[1:]
+load(name=name, sources=sources, extra_cxx_cflags={cxx!r}, extra_ldflags={ld!r},
      build_directory=build_dir, verbose=False)
 """
 
@@ -193,7 +195,7 @@ class Kernels(NativeKernels):
         return self._fast(*tensors)
 
     def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, save=True):
-        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc: "Batch norm"); with
+        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc/batch_norm.cc); with
         ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
         written: an empty tensor comes back in its place."""
         return _C_ops._run_custom_op(
@@ -238,7 +240,7 @@ class Kernels(NativeKernels):
             "fastbody_forward", x, list(params), int(stride), int(padding), int(groups), float(eps)
         )[0]
 
-    # The ReLU network (csrc: "The ReLU network"): one operator call per pass, for networks
+    # The ReLU network (csrc/relu_network.cc): one operator call per pass, for networks
     # of at most MAX_NETWORK_LAYERS layers. The hidden activations and the dz_l travel packed,
     # between the operators only.
     def fuses_linear(self, *tensors) -> bool:
@@ -260,7 +262,7 @@ class Kernels(NativeKernels):
         return (*_gradients(grads, len(params), with_x), grad_out)
 
 
-MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (csrc: kMaxLayers)
+MAX_NETWORK_LAYERS = 4  # the operators' fixed number of outputs (relu_network.cc: kMaxLayers)
 
 
 def _gradients(outputs: list, count: int, with_x: bool) -> tuple:
@@ -330,8 +332,21 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "paddle-maml" / "fastconv"
 
 
-def _build_key(source: bytes) -> str:
-    digest = hashlib.sha256(source)
+def _read_sources(folder: Path) -> dict[str, bytes]:
+    """Name → bytes of the operator's C++ files in ``folder`` (``*.cc`` compiled, ``*.h``
+    included), sorted by name. Read once, so that the build compiles exactly what its key hashed."""
+    files = sorted(path for pattern in ("*.cc", "*.h") for path in folder.glob(pattern))
+    sources = {path.name: path.read_bytes() for path in files if path.is_file()}
+    if not any(name.endswith(".cc") for name in sources):
+        raise RuntimeError(f"no C++ sources in {folder}")
+    return sources
+
+
+def _build_key(sources: dict[str, bytes]) -> str:
+    """Hash of every source and header (names and bytes) and of what else shapes the build."""
+    digest = hashlib.sha256()
+    for name, text in sources.items():
+        digest.update(f"{name}\0{len(text)}\0".encode() + text)
     for part in (
         paddle.__version__,
         getattr(paddle.version, "commit", ""),
@@ -347,10 +362,8 @@ def _build_key(source: bytes) -> str:
 
 def _build() -> Path:
     """Path of the compiled operator library, compiling it first if the cache has no valid one."""
-    if not SOURCE.is_file():
-        raise RuntimeError(f"source {SOURCE} missing")
-    source = SOURCE.read_bytes()
-    build_dir = cache_root() / f"{_NAME}-{_build_key(source)}"
+    sources = _read_sources(SOURCE_DIR)
+    build_dir = cache_root() / f"{_NAME}-{_build_key(sources)}"
     library = build_dir / _NAME / f"{_NAME}.so"
     if _built(build_dir, library):
         return library
@@ -374,7 +387,7 @@ def _build() -> Path:
                 f"an earlier build with this compiler failed; delete {failed} to retry "
                 "(build.log beside it says why)"
             )
-        _compile(source, build_dir, library, log)
+        _compile(sources, build_dir, library, log)
         if not library.is_file():
             atomic_write(failed, lambda handle: handle.write(compiler.encode()))
             raise RuntimeError(f"compilation failed, see {log}")
@@ -385,20 +398,24 @@ def _build() -> Path:
     return library
 
 
-def _compile(source: bytes, build_dir: Path, library: Path, log: Path) -> None:
-    """Run the build script in a quiet subprocess; its output goes to ``log``.
+def _compile(sources: dict[str, bytes], build_dir: Path, library: Path, log: Path) -> None:
+    """Compile copies of ``sources`` (in ``<build_dir>/csrc``) in a quiet subprocess running the
+    build script; its output goes to ``log``.
 
     A library already there (corrupt, or of a failed build) is removed first: Paddle would keep
     one whose sources did not change.
     """
     library.unlink(missing_ok=True)
-    src_copy = build_dir / SOURCE.name
-    atomic_write(src_copy, lambda handle: handle.write(source))
+    copies = build_dir / "csrc"
+    copies.mkdir(mode=0o700, exist_ok=True)
+    for name, text in sources.items():
+        atomic_write(copies / name, lambda handle, text=text: handle.write(text))
+    compiled = [str(copies / name) for name in sources if name.endswith(".cc")]
     script = _BUILD_SCRIPT.format(cxx=_CXX_FLAGS, ld=_LD_FLAGS)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     with open(os.open(log, flags, 0o600), "w") as out:
         result = subprocess.run(
-            [sys.executable, "-c", script, _NAME, str(src_copy), str(build_dir)],
+            [sys.executable, "-c", script, _NAME, *compiled, str(build_dir)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

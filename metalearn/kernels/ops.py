@@ -223,7 +223,7 @@ class _BatchNormGrad(PyLayer):
     """The map (x, scale, dy) -> (dx, dscale, dshift) of batch norm's backward pass, as a
     differentiable op. x enters through x̂ and rstd (saved by the forward); it is an input only
     so that its gradient reaches it. The derivative is the fused double-backward operator
-    (formulas in csrc/onednn_conv.cc, "Batch norm"); MAML never needs a third derivative.
+    (formulas in csrc/batch_norm.cc); MAML never needs a third derivative.
 
     After a fused ReLU, dy is the gradient of the ReLU's output z and ``relu_shift`` the batch
     norm's shift (detached): the operators recompute the mask [z > 0] from it and x̂ (no output

@@ -53,7 +53,7 @@ class NativeKernels:
         """Features [N, C] of x [N, C_in, H, W] through blocks [conv (no bias, ``groups`` as
         :meth:`forward`'s) → batch norm with the batch's statistics → ReLU], params = [w_0,
         scale_0, shift_0, w_1, ...], then the mean over the spatial positions; no autograd
-        record (csrc: "The convolution body at inference")."""
+        record (csrc/body.cc)."""
         raise NotImplementedError
 
     # -- the ReLU network of metalearn.kernels.ops.relu_network: h_0 = x, z_l = h_l·W_l + b_l,

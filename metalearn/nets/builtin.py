@@ -205,7 +205,7 @@ class ConvNet(_BlockNet):
     """
 
     kind = "conv"
-    # Measured (README): 8 stacked tasks were as fast as 32 or faster, at 40% of the memory.
+    # Measured (docs/performance.md): 8 stacked tasks were as fast as 32 or faster, at 40% of the memory.
     stacked_tasks = 8
 
     def __init__(

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from metalearn.data.images import to_float
+from metalearn.nets.spec import SPEC_FILE, save_spec_file
 from metalearn.service import runs as run_views
 from metalearn.service.errors import add_error_handlers, conflict, invalid, not_found, too_large
 from metalearn.service.flags import describe_flags, validate_training
@@ -42,6 +43,20 @@ from metalearn.service.security import Guard
 from metalearn.service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+SPEC_EXAMPLE = {
+    "n_way": 5,
+    "run_name": "own_net",
+    "model": {
+        "layers": [
+            {"name": "Conv2d", "out_channels": 32, "kernel_size": 3, "stride": 2, "padding": 1},
+            {"name": "BatchNorm2d"},
+            {"name": "ReLU"},
+            {"name": "MaxPool2d", "kernel_size": 2},
+            {"name": "Flatten"},
+            {"name": "Linear", "out_features": "n_way"},
+        ]
+    },
+}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -144,13 +159,19 @@ def create_app(settings: Settings) -> FastAPI:
             raise conflict(busy(name) or f"run {name!r} cannot take a job now")
         return {"name": name, "job": job.as_dict()}
 
-    @app.post("/api/runs", status_code=202, summary="Start a training (body: train.py flags)")
+    @app.post(
+        "/api/runs",
+        status_code=202,
+        summary='Start a training (body: train.py flags; "model": your own network as a JSON '
+        "model spec)",
+    )
     def start_training(
         body: Annotated[
-            dict[str, Any], Body(examples=[{"n_way": 5, "epochs": 4, "run_name": "x"}])
+            dict[str, Any],
+            Body(examples=[{"n_way": 5, "epochs": 4, "run_name": "x"}, SPEC_EXAMPLE]),
         ],
     ) -> dict:
-        config, argv = validate_training(body, str(work_dir), str(data_dir))
+        config, argv, spec = validate_training(body, str(work_dir), str(data_dir))
         name = config["run_name"]
         folder = run_folder(work_dir, name, "run_name")
         if (folder / "last.npz").exists():
@@ -160,6 +181,8 @@ def create_app(settings: Settings) -> FastAPI:
         if reason := busy(name):
             raise invalid(reason, "run_name")
         flags = [a for a in argv if not a.startswith("--run_name=")]
+        if spec is not None:  # the service's own copy, in the run's folder, for train.py --net
+            flags.append(f"--net={save_spec_file(folder / SPEC_FILE, spec)}")
         return submit(
             "train",
             name,

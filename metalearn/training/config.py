@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from metalearn.data.omniglot import NUM_CHARACTERS, check_seed
+from metalearn.data.omniglot import IMAGE_SIZE, NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
 from metalearn.rl.settings import (
     MAX_BATCH_STEPS,
@@ -238,9 +238,10 @@ def train_parser() -> argparse.ArgumentParser:
     _add_rl_flags(parser)
     parser.add_argument(
         "--net",
-        choices=NETS,
+        metavar="{conv4,pool4,SPEC.json}",
         help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
-        "default conv4 for 1-channel images, pool4 for RGB",
+        "default conv4 for 1-channel images, pool4 for RGB; or a model spec file (.json, see "
+        "metalearn/nets/spec.py)",
     )
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
     parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
@@ -449,6 +450,7 @@ def validate_config(config: dict) -> None:
     if config.get("dataset") == "sinusoid" and config.get("n_way") != 1:
         raise UserError("sinusoid regression has no classes: leave --n_way out (it is 1)")
     _validate_data(config)
+    _validate_net(config)
     if config.get("dataset") == "omniglot" and config["k_spt"] + config["k_query"] > 20:
         raise UserError(
             f"k_spt + k_query = {config['k_spt'] + config['k_query']} but Omniglot has only 20 "
@@ -613,3 +615,39 @@ def _validate_data(config: dict) -> None:
         raise UserError("--net chooses an image network; policies are the paper's Gaussian MLP")
     if config.get("augment") is not None:
         config["augment"] = ",".join(parse_augment(config["augment"])) or "none"
+
+
+def _validate_net(config: dict) -> None:
+    """--net is a built-in network or a model spec file, whose spec must fit the run's images."""
+    from metalearn.nets.spec import load_spec_file
+
+    net = config.get("net")
+    if net is None or net in NETS:
+        return
+    if not net.endswith(".json"):
+        raise UserError(
+            f"--net {net!r:.100} is not one of {', '.join(NETS)} or a model spec (.json)"
+        )
+    try:
+        check_model_spec(load_spec_file(net), config, net)
+    except UserError as error:
+        raise UserError(f"--net {error}") from None
+
+
+def check_model_spec(spec: dict, config: dict, source: str) -> None:
+    """Refuse a model spec (from ``source``) that does not fit the run's images and n_way, before
+    anything is built."""
+    from metalearn.data.folders import read_manifest
+    from metalearn.nets.spec import resolve_spec
+
+    if config.get("dataset") == "omniglot":
+        shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+    elif config.get("dataset") == "folder":
+        settings = read_manifest(Path(config["data_dir"]), config["data"])["preprocessing"]
+        shape = (int(settings["channels"]), int(settings["size"]), int(settings["size"]))
+    else:
+        raise UserError(f"{source}: a model spec is for images; sinusoid uses the paper's MLP")
+    try:
+        resolve_spec(spec, shape, config["n_way"])
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
