@@ -49,6 +49,10 @@ from metalearn.data.tasks import ImageTasks, SinusoidTasks
 from metalearn.kernels import onednn
 from metalearn.learning.learner import MetaLearner, make_parameters
 from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
+from metalearn.nets.layer_net import LayerNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from user_models import OmniglotNet, as_user_arrays  # the user-written copy of ConvNet
 
 try:
     import torch
@@ -68,7 +72,8 @@ class Config:
     inner_lr: float = 0.4
     dataset: str = "omniglot"
     evaluation: bool = False
-    net: str = "conv"  # "pool": the MiniImagenet network on 84x84x3 images
+    net: str = "conv"  # "pool": the MiniImagenet network on 84x84x3 images; "layer": ConvNet
+    # written as a user's paddle.nn.Layer (tests/user_models.py), run through LayerNet
 
     def image_shape(self) -> tuple[int, int, int]:
         return (3, 84, 84) if self.net == "pool" else (1, 28, 28)
@@ -90,6 +95,9 @@ CONFIGS = [
     Config("eval anil 20w1s 10 steps", n_way=20, steps=10, batch=4, evaluation=True, adapt="head"),
     Config("sinusoid maml K10 mb25", dataset="sinusoid", batch=25, inner_lr=0.01),
     Config("maml 5w1s pool84 5 steps mb4", steps=5, batch=4, inner_lr=0.01, net="pool"),
+    # The same network as the first two rows, as a user's nn.Layer (one task at a time).
+    Config("maml 5w1s 1 step mb32 user Layer", steps=1, net="layer"),
+    Config("maml 5w1s 5 steps mb32 user Layer", steps=5, net="layer"),
 ]
 
 
@@ -134,7 +142,12 @@ class Ours:
             self.net = PoolConvNet(n_way=config.n_way)
         else:
             self.net = ConvNet(n_way=config.n_way)
-        self.params = make_parameters(self.net.init_params(0))
+        self.reference_arrays = arrays = self.net.init_params(0)  # the references' names
+        if config.net == "layer":
+            model = OmniglotNet(config.n_way)
+            self.net = LayerNet(model, config.n_way, config.image_shape())
+            arrays = as_user_arrays(model, arrays)
+        self.params = make_parameters(arrays)
         self.learner = MetaLearner(
             self.net,
             self.params,
@@ -362,7 +375,7 @@ def measure(
 ) -> dict:
     ours = Ours(config, task_chunk)
     same_math = torch is not None and config.adapt == "all" and not ours_only
-    arrays = ours.net.init_params(0)
+    arrays = ours.reference_arrays
     runners = {
         "ours": ours,
         "ref": Reference(config, arrays) if same_math else None,

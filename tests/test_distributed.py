@@ -56,13 +56,28 @@ def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, al
     Each process stacks its share (2 tasks, then 1) into one computation; the single process
     computes the same chunks (--task_chunk 2). Other chunks give the same θ up to float32
     rounding, which Adam's normalisation magnifies where a gradient component is nearly zero."""
-    args = flags(omniglot_dir, tmp_path, algo)
+    one = one_and_two_processes(flags(omniglot_dir, tmp_path, algo), tmp_path, "2")
+    assert any(k.startswith("lr:") for k in one) == (algo in ("maml++", "metasgd"))
+
+
+def test_a_user_layer_trains_on_two_processes_to_the_same_theta_as_one(omniglot_dir, tmp_path):
+    """--net MODULE:FUNCTION: every process builds the model from the factory with the run's
+    seed; LayerNet computes one task at a time in both runs."""
+    args = [*flags(omniglot_dir, tmp_path, "maml"), "--net", "tests.user_models:omniglot_net"]
+    one = one_and_two_processes(args, tmp_path, None)
+    assert "body.0.weight" in one
+
+
+def one_and_two_processes(args: list[str], tmp_path: Path, chunk: str | None) -> dict:
+    """θ of one process run for 3 iterations, checked equal to that of two processes run for 2
+    and resumed to 3 (with one writer)."""
     single = subprocess.run(
         [
             sys.executable,
             str(REPO / "train.py"),
             *args,
-            *("--epochs", "3", "--run_name", "one", "--task_chunk", "2"),
+            *("--epochs", "3", "--run_name", "one"),
+            *(("--task_chunk", chunk) if chunk else ()),
         ],
         cwd=REPO,
         capture_output=True,
@@ -80,13 +95,13 @@ def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, al
     one = load_checkpoint(tmp_path / "one" / "last.npz").params
     two = load_checkpoint(tmp_path / "two" / "last.npz").params
     assert list(one) == list(two)
-    assert any(k.startswith("lr:") for k in one) == (algo in ("maml++", "metasgd"))
     for name in one:
         np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-5, err_msg=name)
     # One writer: the record exists once and is complete; only rank 0 printed progress.
     assert RunRecords(tmp_path).get_run("two")["status"] == "complete"
     assert "best validation" in (tmp_path / "logs" / "workerlog.0").read_text()
     assert "best validation" not in (tmp_path / "logs" / "workerlog.1").read_text()
+    return one
 
 
 def worker_pids(run_name: str) -> dict[int, int]:

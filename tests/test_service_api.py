@@ -291,6 +291,7 @@ def test_preset_switches_can_be_set_on_and_off() -> None:
         ({"run_name": "../escape"}, "run_name", "not allowed"),
         ({"run_name": "--epochs"}, "run_name", "not allowed"),
         ({"run_name": "tiny"}, "run_name", "already exists"),
+        ({"net": "tests.user_models:omniglot_net"}, "net", "takes only conv4 or pool4 by name"),
     ],
 )
 def test_training_requests_are_validated_like_the_command_line(

@@ -3,14 +3,16 @@
 Paddle's built-in ``F.conv2d`` double-grad runs but returns wrong numbers, and ``cross_entropy``,
 ``log_softmax``, ``flatten`` and ``max_pool2d`` have no double-grad at all (see docs/design.md).
 MAML differentiates through the inner-loop gradient, so every op on that path needs a correct
-derivative of its own backward pass. This module supplies the three the networks need:
+derivative of its own backward pass. This module supplies what the networks need:
 
 * :func:`conv2d`: the native convolution kernels for the forward and backward passes, with the
   double-backward written out by hand. The backward of a convolution is bilinear, so its own
   derivatives are again plain convolution forward / input-gradient / weight-gradient calls, which
   Paddle computes correctly. No third derivative is ever needed by MAML.
-* :func:`max_pool2x2`: Paddle's max-pooling kernels for the forward and backward passes, with the
-  backward's own derivative written out (the backward routes gradients through a fixed mask).
+* :func:`max_pool2d` (:func:`max_pool2x2`): Paddle's max-pooling kernels for the forward and
+  backward passes, with the backward's own derivative written out (the backward routes
+  gradients through a fixed mask).
+* :func:`log_softmax`, :func:`softmax`: from ``exp``/``log``/``sum`` only.
 * :func:`cross_entropy`: mean cross-entropy from ``exp``/``log``/``sum`` only.
 * :func:`batch_norm` (optionally with ReLU): with the oneDNN kernels (float32 CPU) one fused
   operator whose backward and double-backward are hand-written C++ operators; otherwise
@@ -126,29 +128,20 @@ def _records_graph(*inputs: paddle.Tensor) -> bool:
     return paddle.is_grad_enabled() and not all(t.stop_gradient for t in inputs)
 
 
-_POOL = (
-    [2, 2],
-    [2, 2],
-    [0, 0],
-    False,
-    False,
-    False,
-)  # kernel, stride, padding, global, adaptive, ceil
-
-
 class _MaxPoolGrad(PyLayer):
-    """The map dy -> dx of 2×2 max-pooling's backward pass, as a differentiable op.
+    """The map dy -> dx of max-pooling's backward pass, as a differentiable op.
 
-    With ``index`` (each window's argmax) fixed, dx is dy scattered to the argmax positions: linear
-    in dy, so its derivative along dy is the gather ``g -> g[index]`` (the forward pass with the
-    same mask). ``index`` is piecewise constant in x, so the derivative along x is zero wherever
+    With ``index`` (each window's argmax, a flat position in its input plane) fixed, dx is dy
+    scatter-added to the argmax positions: linear in dy, so its derivative along dy is the
+    adjoint gather ``g -> g[index]`` (the forward pass with the same mask), overlapping windows
+    included. ``index`` is piecewise constant in x, so the derivative along x is zero wherever
     no window has a tie; x only gives the shape and receives no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, index, grad_out):
+    def forward(ctx, x, index, grad_out, geometry):
         ctx.save_for_backward(index)
-        return _C_ops.max_pool2d_with_index_grad(x, index, grad_out, *_POOL)
+        return _C_ops.max_pool2d_with_index_grad(x, index, grad_out, *geometry)
 
     @staticmethod
     def backward(ctx, grad_dx):
@@ -165,7 +158,7 @@ _pool_index_log: list | None = None
 
 @contextlib.contextmanager
 def recording_pool_indices():
-    """Collect the argmax indices (numpy) of every :func:`max_pool2x2` call in the block.
+    """Collect the argmax indices (numpy) of every :func:`max_pool2d` call in the block.
 
     Finite-difference checks use it: max-pooling is smooth only while no window's maximum
     changes place, so a check is valid only if the indices at θ ± εd equal those at θ.
@@ -180,9 +173,10 @@ def recording_pool_indices():
 
 class _MaxPool(PyLayer):
     @staticmethod
-    def forward(ctx, x):
-        out, index = _C_ops.max_pool2d_with_index(x, *_POOL)
+    def forward(ctx, x, geometry):
+        out, index = _C_ops.max_pool2d_with_index(x, *geometry)
         ctx.save_for_backward(x, index)
+        ctx.geometry = geometry
         if _pool_index_log is not None:
             _pool_index_log.append(index.numpy())
         return out
@@ -190,18 +184,47 @@ class _MaxPool(PyLayer):
     @staticmethod
     def backward(ctx, grad_out):
         x, index = ctx.saved_tensor()
-        return _MaxPoolGrad.apply(x.detach(), index, grad_out)
+        return _MaxPoolGrad.apply(x.detach(), index, grad_out, ctx.geometry)
 
 
-def max_pool2x2(x: paddle.Tensor) -> paddle.Tensor:
-    """2×2 max-pooling with stride 2 (NCHW) with exact first and second derivatives.
+def max_pool2d(
+    x: paddle.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] = (0, 0),
+    ceil_mode: bool = False,
+    adaptive: bool = False,
+) -> paddle.Tensor:
+    """Max-pooling (NCHW) with exact first and second derivatives: windows ``kernel`` moved by
+    ``stride`` over ``x`` padded by ``padding`` (rows, columns) on both sides (padding never
+    wins a window), or with ``adaptive`` the output size ``kernel`` (Paddle's adaptive windows).
 
-    Odd rows/columns at the bottom/right are dropped (floor, like TensorFlow's 'VALID': 21 -> 10).
     A tie inside a window sends the whole gradient to its first maximum in row-major order, the
     subgradient Paddle's and PyTorch's CPU kernels pick. Away from ties the function is linear in
     x with a locally constant mask, so these derivatives are the true ones.
     """
-    return _MaxPool.apply(x)
+    geometry = (list(kernel), list(stride), list(padding), False, adaptive, ceil_mode)
+    return _MaxPool.apply(x, geometry)
+
+
+def max_pool2x2(x: paddle.Tensor) -> paddle.Tensor:
+    """2×2 max-pooling with stride 2 (NCHW), exact (:func:`max_pool2d`). Odd rows/columns at the
+    bottom/right are dropped (floor, like TensorFlow's 'VALID': 21 -> 10)."""
+    return max_pool2d(x, (2, 2), (2, 2))
+
+
+def log_softmax(x: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
+    """log softmax along ``axis`` from ``exp``/``log``/``sum`` only (exact derivatives of every
+    order; Paddle's ``log_softmax`` has no double-grad). The subtracted max is detached: the
+    result does not depend on it."""
+    shifted = x - x.max(axis=axis, keepdim=True).detach()
+    return shifted - paddle.log(paddle.exp(shifted).sum(axis=axis, keepdim=True))
+
+
+def softmax(x: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
+    """softmax along ``axis`` from ``exp``/``sum`` only (Paddle's has no double-grad)."""
+    exp = paddle.exp(x - x.max(axis=axis, keepdim=True).detach())
+    return exp / exp.sum(axis=axis, keepdim=True)
 
 
 def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:

@@ -11,6 +11,9 @@ changes place within the finite-difference step, which random inputs make all bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import paddle
 
@@ -19,6 +22,8 @@ from metalearn.kernels import ops
 from metalearn.learning.inner_rules import RATE_PREFIX
 from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
 from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
+
+T = TypeVar("T")
 
 
 def tiny_problem(kind: str, seed: int = 0, bn_steps: int = 0):
@@ -74,10 +79,8 @@ def meta_gradient_error(
     """Relative error |analytic − finite difference| / |finite difference| of the meta-gradient
     of one task's meta-objective (at ``iteration`` of the schedules; None: after them), or of the
     summed meta-objective of ``stacked_tasks`` tasks computed as one stacked chunk (grouped
-    convolutions: the path train.py takes with the oneDNN kernels).
-
-    If a max-pool window's argmax differs at θ ± εd from θ, the step is divided by 10 (at most
-    three times): the difference would cross a kink of the piecewise-linear pooling.
+    convolutions: the path train.py takes with the oneDNN kernels). Max-pooling: see
+    :func:`central_difference`.
     """
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
@@ -94,24 +97,50 @@ def meta_gradient_error(
             options["task_chunk"] = stacked_tasks
             return MetaLearner(net, make_parameters(values), "maml", inner_lr, steps, **options)
 
-        def meta_loss(values: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
-            with ops.recording_pool_indices() as indices:
-                stats = learner(values).batch_direction(tasks, iteration=iteration)[1]
-            return sum(s.loss for s in stats), indices
+        def meta_loss(values: dict[str, np.ndarray]) -> float:
+            stats = learner(values).batch_direction(tasks, iteration=iteration)[1]
+            return sum(s.loss for s in stats)
 
-        with ops.recording_pool_indices() as indices:
-            grads, _ = learner(arrays).batch_direction(tasks, iteration=iteration)
+        (grads, _), indices = with_pool_indices(
+            lambda: learner(arrays).batch_direction(tasks, iteration=iteration)
+        )
         analytic = sum(float((grads[k].numpy() * direction[k]).sum()) for k in arrays)
-        for _ in range(4):
-            plus, plus_indices = meta_loss({k: v + eps * direction[k] for k, v in arrays.items()})
-            minus, minus_indices = meta_loss({k: v - eps * direction[k] for k, v in arrays.items()})
-            if _same(indices, plus_indices) and _same(indices, minus_indices):
-                numeric = (plus - minus) / (2 * eps)
-                return abs(analytic - numeric) / abs(numeric)
-            eps /= 10
-        raise RuntimeError("max-pool argmax changes within every finite-difference step tried")
+        numeric = central_difference(meta_loss, arrays, direction, eps, indices)
+        return abs(analytic - numeric) / abs(numeric)
     finally:
         paddle.set_default_dtype(previous)
+
+
+def with_pool_indices(compute: Callable[[], T]) -> tuple[T, list[np.ndarray]]:
+    """``compute()`` and the argmax indices of every max-pool it ran."""
+    with ops.recording_pool_indices() as indices:
+        return compute(), indices
+
+
+def central_difference(
+    meta_loss: Callable[[dict[str, np.ndarray]], float],
+    arrays: dict[str, np.ndarray],
+    direction: dict[str, np.ndarray],
+    eps: float,
+    indices: list[np.ndarray],
+) -> float:
+    """(L(θ + εd) − L(θ − εd)) / 2ε for the directions ``direction`` (name -> array; names
+    missing from it stay put), where ``indices`` are the max-pool argmaxes at θ.
+
+    If a max-pool window's argmax differs at θ ± εd from θ, the step is divided by 10 (at most
+    three times): the difference would cross a kink of the piecewise-linear pooling.
+    """
+
+    def shifted(step: float) -> dict[str, np.ndarray]:
+        return {k: v + step * direction[k] if k in direction else v for k, v in arrays.items()}
+
+    for _ in range(4):
+        plus, plus_indices = with_pool_indices(lambda: meta_loss(shifted(eps)))  # noqa: B023
+        minus, minus_indices = with_pool_indices(lambda: meta_loss(shifted(-eps)))  # noqa: B023
+        if _same(indices, plus_indices) and _same(indices, minus_indices):
+            return (plus - minus) / (2 * eps)
+        eps /= 10
+    raise RuntimeError("max-pool argmax changes within every finite-difference step tried")
 
 
 def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:

@@ -130,8 +130,9 @@ class MetaLearner:
 
     ``variant`` (a name of :data:`ALGORITHMS` or a variants.py object) chooses the direction and
     the outer optimiser; ``rule`` (inner_rules.py) the inner update; ``adapt`` the subset of θ
-    the inner loop changes (``"all"`` or ``"head"``: ANIL). Per-step parameters of the network
-    (per-step batch norm) are meta-learned but never adapted, as in MAML++'s code.
+    the inner loop changes (``"all"``, ``"head"``: ANIL, or a list of parameter names). Per-step
+    parameters of the network (per-step batch norm) are meta-learned but never adapted, as in
+    MAML++'s code.
     ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
     Networks stack tasks as their ``default_task_chunk`` says (the sinusoid MLP: all of them; the
@@ -150,21 +151,29 @@ class MetaLearner:
         inner_lr: float,
         inner_steps: int,
         rule: str = "sgd",
-        adapt: str = "all",
+        adapt: str | Sequence[str] = "all",
         multi_step_loss_for: int = 0,
         task_chunk: int | None = None,
     ):
         if task_chunk is not None and task_chunk < 1:
             raise ValueError(f"task_chunk must be at least 1, not {task_chunk}")
+        if task_chunk not in (None, 1) and not getattr(net, "stacks_tasks", True):
+            raise ValueError(f"{type(net).__name__} computes one task at a time (task_chunk 1)")
         self.task_chunk = task_chunk
         self.variant = make_variant(variant) if isinstance(variant, str) else variant
-        if adapt not in ADAPT:
-            raise ValueError(f"unknown adapted subset {adapt!r}; choose one of {ADAPT}")
         self.net, self.params, self.inner_steps = net, params, inner_steps
         self.rule = make_rule(rule, inner_lr)
         self.head_only = adapt == "head"
         self.adapted = adapted_names(net, params, adapt)
+        self._adapted_set = set(self.adapted)
         self.theta = [k for k in params if not k.startswith(RATE_PREFIX)]
+        # Paddle's partial paddle.grad prunes the inputs it does not need, then requires a
+        # PyLayer's backward to return None for them without telling it which. A network whose
+        # ops may all be PyLayers (unless only its head runs in the inner loop: ANIL) therefore
+        # takes the second-order inner gradient w.r.t. every weight it sees, with the weights
+        # the inner loop keeps fixed as fresh aliases per step: the gradient then stops at
+        # them instead of following θ back through the previous steps' gradients.
+        self.alias_fixed = getattr(net, "inner_grad_of_all", False) and not self.head_only
         self.multi_step_loss_for = multi_step_loss_for
         needed = set(self.rule.init_arrays(dict.fromkeys(self.adapted, ()), 1, "float32"))
         if not needed <= set(params):
@@ -187,12 +196,8 @@ class MetaLearner:
 
     # -- the inner loop ------------------------------------------------------------------------
     def inner_loop(self, batch: Batch, order: Order, steps: int | None = None) -> InnerRun:
-        """Adapt the chosen subset of θ on the support loss for ``steps`` (default: training's).
-
-        SECOND keeps the inner gradients' graph (second order); FIRST computes them at detached
-        weights, so the adapted weights depend on the meta-parameters only through the update
-        arithmetic; NONE detaches everything (evaluation, Reptile).
-        """
+        """Adapt the chosen subset of θ on the support loss for ``steps`` (default: training's);
+        see :meth:`adapt` for the orders."""
         steps = self.inner_steps if steps is None else steps
         start = self._start(batch.count, differentiable=order is not Order.NONE)
         if self.head_only:  # ANIL: the body's features once per task, outside the inner loop
@@ -205,25 +210,58 @@ class MetaLearner:
 
         else:
             support, query, output = batch.x_support, batch.x_query, self.net.forward
-        trajectory = [start]
-        for step in range(steps):
-            current = trajectory[-1]
+        trajectory = [start, *self.adapt(start, support, batch.y_support, order, steps, output)]
+        return InnerRun(trajectory, query, batch.y_query, output)
+
+    def start(self, order: Order) -> TensorDict:
+        """θ for one task, as the inner loop of ``order`` starts from it."""
+        return self._start(1, differentiable=order is not Order.NONE)
+
+    def adapt(
+        self,
+        weights: TensorDict,
+        support: paddle.Tensor,
+        y_support: paddle.Tensor,
+        order: Order,
+        steps: int,
+        output: Callable[[paddle.Tensor, TensorDict, int], paddle.Tensor] | None = None,
+        first_step: int = 0,
+    ) -> list[TensorDict]:
+        """The weights after each of ``steps`` inner steps from ``weights`` (which were reached
+        after ``first_step`` steps) on the support loss of ``output(support, weights, step)``
+        (default: the network's forward).
+
+        SECOND keeps the inner gradients' graph (second order); FIRST computes them at detached
+        weights, so the adapted weights depend on the meta-parameters only through the update
+        arithmetic; NONE detaches everything (evaluation, Reptile).
+        """
+        output = output or self.net.forward
+        trajectory = []
+        for step in range(first_step, first_step + steps):
             if order is Order.SECOND:
-                loss = self.net.loss(output(support, current, step), batch.y_support)
-                wrt = [current[k] for k in self.adapted]
-                grads = paddle.grad(loss, wrt, create_graph=True)
+                wrt = self.adapted
+                if self.alias_fixed:
+                    weights = {
+                        k: w if k in self._adapted_set else w * 1.0 for k, w in weights.items()
+                    }
+                    wrt = list(weights)
+                loss = self.net.loss(output(support, weights, step), y_support)
+                grads = paddle.grad(loss, [weights[k] for k in wrt], create_graph=True)
+                grads = [dict(zip(wrt, grads))[k] for k in self.adapted]
             else:
                 leaves = {
-                    k: _leaf(w) if k in self.adapted else w.detach() for k, w in current.items()
+                    k: _leaf(w) if k in self._adapted_set else w.detach()
+                    for k, w in weights.items()
                 }
-                loss = self.net.loss(output(support.detach(), leaves, step), batch.y_support)
+                loss = self.net.loss(output(support.detach(), leaves, step), y_support)
                 grads = paddle.grad(loss, [leaves[k] for k in self.adapted])
-            updated = dict(current)
+            updated = dict(weights)
             with paddle.no_grad() if order is Order.NONE else nullcontext():  # no graph to build
                 for name, grad in zip(self.adapted, grads):
-                    updated[name] = self.rule.update(name, current[name], grad, step, self.params)
+                    updated[name] = self.rule.update(name, weights[name], grad, step, self.params)
             trajectory.append(updated)
-        return InnerRun(trajectory, query, batch.y_query, output)
+            weights = updated
+        return trajectory
 
     def pooled(self, batch: Batch) -> InnerRun:
         """No inner loop: θ scored on all of the task's points (the pretrained baseline)."""
@@ -379,11 +417,20 @@ class MetaLearner:
             return {k: self.net.forward(inputs, trajectory[k], k).numpy() for k in steps}
 
 
-def adapted_names(net, params: TensorDict, adapt: str = "all") -> list[str]:
-    """The weights the inner loop changes: all of θ or the head (ANIL), minus per-step ones."""
-    pool = net.head_names if adapt == "head" else params
+def adapted_names(net, params: TensorDict, adapt: str | Sequence[str] = "all") -> list[str]:
+    """The weights the inner loop changes: all of θ, the head (ANIL) or the named ones, minus
+    per-step ones; in θ's order."""
+    if isinstance(adapt, str) and adapt not in ADAPT:
+        raise ValueError(f"unknown adapted subset {adapt!r}; choose one of {ADAPT} or names")
+    if isinstance(adapt, str):
+        pool = set(net.head_names if adapt == "head" else params)
+    else:
+        pool = set(adapt)
+        unknown = sorted(pool - set(params))
+        if unknown or not pool:
+            raise ValueError(f"no parameters to adapt named {unknown or list(adapt)}")
     fixed = set(net.per_step_names())
-    return [k for k in pool if k in params and k not in fixed and not k.startswith(RATE_PREFIX)]
+    return [k for k in params if k in pool and k not in fixed and not k.startswith(RATE_PREFIX)]
 
 
 def initial_arrays(

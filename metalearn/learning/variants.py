@@ -2,7 +2,9 @@
 
 Everything else (the inner loop, the adapted subset, the inner update rule, the multi-step loss,
 sampling, averaging over processes, checkpoints) is shared; the trainer and ``meta_update`` only
-ever call the methods below.
+ever call the methods below. ``objective`` is the direction as a scalar to back-propagate:
+``metalearn.MAML``'s ``learner.loss`` (learning/api.py), so a Paddle optimiser gets it as a
+gradient.
 
 * :class:`QueryGradient` — ∇ of the query loss after the inner loop with respect to every
   meta-parameter (θ and learned inner rates). Second order differentiates through the inner
@@ -54,9 +56,16 @@ class QueryGradient:
         return Order.FIRST if iteration <= self.first_order_until else Order.SECOND
 
     def direction(self, learner, batch, iteration: int | None):
+        """(direction per meta-parameter, per-task query losses, the inner run) of a chunk."""
         run = learner.inner_loop(batch, self.order(iteration))
+        objective, losses = self.objective(learner, run, iteration)
+        return learner.gradient(objective), losses, run
+
+    def objective(self, learner, run, iteration: int | None):
+        """(a scalar whose gradient in the meta-parameters is the direction, per-task query
+        losses): the query loss itself. ``metalearn.MAML`` hands it to ``.backward()``."""
         losses = learner.query_losses(run, iteration)
-        return learner.gradient(losses.sum()), losses, run
+        return losses.sum(), losses
 
     def make_optimizer(self, params: dict) -> meta_optimizers.Adam:
         return meta_optimizers.Adam(params, self.meta_lr)
@@ -89,8 +98,8 @@ class Pretrain(QueryGradient):
 
     def direction(self, learner, batch, iteration):
         run = learner.pooled(batch)
-        losses = learner.query_losses(run, None)
-        return learner.gradient(losses.sum()), losses, run
+        objective, losses = self.objective(learner, run, None)
+        return learner.gradient(objective), losses, run
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class Reptile:
     inner_loop = True
     learns_inner_rates = False
 
+    def order(self, iteration: int | None) -> Order:
+        return Order.NONE
+
     def direction(self, learner, batch, iteration):
         run = learner.inner_loop(batch, Order.NONE)
         with paddle.no_grad():
@@ -114,6 +126,19 @@ class Reptile:
             for k, w in learner.params.items()
         }
         return direction, losses, run
+
+    def objective(self, learner, run, iteration: int | None):
+        """The query loss's value with the gradient θ − θ_K: the loss after the inner loop
+        (no gradient flows through it) plus ½‖θ − θ_K‖² minus its own value. A Paddle
+        optimiser stepping θ along that "gradient" is Reptile's step (SGD with learning rate ε:
+        θ ← θ + ε(θ_K − θ))."""
+        with paddle.no_grad():
+            losses = learner.query_losses(run, None)
+        adapted = run.trajectory[-1]
+        pull = paddle.add_n(
+            [0.5 * paddle.square(w - adapted[k]).sum() for k, w in learner.params.items()]
+        )
+        return losses.sum() + (pull - pull.detach()), losses
 
     def make_optimizer(self, params: dict) -> meta_optimizers.SGD:
         return meta_optimizers.SGD(params, self.epsilon)

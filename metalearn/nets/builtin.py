@@ -28,7 +28,41 @@ def _glorot_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: in
 OMNIGLOT_SIZE = 28
 
 
-class _BlockNet:
+class Classification:
+    """Mean cross-entropy and accuracy; for stacked tasks ([T, N, classes] outputs) per task."""
+
+    metric = ACCURACY
+
+    def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        """Mean cross-entropy; for stacked tasks the sum over tasks of their means."""
+        return self.task_losses(output, target).sum()
+
+    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return ops.cross_entropy(output, target).reshape([-1])
+
+    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        hits = (output.argmax(axis=-1) == target).astype("float32")
+        return hits.mean(axis=-1).reshape([-1])
+
+
+class Regression:
+    """Mean squared error, which is also the metric; for stacked tasks per task."""
+
+    metric = MSE
+
+    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        """Mean squared error of each task ([tasks] for stacked input, a scalar for one task)."""
+        return paddle.square(output - target).mean(axis=[-2, -1])  # square: pow(·, 2) is slow
+
+    def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        """Sum of per-task means, so each task's copy of θ gets exactly its own task's gradient."""
+        return self.task_losses(output, target).sum()
+
+    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return self.task_losses(output, target)
+
+
+class _BlockNet(Classification):
     """What the two image classifiers share: bias-free 3×3 convolution blocks with batch norm,
     a linear head, cross-entropy and accuracy, and the input check.
 
@@ -47,7 +81,6 @@ class _BlockNet:
     task's copy of θ gets exactly its own task's gradient.
     """
 
-    metric = ACCURACY
     stacked_tasks = 1  # tasks per computation by default with the oneDNN kernels
     head_names = ("head.weight", "head.bias")
 
@@ -183,17 +216,6 @@ class _BlockNet:
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Logits [N, classes], or [T, N, classes] for stacked features [T, N, F]."""
         return ops.linear(features, params["head.weight"], params["head.bias"])
-
-    def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        """Mean cross-entropy; for stacked tasks the sum over tasks of their means."""
-        return self.task_losses(output, target).sum()
-
-    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return ops.cross_entropy(output, target).reshape([-1])
-
-    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        hits = (output.argmax(axis=-1) == target).astype("float32")
-        return hits.mean(axis=-1).reshape([-1])
 
 
 class ConvNet(_BlockNet):
@@ -339,7 +361,7 @@ class PoolConvNet(_BlockNet):
         return self._tasks_of_features(x.reshape([x.shape[0], -1]), params)
 
 
-class MLP:
+class MLP(Regression):
     """The paper's sinusoid regressor: 1 → 40 → 40 → 1 with ReLU, trained on mean squared error."""
 
     kind = "mlp"
@@ -396,19 +418,7 @@ class MLP:
     def _linear(x: paddle.Tensor, params: dict[str, paddle.Tensor], layer: int) -> paddle.Tensor:
         return ops.linear(x, params[f"fc{layer}.weight"], params[f"fc{layer}.bias"])
 
-    metric = MSE
     default_task_chunk = None  # every task of a call at once: the sinusoid MLP is tiny
-
-    def task_losses(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        """Mean squared error of each task ([tasks] for stacked input, a scalar for one task)."""
-        return paddle.square(output - target).mean(axis=[-2, -1])  # square: pow(·, 2) is slow
-
-    def loss(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        """Sum of per-task means, so each task's copy of θ gets exactly its own task's gradient."""
-        return self.task_losses(output, target).sum()
-
-    def task_metrics(self, output: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
-        return self.task_losses(output, target)
 
 
 def _activation(name: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from metalearn.data.omniglot import IMAGE_SIZE, NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
+from metalearn.nets.factory import is_factory
 from metalearn.rl.settings import (
     MAX_BATCH_STEPS,
     MAX_HORIZON,
@@ -28,7 +29,9 @@ from metalearn.rl.settings import (
 DATASETS = ("omniglot", "sinusoid", "folder", *RL_DATASETS)
 NETS = ("conv4", "pool4")
 """conv4: the paper's Omniglot net (stride-2 convolutions, spatial mean); pool4: its MiniImagenet net
-(32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB."""
+(32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB. Any other
+value is the user's own: a model spec file (.json, metalearn/nets/spec.py) or a model factory
+``module:function`` (metalearn/nets/factory.py)."""
 
 DEFAULTS = {
     "omniglot": {
@@ -238,10 +241,12 @@ def train_parser() -> argparse.ArgumentParser:
     _add_rl_flags(parser)
     parser.add_argument(
         "--net",
-        metavar="{conv4,pool4,SPEC.json}",
+        metavar="{conv4,pool4,SPEC.json,MODULE:FUNCTION}",
         help="conv4: the paper's Omniglot net; pool4: its MiniImagenet net (max-pools); "
-        "default conv4 for 1-channel images, pool4 for RGB; or a model spec file (.json, see "
-        "metalearn/nets/spec.py)",
+        "default conv4 for 1-channel images, pool4 for RGB; or your own network: a model spec "
+        "file (.json, see metalearn/nets/spec.py), or a paddle.nn.Layer from MODULE:FUNCTION, a "
+        "function of a module in the working directory called as FUNCTION((C, H, W), n_way) "
+        "(exact second order through both: see docs/models.md)",
     )
     parser.add_argument("--task_num", type=int, help="tasks per meta-batch (default 32)")
     parser.add_argument("--glob_update_step", type=int, help="inner steps in training (default 5)")
@@ -618,15 +623,17 @@ def _validate_data(config: dict) -> None:
 
 
 def _validate_net(config: dict) -> None:
-    """--net is a built-in network or a model spec file, whose spec must fit the run's images."""
+    """--net is a built-in network, a model factory or a model spec file, whose spec must fit
+    the run's images."""
     from metalearn.nets.spec import load_spec_file
 
     net = config.get("net")
-    if net is None or net in NETS:
+    if net is None or net in NETS or is_factory(net):  # a factory is checked when built
         return
     if not net.endswith(".json"):
         raise UserError(
-            f"--net {net!r:.100} is not one of {', '.join(NETS)} or a model spec (.json)"
+            f"--net {net!r:.100} is not one of {', '.join(NETS)} or a model spec (.json), nor "
+            "MODULE:FUNCTION (a model factory in the working directory)"
         )
     try:
         check_model_spec(load_spec_file(net), config, net)
