@@ -112,7 +112,7 @@ from metalearn.kernels import onednn
 from metalearn.nets.spec import load_spec_file
 from metalearn.service.app import STATIC_DIR
 print(metalearn.__file__)
-print(onednn.SOURCE.is_file(), (STATIC_DIR / "index.html").is_file())
+print((onednn.SOURCE_DIR / "conv.cc").is_file(), (STATIC_DIR / "index.html").is_file())
 print(onednn.cache_root())
 print(onednn.load_kernels() is not None)
 """
