@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from metalearn.rl.settings import RL_DATASETS
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -37,7 +39,8 @@ class Metric:
 
 ACCURACY = Metric("accuracy", higher_is_better=True, key="acc", label="accuracy")
 MSE = Metric("mse", higher_is_better=False, key="mse", label="MSE")
-METRICS = (ACCURACY, MSE)
+RETURN = Metric("return", higher_is_better=True, key="return", label="average return", digits=2)
+METRICS = (ACCURACY, MSE, RETURN)
 
 
 def metric_named(name: str | None) -> Metric | None:
@@ -46,7 +49,10 @@ def metric_named(name: str | None) -> Metric | None:
 
 
 def metric_for(dataset: str | None) -> Metric:
-    """The metric of a dataset: accuracy for images, MSE for sinusoid regression."""
+    """The metric of a dataset: accuracy for images, MSE for sinusoid regression, the average
+    return for reinforcement learning."""
+    if dataset in RL_DATASETS:
+        return RETURN
     return MSE if dataset == "sinusoid" else ACCURACY
 
 

@@ -550,3 +550,46 @@ def test_runs_page_trains_live_and_shows_the_curve(browser, omniglot_dir, tmp_pa
         wait(browser, 30, lambda d: d.current_url == f"{url}/runs", "not back on the runs page")
         wait(browser, 30, lambda d: statuses(d, name)[0] == "complete", "the list did not load")
         assert statuses(browser, "earlier")[0] is None
+
+
+# -- 2D navigation -------------------------------------------------------------------------------
+def test_navigation_page_adapts_towards_a_clicked_goal(browser, tmp_path):
+    """A click on the plane places the goal; the page shows each step's paths and return."""
+    from metalearn.training.trainer import train
+
+    work = tmp_path / "work"
+    flags = {"task_num": 2, "k_spt": 4, "horizon": 40, "val_tasks": 2, "epochs": 1}
+    train({"dataset": "nav2d", "run_name": "nav", "work_dir": str(work), **flags})
+    with serve(work, work) as url:
+        browser.get(f"{url}/navigate")
+        wait(browser, 30, lambda d: data(d, "#navigate-page", "state") == "ready", "no runs")
+        count = browser.find_element(By.ID, "trajectories")
+        count.clear()
+        count.send_keys("4")
+        plane = browser.find_element(By.ID, "plane")
+        width = plane.size["width"]  # the plane spans [-0.6, 0.6]: click at (0.3, 0.3)
+        ActionChains(browser).move_to_element_with_offset(
+            plane, int(0.25 * width), int(-0.25 * width)
+        ).click().perform()
+        wait(
+            browser,
+            ADAPT_SECONDS,
+            lambda d: (
+                data(d, "#navigate-page", "result-count") == "1"
+                and data(d, "#navigate-page", "state") == "ready"
+            ),
+            "the page did not adapt",
+        )
+        goal = browser.find_element(By.CSS_SELECTOR, "#plane circle.goal")
+        assert float(goal.get_attribute("cx")) == pytest.approx(0.3, abs=0.02)
+        assert float(goal.get_attribute("cy")) == pytest.approx(-0.3, abs=0.02)  # y is up
+        groups = browser.find_elements(By.CSS_SELECTOR, "#plane g.step")
+        assert len(groups) == 4  # pre-update and 3 steps (the page's default)
+        assert all(len(g.find_elements(By.TAG_NAME, "polyline")) == 4 for g in groups)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#returns tbody tr")
+        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows][:2] == [
+            "pre-update",
+            "1 step",
+        ]
+        assert not browser.find_element(By.ID, "page-message").text
+        screenshot(browser, tmp_path, "navigation")

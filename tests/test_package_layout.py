@@ -88,7 +88,7 @@ def test_ops_and_the_onednn_loader_meet_only_in_the_kernel_registry() -> None:
 
 # The sub-packages in the order of docs/design.md's data flow; each imports only from those
 # before it (and from the shared modules at the top of metalearn/).
-LAYERS = ("data", "kernels", "nets", "learning", "audit", "runs", "training", "service")
+LAYERS = ("data", "kernels", "nets", "learning", "audit", "runs", "rl", "training", "service")
 SHARED = {"metalearn", "errors", "fileio", "metrics", "runtime"}
 # A seed-style .pkl checkpoint names no network: its reader validates the run's config.json
 # with train.py's own checks to find out which network the arrays belong to.

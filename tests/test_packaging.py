@@ -102,7 +102,8 @@ def test_the_wheel_depends_on_what_the_requirements_files_list(wheel) -> None:
     assert extras[""] == requirements("requirements.txt")
     assert extras["dev"] == requirements("requirements-dev.txt")
     assert extras["bench"] == requirements("requirements-bench.txt")
-    assert {r.split(">=")[0] for r in extras["rl"]} == {"gymnasium", "mujoco"}
+    assert extras["rl"] == requirements("requirements-rl.txt")
+    assert {r.split(">=")[0] for r in extras["rl"]} == {"gymnasium", "mujoco", "imageio"}
 
 
 CHECK_INSTALL = """

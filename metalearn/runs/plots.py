@@ -8,6 +8,7 @@ Every figure is written atomically (``fileio.atomic_path``), so a reader never s
 * :func:`sinusoid_fits`: true function, support points and predictions per task (Figure 2 style).
 * :func:`task_preview`: the support and query images of one N-way K-shot task, by class.
 * :func:`adaptation_steps`: a task's support set, then queries and their predictions per step.
+* :func:`navigation_trajectories`: 2D navigation paths per goal before and after adaptation.
 """
 
 from __future__ import annotations
@@ -335,4 +336,39 @@ def adaptation_steps(
         title or "support set (top); each query's class probabilities after each inner step",
         fontsize="medium",
     )
+    return _save(figure, path)
+
+
+def navigation_trajectories(
+    path: str | os.PathLike[str],
+    panels: Sequence[Mapping],
+    title: str | None = None,
+) -> Path:
+    """One panel per goal: the agent's paths after each number of inner steps, and the goal.
+
+    Each dict has ``goal`` (x, y) and ``paths: {label: [array [steps, 2], ...]}`` (e.g.
+    "pre-update", "1 step"): the positions each trajectory visited, from its start.
+    """
+    count = max(len(panels), 1)
+    figure, axes = _figure(1, count, (3.6 * count, 3.8))
+    for axis, panel in zip(axes[0], panels):
+        for index, (label, paths) in enumerate(panel["paths"].items()):
+            color = "tab:gray" if index == 0 else PREDICTION_COLORS[(index - 1) % 6]
+            for number, points in enumerate(paths):
+                line = np.asarray(points, dtype=float)
+                axis.plot(
+                    line[:, 0],
+                    line[:, 1],
+                    color=color,
+                    alpha=0.8,
+                    linewidth=1,
+                    label=label if number == 0 else None,
+                )
+        axis.plot(*panel["goal"], marker="*", markersize=14, color="tab:red", label="goal")
+        axis.plot(0, 0, marker="o", color="black", markersize=4)
+        axis.set(xlim=(-0.6, 0.6), ylim=(-0.6, 0.6), aspect="equal")
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="x-small", loc="lower left")
+    if title:
+        figure.suptitle(title)
     return _save(figure, path)

@@ -24,6 +24,7 @@ from metalearn.service.images import decode_image, decode_upload, png_data_url
 from metalearn.service.jobs import JobQueue, script_argv
 from metalearn.service.live import event_stream, outside_job, pending_run
 from metalearn.service.names import run_folder
+from metalearn.service.navigation import NavigationRuns, navigate, navigation_runs
 from metalearn.service.playground import (
     ImageSpec,
     ImageSpecs,
@@ -32,7 +33,12 @@ from metalearn.service.playground import (
     image_spec,
     playground_runs,
 )
-from metalearn.service.schemas import AdaptRequest, EvaluateRequest, ResumeRequest
+from metalearn.service.schemas import (
+    AdaptRequest,
+    EvaluateRequest,
+    NavigateRequest,
+    ResumeRequest,
+)
 from metalearn.service.security import Guard
 from metalearn.service.settings import Settings
 
@@ -59,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     engine = PlaygroundEngine(settings.data_dir, settings.adapt_waiting)
     test_images = TestImages(settings.data_dir)
     specs = ImageSpecs(settings.data_dir)
+    navigation = NavigationRuns()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +95,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def playground_page() -> FileResponse:
         return page("index.html")
+
+    @app.get("/navigate", include_in_schema=False)
+    def navigate_page() -> FileResponse:
+        return page("navigate.html")
 
     @app.get("/runs", include_in_schema=False)
     def runs_page() -> FileResponse:
@@ -328,5 +339,23 @@ def create_app(settings: Settings) -> FastAPI:
             **result,
             "inputs": inputs,
         }
+
+    # -- 2D navigation playground ----------------------------------------------------------------
+    @app.get("/api/navigate/runs", summary="Completed 2D-navigation runs, and the default")
+    def navigate_runs() -> dict:
+        return navigation_runs(work_dir)
+
+    @app.post("/api/navigate", summary="Trajectories towards a goal after each PG step")
+    def navigate_to(request: NavigateRequest) -> dict:
+        goal = (float(request.goal[0]), float(request.goal[1]))
+        if not all(np.isfinite(goal)) or max(abs(goal[0]), abs(goal[1])) > 1:
+            raise invalid("the goal's coordinates must be in [-1, 1]", "goal")
+        best = best_of(request.run)
+
+        def work() -> dict:
+            learner = navigation.learner(best)
+            return navigate(learner, goal, request.steps, request.trajectories, request.seed)
+
+        return {"run": request.run, **engine.call(work).result()}
 
     return app

@@ -188,12 +188,14 @@ class PlaygroundEngine:
 
         Raises :class:`Busy` when the wait line is full.
         """
+        return self.call(self._adapt, best, spec, support_x, support_y, query_x, steps)
+
+    def call(self, function, *args) -> Future:
+        """Queue ``function(*args)`` on the worker thread; :class:`Busy` if the line is full."""
         if not self._slots.acquire(blocking=False):
             raise Busy
         try:
-            future = self._worker.submit(
-                self._adapt, best, spec, support_x, support_y, query_x, steps
-            )
+            future = self._worker.submit(function, *args)
         except BaseException:
             self._slots.release()
             raise

@@ -14,7 +14,13 @@ from metalearn.runs.records import RunRecords, remove_run
 from metalearn.service.errors import conflict, not_found
 from metalearn.service.names import run_folder
 
-RUN_PNGS = ("curves.png", "test_steps.png", "sinusoid_fits.png", "sinusoid_steps.png")
+RUN_PNGS = (
+    "curves.png",
+    "test_steps.png",
+    "sinusoid_fits.png",
+    "sinusoid_steps.png",
+    "trajectories.png",  # 2D navigation's paths before and after adaptation
+)
 
 
 def _records(work_dir: Path) -> RunRecords:

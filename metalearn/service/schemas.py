@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 
 class Strict(BaseModel):
@@ -38,3 +38,13 @@ class AdaptRequest(Strict):
     support: list[SupportImage]
     query: list[Any] = Field(description=f"query images; {IMAGE_HELP}")
     steps: StrictInt = Field(5, ge=0, le=10)
+
+
+class NavigateRequest(Strict):
+    run: str
+    goal: list[StrictFloat | StrictInt] = Field(
+        min_length=2, max_length=2, description="the goal (x, y), each in [-1, 1]"
+    )
+    steps: StrictInt = Field(3, ge=0, le=5, description="policy-gradient steps")
+    trajectories: StrictInt = Field(20, ge=1, le=40, description="trajectories per step")
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="seed of the exploration noise")

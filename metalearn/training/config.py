@@ -16,8 +16,17 @@ from pathlib import Path
 from metalearn.data.omniglot import IMAGE_SIZE, NUM_CHARACTERS, check_seed
 from metalearn.errors import UserError
 from metalearn.nets.factory import is_factory
+from metalearn.rl.settings import (
+    MAX_BATCH_STEPS,
+    MAX_HORIZON,
+    MAX_TRAJECTORIES,
+    OUTER_OPTIMIZERS,
+    RL_DATASETS,
+    RL_DEFAULTS,
+    RL_FLAG_DEFAULTS,
+)
 
-DATASETS = ("omniglot", "sinusoid", "folder")
+DATASETS = ("omniglot", "sinusoid", "folder", *RL_DATASETS)
 NETS = ("conv4", "pool4")
 """conv4: the paper's Omniglot net (stride-2 convolutions, spatial mean); pool4: its MiniImagenet net
 (32 filters, 2x2 max-pools, flatten). Default: conv4 for 1-channel data, pool4 for RGB. Any other
@@ -61,6 +70,7 @@ DEFAULTS = {
         "glob_base_lr": 0.01,
         "epochs": 70000,
     },
+    **RL_DEFAULTS,  # reinforcement learning: the paper's section 5.3 (metalearn/rl/settings.py)
 }
 COMMON_DEFAULTS = {
     "algo": "maml",
@@ -93,6 +103,7 @@ COMMON_DEFAULTS = {
     "cosine_meta_lr": None,
     "cosine_meta_lr_epochs": None,
     "min_meta_lr": 1e-5,  # HowToTrainYourMAMLPytorch's min_learning_rate
+    **RL_FLAG_DEFAULTS,
 }
 
 # What each --algo switches on; flags given explicitly win (ablations: --algo maml++
@@ -137,7 +148,9 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         choices=DATASETS,
-        help="omniglot (default), sinusoid, or folder: a set of your own images (see --data)",
+        help="omniglot (default), sinusoid, folder: a set of your own images (see --data), or "
+        "reinforcement learning: nav2d (2D navigation), cheetah_vel, cheetah_dir (half-cheetah "
+        "goal velocity / direction; needs requirements-rl.txt)",
     )
     parser.add_argument(
         "--data",
@@ -186,6 +199,35 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_rl_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags only the reinforcement-learning datasets read (metalearn/rl)."""
+    group = parser.add_argument_group(
+        "reinforcement learning (nav2d, cheetah_vel, cheetah_dir; --k_spt: trajectories per "
+        "task and inner step, --k_query: after adaptation)"
+    )
+    group.add_argument(
+        "--outer",
+        choices=OUTER_OPTIMIZERS,
+        help="outer optimiser: trpo (the paper's, default) or adam (on the surrogate, "
+        "--glob_meta_lr)",
+    )
+    group.add_argument("--max_kl", type=float, help="TRPO's KL bound δ (default 0.01)")
+    group.add_argument("--gamma", type=float, help="discount factor (default 0.99)")
+    group.add_argument(
+        "--gae_lambda",
+        type=float,
+        help="GAE's λ (default 1.0: discounted return minus the linear baseline)",
+    )
+    group.add_argument("--horizon", type=int, help="steps per trajectory (default 100)")
+    group.add_argument(
+        "--oracle",
+        action="store_true",
+        default=None,
+        help="the paper's oracle baseline: the goal is part of the observation (with --algo "
+        "pretrain)",
+    )
+
+
 def train_parser() -> argparse.ArgumentParser:
     # Imported here: the service imports this module for its defaults and checks, and must not
     # load Paddle for that.
@@ -196,6 +238,7 @@ def train_parser() -> argparse.ArgumentParser:
         description="Meta-train MAML / FOMAML / Reptile / MAML++ / Meta-SGD / ANIL."
     )
     _add_task_flags(parser)
+    _add_rl_flags(parser)
     parser.add_argument(
         "--net",
         metavar="{conv4,pool4,SPEC.json,MODULE:FUNCTION}",
@@ -331,6 +374,8 @@ def resolve_defaults(given: dict) -> dict:
     config.update({k: v for k, v in given.items() if v is not None})
     if config["k_query"] is None:
         config["k_query"] = config["k_spt"]
+    if dataset in RL_DATASETS and config["outer"] is None:
+        config["outer"] = "trpo"
     if config["meta_step_final"] is None:
         config["meta_step_final"] = config["meta_step"]
     preset = {**_PLAIN_LEARNER, **LEARNER_PRESETS.get(config["algo"], {})}
@@ -398,10 +443,11 @@ def validate_config(config: dict) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{key} must be a positive number, got {value}")
     check_learner(config)
+    _validate_rl(config)
     final = config.get("meta_step_final")
     if final is not None and not (math.isfinite(final) and final >= 0):
         raise UserError(f"--meta_step_final must be zero or more, got {final}")
-    if config.get("algo") == "pretrain" and config.get("dataset") != "sinusoid":
+    if config.get("algo") == "pretrain" and config.get("dataset") not in ("sinusoid", *RL_DATASETS):
         raise UserError(
             "--algo pretrain is the paper's sinusoid baseline (plain regression on the tasks' "
             "points); for Omniglot use --algo maml, fomaml or reptile"
@@ -415,6 +461,50 @@ def validate_config(config: dict) -> None:
             f"k_spt + k_query = {config['k_spt'] + config['k_query']} but Omniglot has only 20 "
             "drawings per character"
         )
+
+
+def _validate_rl(config: dict) -> None:
+    """Reinforcement learning's flags: only for its datasets, within bounds."""
+    if config.get("dataset") not in RL_DATASETS:
+        given = [f"--{k}" for k in ("outer", "horizon") if config.get(k) is not None]
+        if config.get("oracle"):
+            given.append("--oracle")
+        if given:
+            raise UserError(f"{given[0]} is for reinforcement learning (--dataset nav2d, ...)")
+        return
+    if config.get("algo") not in ("maml", "fomaml", "pretrain"):
+        raise UserError(
+            f"--algo {config.get('algo')}: reinforcement learning runs maml, fomaml or pretrain"
+        )
+    if config.get("oracle") and config.get("algo") != "pretrain":
+        raise UserError(
+            "--oracle is the paper's baseline trained on all tasks: use --algo pretrain"
+        )
+    for key, bound in (("k_spt", MAX_TRAJECTORIES), ("k_query", MAX_TRAJECTORIES)):
+        if config.get(key) is not None and config[key] > bound:
+            raise UserError(f"--{key} {config[key]} is more than {bound} trajectories per task")
+    horizon = config.get("horizon")
+    if not (isinstance(horizon, int) and 1 <= horizon <= MAX_HORIZON):
+        raise UserError(f"--horizon must be between 1 and {MAX_HORIZON}, got {horizon}")
+    steps = config["task_num"] * max(config["k_spt"], config["k_query"]) * horizon
+    if steps > MAX_BATCH_STEPS:
+        raise UserError(
+            f"--task_num × trajectories × --horizon = {steps:,} steps per meta-batch is more "
+            f"than {MAX_BATCH_STEPS:,}, which are all held in memory at once; use fewer"
+        )
+    ranges = {
+        "max_kl": ("a positive number", lambda v: 0 < v < math.inf),
+        "gamma": ("in (0, 1]", lambda v: 0 < v <= 1),
+        "gae_lambda": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    }
+    for key, (wanted, holds) in ranges.items():
+        value = config.get(key)
+        if not (isinstance(value, (int, float)) and holds(value)):
+            raise UserError(f"--{key} must be {wanted}, got {value}")
+    if config.get("n_way") != 1:
+        raise UserError("reinforcement learning has no classes: leave --n_way out (it is 1)")
+    if config.get("outer") == "trpo" and config.get("inner_rule") not in (None, "sgd"):
+        raise UserError("--outer trpo steps θ only: learned inner rates need --outer adam")
 
 
 def check_learner(config: dict) -> None:
@@ -469,7 +559,8 @@ def check_saved_config(config: object, source: str, fill_defaults: bool = False)
     if fill_defaults:
         config = {**defaults, **config}
     else:  # a run from before the learner's ingredients (or --task_chunk) existed had none
-        config = {**{k: defaults[k] for k in (*LEARNER_KEYS, "task_chunk")}, **config}
+        kept = (*LEARNER_KEYS, "task_chunk", *RL_FLAG_DEFAULTS)
+        config = {**{k: defaults[k] for k in kept}, **config}
     for action in train_parser()._actions:
         if action.dest not in defaults:
             continue
@@ -525,6 +616,8 @@ def _validate_data(config: dict) -> None:
         raise UserError(f"--data {config['data']} is an image-folder set: use --dataset folder")
     if dataset == "sinusoid" and config.get("net"):
         raise UserError("--net chooses an image network; sinusoid regression uses the paper's MLP")
+    if dataset in RL_DATASETS and config.get("net"):
+        raise UserError("--net chooses an image network; policies are the paper's Gaussian MLP")
     if config.get("augment") is not None:
         config["augment"] = ",".join(parse_augment(config["augment"])) or "none"
 

@@ -13,7 +13,9 @@ from metalearn.data.tasks import task_rng
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.learning.learner import MetaLearner, initial_arrays, make_parameters
-from metalearn.metrics import MSE, results_metric
+from metalearn.metrics import MSE, RETURN, results_metric
+from metalearn.rl.sampler import paths
+from metalearn.rl.settings import NAV2D
 from metalearn.runs.checkpoint import check_compatible, load_checkpoint, read_checkpoint_meta
 from metalearn.runs.names import check_work_dir
 from metalearn.runs.records import PLOT_TROUBLE, TestSession
@@ -102,11 +104,12 @@ def _plot_steps(png: Path, results: dict) -> None:
 
     metric = results_metric(results)
     key = metric.key
-    shape = (
-        f"K={results['k_spt']}"
-        if metric is MSE
-        else f"{results['n_way']}-way {results['k_spt']}-shot"
-    )
+    if metric is RETURN:
+        shape = f"{results['k_spt']} trajectories per inner step"
+    elif metric is MSE:
+        shape = f"K={results['k_spt']}"
+    else:
+        shape = f"{results['n_way']}-way {results['k_spt']}-shot"
     label = f"{results['tasks']} test tasks, mean ± 95% CI"
     try:
         plots.steps_curve(
@@ -156,7 +159,7 @@ def load_trained(
     select_device(bool(config["use_gpu"]))
     problem = build_problem(config, splits)
     params = make_parameters(trained_arrays(problem.net, trained, Path(path)))
-    learner = MetaLearner.from_config(problem.net, params, config, config["glob_update_step_test"])
+    learner = problem.learner(problem.net, params, config, config["glob_update_step_test"])
     return problem, learner, config
 
 
@@ -191,7 +194,35 @@ def _evaluate(given: dict, request: dict, path: Path) -> dict:
     print(f"results written to {path.parent / 'test_results.json'}")
     if config["dataset"] == "sinusoid":
         _plot_sinusoid(path.parent, learner, sampler, given["seed"], steps)
+    if config["dataset"] == NAV2D:
+        _plot_navigation(path.parent, learner, sampler, given["seed"], steps)
     return results
+
+
+def _plot_navigation(run_dir: Path, learner, sampler, seed: int, steps: int) -> None:
+    """Paths of a few test tasks before and after each inner step (the paper's Figure 4)."""
+    from metalearn.runs import plots  # matplotlib only when needed
+
+    panels = []
+    for index in range(4):
+        task = sampler.sample(seed, "test", 0, index)
+        per_step = learner.adapted_trajectories(task, steps)
+        panels.append(
+            {
+                "goal": task.goal,
+                "paths": {
+                    _steps_label(step): paths(episodes, shown=4)
+                    for step, episodes in enumerate(per_step)
+                },
+            }
+        )
+    png = run_dir / "trajectories.png"
+    try:
+        plots.navigation_trajectories(png, panels, title=run_dir.name)
+    except PLOT_TROUBLE as error:  # a picture never fails an evaluation (a SIGTERM does)
+        print(f"warning: could not draw {png} ({error})", file=sys.stderr)
+        return
+    print(f"trajectories written to {png}")
 
 
 def _plot_sinusoid(run_dir: Path, learner: MetaLearner, sampler, seed: int, steps: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,18 +12,32 @@ from metalearn.data import folders, omniglot
 from metalearn.data.tasks import ClassImages, ImageTasks, SinusoidTasks
 from metalearn.errors import UserError
 from metalearn.kernels import onednn
+from metalearn.learning.learner import MetaLearner
+from metalearn.learning.variants import make_variant
 from metalearn.nets import factory
 from metalearn.nets.builtin import MLP, ConvNet, PoolConvNet
 from metalearn.nets.layer_net import LayerNet
 from metalearn.nets.spec import build_from_spec, load_spec_file
+from metalearn.rl import problem as rl_problem
+from metalearn.rl.learner import optimizer_shapes as rl_optimizer_shapes
+from metalearn.rl.settings import RL_DATASETS
+
+
+def variant_optimizer_shapes(config: dict, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """What the outer optimiser of ``config``'s --algo keeps per meta-parameter (resume checks)."""
+    return make_variant(config["algo"], config).optimizer_shapes(shapes)
 
 
 @dataclass
 class Problem:
-    """A network (whose ``metric`` scores tasks) plus a sampler per split."""
+    """A network (whose ``metric`` scores tasks) plus a sampler per split; ``learner(net, params,
+    config, steps)`` builds the learner, ``optimizer_shapes(config, shapes)`` says what its outer
+    optimiser keeps (both differ for reinforcement learning)."""
 
     net: object
     samplers: dict
+    learner: Callable = MetaLearner.from_config
+    optimizer_shapes: Callable = variant_optimizer_shapes
 
 
 def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> Problem:
@@ -31,6 +46,9 @@ def build_problem(config: dict, splits: tuple[str, ...] = ("train", "val", "test
     For images the network's input shape comes from the data, and ``config['net']`` is filled in
     when left to its default, so the run's config.json says which network it used.
     """
+    if config["dataset"] in RL_DATASETS:
+        policy, samplers, learner = rl_problem.build(config, splits)
+        return Problem(policy, samplers, learner, _rl_optimizer_shapes)
     if config["dataset"] == "sinusoid":
         sampler = SinusoidTasks(config["k_spt"], config["k_query"])
         return Problem(MLP(), {split: sampler for split in splits})
@@ -66,6 +84,10 @@ def image_network(config: dict, channels: int, size: int) -> ConvNet | PoolConvN
     return NETS[config["net"]](
         config["n_way"], in_channels=channels, image_size=size, bn_steps=bn_steps
     )
+
+
+def _rl_optimizer_shapes(config: dict, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    return rl_optimizer_shapes(config["outer"], shapes)
 
 
 NETS = {"conv4": ConvNet, "pool4": PoolConvNet}

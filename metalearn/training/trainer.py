@@ -26,12 +26,11 @@ from metalearn.data import folders, omniglot
 from metalearn.errors import UserError
 from metalearn.fileio import write_json
 from metalearn.learning.learner import (
-    MetaLearner,
     NonFiniteError,
     initial_arrays,
     make_parameters,
 )
-from metalearn.learning.variants import make_variant
+from metalearn.rl.settings import RL_DATASETS
 from metalearn.runs.checkpoint import (
     Checkpoint,
     check_compatible,
@@ -93,6 +92,11 @@ def run_name_for(config: dict) -> str:
     """``omniglot_5w1s_maml_seed0``, ``NAME_5w1s_...`` for an image folder, ``sinusoid_k10_...``."""
     if config["dataset"] == "sinusoid":
         return f"sinusoid_k{config['k_spt']}_{config['algo']}_seed{config['seed']}"
+    if config["dataset"] in RL_DATASETS:  # nav2d_k20_maml_trpo_seed0, nav2d_k20_pretrain_oracle_…
+        algo = f"{config['algo']}_oracle" if config["oracle"] else config["algo"]
+        return (
+            f"{config['dataset']}_k{config['k_spt']}_{algo}_{config['outer']}_seed{config['seed']}"
+        )
     dataset = config["data"] if config["dataset"] == "folder" else config["dataset"]
     algo = config["algo"].replace("+", "p")  # maml++ -> mamlpp: run names have no '+'
     return f"{dataset}_{config['n_way']}w{config['k_spt']}s_{algo}_seed{config['seed']}"
@@ -144,7 +148,7 @@ class Trainer:
         if resume is not None:
             arrays = {name: resume.params[name] for name in arrays}
         self.params = make_parameters(arrays)
-        self.learner = MetaLearner.from_config(
+        self.learner = self.problem.learner(
             self.problem.net, self.params, config, config["glob_update_step"]
         )
         self.optimizer = self.learner.make_optimizer()
@@ -169,7 +173,7 @@ class Trainer:
         checkpoint = load_checkpoint(self._last_path(), shapes)
         check_compatible(checkpoint, self.problem.net.config(), shapes)
         found = {k: tuple(v.shape) for k, v in checkpoint.optimizer.items()}
-        if found != make_variant(self.config["algo"], self.config).optimizer_shapes(shapes):
+        if found != self.problem.optimizer_shapes(self.config, shapes):
             raise UserError(
                 f"{self._last_path()}: its optimiser state is not the one this version keeps "
                 f"for --algo {self.config['algo']} (written by another version of the code?)"
