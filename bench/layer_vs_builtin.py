@@ -6,7 +6,8 @@ interleaved in one process so that machine noise hits all sides alike.
 Sides, each a train.py meta-iteration (``MetaLearner.meta_update``, fast kernels, MAML 5-way
 1-shot, 15 queries, second order) on the same tasks: the built-in ConvNet as train.py runs it
 (8 tasks stacked per computation), the built-in one task at a time (``--task_chunk 1``), and the
-user-Layer copy (``tests/user_models.py``), which always runs one task at a time. Every round
+user-Layer copy (``tests/user_models.py``), which stacks tasks like the built-in once its sample
+batch showed that its ``forward`` computes them (LayerNet.check_sample). Every round
 runs each side once, in a rotated order, after an idle pause; the table gives the median ms per
 task and the ratios to the built-in sides.
 """

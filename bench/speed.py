@@ -44,6 +44,7 @@ from metalearn.runtime import tune_allocator
 
 tune_allocator()  # as train.py does, before Paddle loads (re-executes this script once)
 
+import paddle
 
 from metalearn.data.tasks import ImageTasks, SinusoidTasks
 from metalearn.kernels import onednn
@@ -95,7 +96,7 @@ CONFIGS = [
     Config("eval anil 20w1s 10 steps", n_way=20, steps=10, batch=4, evaluation=True, adapt="head"),
     Config("sinusoid maml K10 mb25", dataset="sinusoid", batch=25, inner_lr=0.01),
     Config("maml 5w1s pool84 5 steps mb4", steps=5, batch=4, inner_lr=0.01, net="pool"),
-    # The same network as the first two rows, as a user's nn.Layer (one task at a time).
+    # The same network as the first two rows, as a user's nn.Layer (stacked tasks too).
     Config("maml 5w1s 1 step mb32 user Layer", steps=1, net="layer"),
     Config("maml 5w1s 5 steps mb32 user Layer", steps=5, net="layer"),
 ]
@@ -146,6 +147,7 @@ class Ours:
         if config.net == "layer":
             model = OmniglotNet(config.n_way)
             self.net = LayerNet(model, config.n_way, config.image_shape())
+            self.net.check_sample(paddle.rand([config.n_way, *config.image_shape()]))
             arrays = as_user_arrays(model, arrays)
         self.params = make_parameters(arrays)
         self.learner = MetaLearner(

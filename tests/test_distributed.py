@@ -62,9 +62,9 @@ def test_two_processes_end_with_the_same_theta_as_one(omniglot_dir, tmp_path, al
 
 def test_a_user_layer_trains_on_two_processes_to_the_same_theta_as_one(omniglot_dir, tmp_path):
     """--net MODULE:FUNCTION: every process builds the model from the factory with the run's
-    seed; LayerNet computes one task at a time in both runs."""
+    seed and stacks the same chunks of tasks as the built-in network (--task_chunk 2)."""
     args = [*flags(omniglot_dir, tmp_path, "maml"), "--net", "tests.user_models:omniglot_net"]
-    one = one_and_two_processes(args, tmp_path, None)
+    one = one_and_two_processes(args, tmp_path, "2")
     assert "body.0.weight" in one
 
 

@@ -14,6 +14,7 @@ from user_models import OmniglotNet, as_user_arrays, recurrent
 
 from metalearn.data.tasks import Task
 from metalearn.errors import UserError
+from metalearn.kernels import onednn
 from metalearn.learning.learner import MetaLearner, make_parameters
 from metalearn.nets import exact
 from metalearn.nets.builtin import ConvNet
@@ -164,10 +165,138 @@ def test_a_layer_that_keeps_its_own_weights_is_refused_on_a_sample_batch() -> No
         net.check_sample(paddle.rand([2, 1, 4, 4]), 2)
 
 
-def test_a_stacked_task_chunk_is_refused() -> None:
+def test_a_stacked_task_chunk_is_refused_until_the_model_proved_it_stacks() -> None:
     net = LayerNet(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="one task at a time"):
         MetaLearner(net, make_parameters(net.init_params(0)), "maml", 0.1, 1, task_chunk=4)
+    net.check_sample(paddle.rand([3, 2]), 2)
+    assert net.stacks_tasks
+    MetaLearner(net, make_parameters(net.init_params(0)), "maml", 0.1, 1, task_chunk=4)
+
+
+class Sequence1D(nn.Layer):
+    """Conv1D, batch norm, max-pool, layer norm, dropout and GELU before a linear head: every
+    stacked form of the exact routes (nets/exact.py) on sequences [N, C, L]."""
+
+    def __init__(self, n_way: int, length: int = 12):
+        super().__init__()
+        self.conv = nn.Conv1D(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm1D(3)
+        self.pool = nn.MaxPool1D(2)
+        self.layer_norm = nn.LayerNorm(3 * length // 2)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(3 * length // 2, n_way)
+
+    def forward(self, x):
+        x = self.pool(nn.functional.relu(self.norm(self.conv(x))))
+        return self.head(self.drop(nn.functional.gelu(self.layer_norm(x.flatten(1)))))
+
+
+def sequence_tasks(count: int, n_way: int = 3) -> list[Task]:
+    rng = np.random.default_rng(2)
+    labels = np.arange(n_way)
+    return [
+        Task(rng.random((n_way, 2, 12)), labels, rng.random((2 * n_way, 2, 12)), labels.repeat(2))
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("adapt", ["all", "head"])
+@pytest.mark.parametrize(
+    "build, batch",
+    [
+        (lambda: OmniglotNet(5, hidden=4), lambda: tasks(5)),
+        (lambda: Sequence1D(3), lambda: sequence_tasks(5)),
+    ],
+    ids=["omniglot copy", "sequences"],
+)
+def test_stacked_tasks_of_a_user_layer_equal_tasks_one_at_a_time(float64, build, batch, adapt):
+    """After check_sample, chunks of 2, 2, 1 stacked tasks give each task's own second-order
+    direction and statistics (2 inner steps; ANIL too). The model is in evaluation mode:
+    dropout draws no masks, so both sides compute the same function."""
+    model = build()
+    model.eval()
+    examples = batch()
+    net = LayerNet(model)
+    net.check_sample(paddle.to_tensor(examples[0].x_support))
+    assert net.stacks_tasks
+    learner = MetaLearner(net, make_parameters(net.init_params(0, "float64")), "maml", 0.3, 2,
+                          adapt=adapt)  # fmt: skip
+    found = []
+    for chunk in (2, 1):
+        learner.task_chunk = chunk
+        direction, stats = learner.batch_direction(examples, track_steps=True)
+        found.append(({k: v.numpy() for k, v in direction.items()}, stats))
+    (stacked, stacked_stats), (single, single_stats) = found
+    for name, want in single.items():
+        assert np.abs(want).max() > 0 or adapt == "head", name
+        np.testing.assert_allclose(stacked[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
+    for a, b in zip(stacked_stats, single_stats):
+        assert a.loss == pytest.approx(b.loss, rel=1e-10)
+        np.testing.assert_allclose(a.metric_per_step, b.metric_per_step)
+
+
+class FixedReshape(nn.Layer):
+    """Flattens by a fixed size: stacked tasks would run as one task of twice the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2D(1, 2, 3, 2, 1)
+        self.head = nn.Linear(2 * 14 * 14, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).reshape([-1, 2 * 14 * 14]))
+
+
+class MixesSamples(nn.Layer):
+    """Centres each feature over the batch's samples with its own op: tasks' samples would mix."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(x - x.mean(axis=0, keepdim=True).mean(axis=1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (FixedReshape(), paddle.rand([4, 1, 28, 28])),
+        (MixesSamples(), paddle.rand([4, 4])),
+        (recurrent((1, 4, 4), 3), None),
+    ],
+    ids=["fixed reshape", "mixes samples", "exact off"],
+)
+def test_a_model_that_does_not_compute_stacked_tasks_runs_one_at_a_time(model, x) -> None:
+    net = LayerNet(model, exact=x is not None)
+    if x is None:  # without the exact routes nothing is stacked, whatever the model
+        net, x = LayerNet(nn.Linear(4, 3), exact=False), paddle.rand([4, 4])
+    net.check_sample(x, 3)
+    assert not net.stacks_tasks and net.default_task_chunk == 1
+
+
+def test_a_conv1d_runs_on_the_fast_kernels_build_as_on_paddles() -> None:
+    """The oneDNN operator computes square kernels only: a Conv1D (a 1×k convolution) falls
+    back to Paddle's kernels, inside the same exact construction, with the fast kernels on."""
+    model = Sequence1D(3)
+    x = paddle.rand([6, 2, 12])
+    net = LayerNet(model)
+    outputs = []
+    for kernels in ("native", "fast"):
+        onednn.use_kernels(kernels)
+        leaves = {k: v.detach() for k, v in net.parameters().items()}
+        for leaf in leaves.values():
+            leaf.stop_gradient = False
+        model.eval()
+        out = net.forward(x, leaves)
+        inner = paddle.grad(out.square().sum(), list(leaves.values()), create_graph=True)
+        second = paddle.grad(sum(g.square().sum() for g in inner), list(leaves.values()))
+        outputs.append([out.numpy(), *(g.numpy() for g in second)])
+    onednn.use_kernels("fast")
+    scale = max(np.abs(native).max() for native in outputs[0])  # the conv bias's are ~0 (BN)
+    for native, fast in zip(*outputs):
+        np.testing.assert_allclose(fast, native, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_concurrent_calls_on_one_layer_each_see_their_own_weights() -> None:

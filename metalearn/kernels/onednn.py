@@ -136,10 +136,15 @@ class Kernels(NativeKernels):
                 return False
         return True
 
+    def _fast_conv(self, weight: paddle.Tensor, *tensors) -> bool:
+        """Whether the convolution kernels take these tensors: float32 on the CPU, and a square
+        kernel (a Conv1D runs as a 1×k convolution on Paddle's kernels)."""
+        return weight.shape[2] == weight.shape[3] and self._fast(weight, *tensors)
+
     def forward(
         self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int, groups: int = 1
     ):
-        if self._fast(x, weight):
+        if self._fast_conv(weight, x):
             return _C_ops._run_custom_op("fastconv_forward", x, weight, stride, padding, groups)[0]
         return super().forward(x, weight, stride, padding, groups)
 
@@ -152,7 +157,7 @@ class Kernels(NativeKernels):
         padding: int,
         groups: int = 1,
     ):
-        if self._fast(x, weight, grad_out):
+        if self._fast_conv(weight, x, grad_out):
             dx, dw = _C_ops._run_custom_op(
                 "fastconv_backward", x, weight, grad_out, stride, padding, groups
             )
@@ -169,7 +174,7 @@ class Kernels(NativeKernels):
         groups: int = 1,
     ) -> paddle.Tensor:
         """``backward(...)[0]`` without computing the weight gradient (x gives the shape only)."""
-        if self._fast(weight, grad_out) and x.dtype == self._float32:
+        if self._fast_conv(weight, grad_out) and x.dtype == self._float32:
             return _C_ops._run_custom_op(
                 "fastconv_backward_data", x, weight, grad_out, stride, padding, groups
             )[0]
@@ -185,7 +190,7 @@ class Kernels(NativeKernels):
         groups: int = 1,
     ) -> paddle.Tensor:
         """``backward(...)[1]`` without computing the input gradient (weight gives the shape only)."""
-        if self._fast(x, grad_out) and weight.dtype == self._float32:
+        if self._fast_conv(weight, x, grad_out):
             return _C_ops._run_custom_op(
                 "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups
             )[0]

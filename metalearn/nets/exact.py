@@ -32,6 +32,14 @@ used nor updated (unless the layer was built with ``use_global_stats=True``: the
 as constants). A direct ``F.batch_norm`` call keeps its ``training`` flag (batch statistics when
 True, the given running statistics otherwise) and never updates the running statistics.
 
+Stacked tasks: a weight with one more leading axis than Paddle's (conv [T, O, C, k, k], linear
+[T, I, O], batch norm [T, C], layer norm [T, F]) holds T tasks' copies, and the activations are
+laid out [N, T·C, ...] (each task's channels or features side by side), as the built-in networks
+stack tasks: a convolution becomes one grouped convolution (groups × T), batch norm over T·C
+channels is each task's own, a linear layer a batched matrix product. Parameter-free ops
+(activations, pooling, flatten from axis 1, spatial means) need nothing. LayerNet checks on a
+sample that a model computes the same per task this way before it stacks any (layer_net.py).
+
 Thread safety: the functional entry points are replaced process-wide while at least one routed
 call runs (a counter under a lock restores them when the last one ends), so a thread that calls
 ``F.conv2d`` meanwhile gets the exact function: same values, exact derivatives.
@@ -112,11 +120,22 @@ def _check_dilation(dilation, spatial: int) -> None:
         raise _unsupported(f"a dilated convolution (dilation {dilation})")
 
 
+def _fold_tasks(weight, bias, groups: int, ndim: int) -> tuple:
+    """A stacked weight [T, O, ...] (``ndim`` + 1 axes; module docstring) as one grouped
+    convolution's [T·O, ...] with bias [T·O] and T times the groups; others pass unchanged."""
+    if weight.ndim == ndim:
+        return weight, bias, groups
+    tasks = weight.shape[0]
+    bias = None if bias is None else bias.reshape([-1])
+    return weight.reshape([-1, *weight.shape[2:]]), bias, groups * tasks
+
+
 def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, data_format="NCHW", name=None
 ):
     """``F.conv2d`` with exact second derivatives (any groups, depthwise included)."""
     _check_dilation(dilation, 2)
+    weight, bias, groups = _fold_tasks(weight, bias, groups, 4)
     channel_last = data_format == "NHWC"
     if channel_last:
         x = x.transpose([0, 3, 1, 2])
@@ -132,6 +151,7 @@ def conv1d(
     """``F.conv1d`` as an exact conv2d over a unit height (Paddle's own conv1d is a conv2d with
     an inserted axis too, with the same wrong double-grad)."""
     _check_dilation(dilation, 1)
+    weight, bias, groups = _fold_tasks(weight, bias, groups, 3)
     channel_last = data_format == "NLC"
     if channel_last:
         x = x.transpose([0, 2, 1])
@@ -252,6 +272,10 @@ def batch_norm(
     """``F.batch_norm`` with exact second derivatives; the running statistics are not updated
     (module docstring)."""
     channel_last = data_format in ("NHWC", "NLC", "NDHWC")
+    if weight is not None and weight.ndim == 2:  # stacked tasks: T·C channels
+        tasks = weight.shape[0]
+        weight, bias = weight.reshape([-1]), None if bias is None else bias.reshape([-1])
+        running_mean, running_var = running_mean.tile([tasks]), running_var.tile([tasks])
     images, back = _as_nchw(x, channel_last)
     channels = images.shape[1]
     scale = weight if weight is not None else paddle.ones([channels], x.dtype)
@@ -282,6 +306,15 @@ def _batch_norm_layer(layer: _BatchNormBase, x: paddle.Tensor) -> paddle.Tensor:
 def layer_norm(x, normalized_shape, weight=None, bias=None, epsilon=1e-05, name=None):
     """``F.layer_norm`` from mean / rsqrt / elementwise ops (exact derivatives)."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if weight is not None and weight.ndim == len(shape) + 1:  # stacked tasks: [..., T·F]
+        if len(shape) != 1:
+            raise _unsupported("stacked tasks through a layer norm over more than one axis")
+        tasks = weight.shape[0]
+        out = layer_norm(
+            x.reshape([*x.shape[:-1], tasks, shape[0]]), [shape[0]], None, None, epsilon
+        )
+        out = out * weight if bias is None else out * weight + bias
+        return out.reshape(x.shape)
     axes = list(range(x.ndim - len(shape), x.ndim))
     centred = x - x.mean(axis=axes, keepdim=True)
     out = centred * paddle.rsqrt((centred * centred).mean(axis=axes, keepdim=True) + epsilon)
@@ -292,6 +325,21 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, epsilon=1e-05, name=
 
 def _layer_norm_layer(layer: nn.LayerNorm, x: paddle.Tensor) -> paddle.Tensor:
     return layer_norm(x, layer._normalized_shape, layer.weight, layer.bias, layer._epsilon)
+
+
+# -- linear ----------------------------------------------------------------------------------
+_paddle_linear = F.linear
+
+
+def linear(x, weight, bias=None, name=None):
+    """``F.linear`` (Paddle's own, exact); a stacked weight [T, I, O] takes x [..., T·I] as T
+    tasks' features side by side and returns [..., T·O] (a batched matrix product)."""
+    if weight.ndim == 2:
+        return _paddle_linear(x, weight, bias, name)
+    tasks, inputs, outputs = weight.shape
+    rows = x.reshape([-1, tasks, inputs]).transpose([1, 0, 2])
+    out = paddle.matmul(rows, weight) if bias is None else ops.linear(rows, weight, bias)
+    return out.transpose([1, 0, 2]).reshape([*x.shape[:-1], tasks * outputs])
 
 
 # -- elementwise and the rest ------------------------------------------------------------------
@@ -431,6 +479,7 @@ EXACT_FUNCTIONS: tuple[tuple[object, str, Callable], ...] = (
             adaptive_max_pool2d,
             batch_norm,
             layer_norm,
+            linear,
             dropout,
             gelu,
             softmax,

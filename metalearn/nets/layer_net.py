@@ -7,8 +7,12 @@ with ``params`` substituted for its parameters (nets/functional.py) and, unless 
 off, with Paddle's wrong or missing double-grads routed to exact ops (nets/exact.py).
 Parameter names are the Layer's ``named_parameters()`` names.
 
-One task at a time (``default_task_chunk = 1``): a user's Layer computes one batch of images,
-not a stack of tasks with per-task weights.
+Stacked tasks, as the built-in networks compute them: with weights that have a leading task axis
+T, the inputs [T, N, C, ...] run as one batch [N, T·C, ...] through the exact routes' stacked
+forms (nets/exact.py), and the output [N, T·O] comes back as [T, N, O]. Whether a model computes
+the same per task this way (it does not if its ``forward`` reshapes by fixed sizes, mixes
+samples, or runs ops with parameters outside the routes) is measured on the sample batch of
+:meth:`LayerNet.check_sample`; until then, and when it does not, tasks run one at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import paddle
 
 from metalearn.errors import UserError
+from metalearn.kernels import registry
 from metalearn.nets.builtin import Classification, Regression
 from metalearn.nets.exact import ExactRouting, unverified_layer_types
 from metalearn.nets.functional import FunctionalLayer
@@ -45,8 +50,7 @@ class LayerNet:
     """
 
     kind = "layer"
-    default_task_chunk = 1
-    stacks_tasks = False
+    stacked_tasks = 8  # per computation, as the built-in ConvNet (docs/performance.md)
     # Any op may be a PyLayer (exact convolution, pooling, batch norm): the learner's inner
     # gradient is taken w.r.t. all of θ (MetaLearner.adapt).
     inner_grad_of_all = True
@@ -68,8 +72,10 @@ class LayerNet:
         self.objective = LOSSES[loss]()
         self.metric = self.objective.metric
         self.functional = FunctionalLayer(layer)
+        self.stacks_tasks = False  # until check_sample has seen it compute stacked tasks
         if not self.functional.parameter_names:
             raise UserError(f"{type(layer).__name__} has no parameters to meta-learn")
+        self._ndims = {name: tensor.ndim for name, tensor in self.parameters().items()}
         self.routing = ExactRouting(layer) if exact else None
         self._head, self.head_names = self._find_head()
         unverified = unverified_layer_types(layer) if exact else []
@@ -104,6 +110,12 @@ class LayerNet:
     def per_step_names(self) -> tuple[str, ...]:
         return ()
 
+    @property
+    def default_task_chunk(self) -> int:
+        """Tasks per computation: ``stacked_tasks`` once the model proved it stacks them, with
+        the oneDNN kernels (Paddle's grouped convolutions are slower than one task at a time)."""
+        return self.stacked_tasks if self.stacks_tasks and registry.in_use() == "fast" else 1
+
     # -- the function -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _running(self, params: dict[str, paddle.Tensor]):
@@ -114,14 +126,24 @@ class LayerNet:
     def forward(
         self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
     ) -> paddle.Tensor:
-        """The Layer's output for ``x`` with ``params`` as its parameters (``step`` unused)."""
+        """The Layer's output for ``x`` with ``params`` as its parameters (``step`` unused);
+        stacked tasks' ``x`` [T, N, ...] give [T, N, O]."""
+        tasks = self._tasks_in(params)
         with self._running(params) as layer:
-            return layer(x)
+            out = layer(_side_by_side(x) if tasks else x)
+        return _one_per_task(out, tasks) if tasks else out
+
+    def _tasks_in(self, params: dict[str, paddle.Tensor]) -> int:
+        """T for stacked weights (a leading task axis), 0 for one task's."""
+        name, value = next(iter(params.items()))
+        return value.shape[0] if value.ndim > self._ndims[name] else 0
 
     def features(
         self, x: paddle.Tensor, params: dict[str, paddle.Tensor], step: int = 0
     ) -> paddle.Tensor:
         """The head sublayer's input for ``x`` (ANIL computes it once per task)."""
+        tasks = self._tasks_in(params)
+        x = _side_by_side(x) if tasks else x
         seen = []
         with self._running(params) as layer:
             handle = self._head.register_forward_post_hook(
@@ -136,12 +158,14 @@ class LayerNet:
                 f"adapting only the head (ANIL) needs a model whose output is its last "
                 f"parameterised sublayer's ({type(self._head).__name__}) output, computed once"
             )
-        return seen[0][0]
+        return _one_per_task(seen[0][0], tasks) if tasks else seen[0][0]
 
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """The head sublayer alone on ``features``, with ``params`` as the parameters."""
+        tasks = self._tasks_in(params)
         with self._running(params):
-            return self._head(features)
+            out = self._head(_side_by_side(features) if tasks else features)
+        return _one_per_task(out, tasks) if tasks else out
 
     def _find_head(self) -> tuple[paddle.nn.Layer, tuple[str, ...]]:
         owners = [s for s in self.layer.sublayers(include_self=True) if _owns_parameters(s)]
@@ -160,14 +184,10 @@ class LayerNet:
         return self.objective.task_metrics(output, target)
 
     # -- checks ------------------------------------------------------------------------------
-    def check_input(self, x: paddle.Tensor) -> None:
-        """Refuse inputs of another shape than the one the network was built for."""
-        if self.input_shape is not None and list(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"the model expects inputs {self.input_shape}, got {list(x.shape)}")
-
     def check_sample(self, x: paddle.Tensor, n_way: int | None = None) -> None:
         """Run ``x`` through the model: the output must be [batch, n_way] (classification) and
-        depend on every parameter; raises :class:`UserError` saying what is wrong."""
+        depend on every parameter (else :class:`UserError` saying what is wrong); then learn
+        whether it computes stacked tasks (:attr:`stacks_tasks`)."""
         try:
             out, unused = self._sample_output(x)
         except UserError:
@@ -191,6 +211,37 @@ class LayerNet:
                 "metalearn substitutes parameters where layers read them (self.weight), which "
                 "nn.GRU / nn.LSTM / nn.SimpleRNN do not (they keep their own copies)"
             )
+        self.stacks_tasks = self._computes_stacked_tasks(x)
+
+    def _computes_stacked_tasks(self, x: paddle.Tensor) -> bool:
+        """Whether two tasks (``x`` and a perturbed copy, each with its own perturbed weights)
+        computed as one stacked call give each task's own output (in evaluation mode, so that
+        dropout draws no masks). A model that reshapes by fixed sizes, mixes the samples of a
+        batch or runs parameters through ops outside the exact routes fails this."""
+        if not self.exact:
+            return False
+        generator = np.random.default_rng(0)
+
+        def perturbed(tensor: paddle.Tensor) -> paddle.Tensor:
+            if not paddle.is_floating_point(tensor):
+                return tensor.flip([0])
+            noise = paddle.to_tensor(generator.standard_normal(tensor.shape), tensor.dtype)
+            return tensor * (1.0 + 0.1 * noise) + 0.01 * noise
+
+        theta = {name: p.detach() for name, p in self.parameters().items()}
+        tasks = [(x, theta), (perturbed(x), {k: perturbed(v) for k, v in theta.items()})]
+        with paddle.no_grad(), _evaluation_mode(self.layer):
+            alone = [self.forward(inputs, weights).numpy() for inputs, weights in tasks]
+            stacked_weights = {k: paddle.stack([w[k] for _, w in tasks]) for k in theta}
+            try:
+                stacked = self.forward(paddle.stack([x for x, _ in tasks]), stacked_weights)
+            except Exception:  # the model's forward cannot take stacked tasks at all
+                return False
+        expected = np.stack(alone)
+        scale = max(float(np.abs(expected).max()), 1.0)
+        return stacked.shape == list(expected.shape) and np.allclose(
+            stacked.numpy(), expected, rtol=1e-4, atol=1e-4 * scale
+        )
 
     def _sample_output(self, x: paddle.Tensor) -> tuple[object, list[str]]:
         """The output for ``x`` and the parameter names it does not depend on."""
@@ -202,6 +253,32 @@ class LayerNet:
             return out, []
         grads = paddle.grad(out.sum(), list(leaves.values()), allow_unused=True)
         return out.detach(), [name for name, grad in zip(leaves, grads) if grad is None]
+
+
+def _side_by_side(x: paddle.Tensor) -> paddle.Tensor:
+    """Stacked tasks' inputs [T, N, C, ...] as one batch [N, T·C, ...] (module docstring)."""
+    tasks, count, *rest = x.shape
+    if not rest:
+        return x.transpose([1, 0])
+    return x.transpose([1, 0, *range(2, x.ndim)]).reshape([count, tasks * rest[0], *rest[1:]])
+
+
+def _one_per_task(out: paddle.Tensor, tasks: int) -> paddle.Tensor:
+    """An output [N, T·O] of stacked tasks as [T, N, O]."""
+    count, width = out.shape
+    return out.reshape([count, tasks, width // tasks]).transpose([1, 0, 2])
+
+
+@contextlib.contextmanager
+def _evaluation_mode(layer: paddle.nn.Layer):
+    """``layer.eval()`` for the block, then each sublayer's own mode back."""
+    modes = [(sublayer, sublayer.training) for sublayer in layer.sublayers(include_self=True)]
+    layer.eval()
+    try:
+        yield
+    finally:
+        for sublayer, training in modes:
+            sublayer.training = training
 
 
 def _owns_parameters(layer: paddle.nn.Layer) -> bool:

@@ -102,16 +102,17 @@ def user_network(config: dict, input_shape: tuple[int, int, int]) -> LayerNet:
             "--per_step_bn (on in --algo maml++) needs a built-in network (conv4 or pool4); "
             "add --no-per_step_bn"
         )
-    if (config.get("task_chunk") or 1) > 1:
-        raise UserError(
-            f"--net {config['net']} computes one task at a time: leave --task_chunk out"
-        )
     layer = user_layer(config, input_shape, config["n_way"])
     net = LayerNet(layer, config["n_way"], input_shape, source=config["net"])
     try:
         net.check_sample(factory.sample_batch(input_shape), config["n_way"])
     except UserError as error:
         raise UserError(f"--net {config['net']}: {error}") from None
+    if (config.get("task_chunk") or 1) > 1 and not net.stacks_tasks:
+        raise UserError(
+            f"--net {config['net']} computes one task at a time (its forward gives other "
+            "outputs for stacked tasks, see docs/models.md): leave --task_chunk out"
+        )
     return net
 
 
