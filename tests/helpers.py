@@ -3,6 +3,7 @@ small real image dataset (letters rendered from Debian's fonts) for image-folder
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import subprocess
@@ -161,3 +162,17 @@ def make_glyph_folder(
         for i in range(per_class):
             save_as(glyph(letter, rng, size), root / letter / f"{i:03d}", FORMATS[i % len(FORMATS)])
     return root
+
+
+@contextlib.contextmanager
+def wait_line_full(client):
+    """Every slot of the service's wait line taken while the block runs (a request gets 503)."""
+    slots = client.app.state.engine._slots
+    taken = 0
+    while slots.acquire(blocking=False):
+        taken += 1
+    try:
+        yield
+    finally:
+        for _ in range(taken):
+            slots.release()

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import FONTS, TINY, assert_one_line_error, glyph, make_glyph_folder, run_script, tiny
+from helpers import (
+    FONTS,
+    TINY,
+    assert_one_line_error,
+    glyph,
+    make_glyph_folder,
+    run_script,
+    tiny,
+    wait_line_full,
+)
 from PIL import Image, ImageDraw
 
 from metalearn.data import folders, images, omniglot
@@ -496,15 +505,8 @@ def test_more_support_per_class_is_allowed(client) -> None:
 
 
 def test_a_full_wait_line_answers_503_with_retry_after(client) -> None:
-    slots = client.app.state.engine._slots
-    taken = 0
-    while slots.acquire(blocking=False):
-        taken += 1
-    try:
+    with wait_line_full(client):
         response = client.post("/api/adapt", json=task_body(client))
-    finally:
-        for _ in range(taken):
-            slots.release()
     assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
     assert client.post("/api/adapt", json=task_body(client)).status_code == 200
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import wait_line_full
 
 from metalearn.service.app import create_app
 from metalearn.service.settings import Settings
@@ -89,15 +90,8 @@ def test_unknown_and_foreign_runs_are_refused(client) -> None:
 
 
 def test_a_full_wait_line_answers_503_with_retry_after(client) -> None:
-    slots = client.app.state.engine._slots
-    taken = 0
-    while slots.acquire(blocking=False):
-        taken += 1
-    try:
+    with wait_line_full(client):
         response = client.post("/api/navigate", json=body())
-    finally:
-        for _ in range(taken):
-            slots.release()
     assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
 
 

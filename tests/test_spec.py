@@ -25,32 +25,14 @@ from metalearn.nets.spec import (
     save_spec_file,
     validate_spec,
 )
+from metalearn.service.app import SPEC_EXAMPLE
 
 OMNIGLOT = (1, 28, 28)
-_BLOCK = [
-    {"name": "Conv2d", "out_channels": 64, "kernel_size": 3, "stride": 2, "padding": 1},
-    {"name": "BatchNorm2d"},
-    {"name": "ReLU"},
-]
-CONVNET = {
-    "layers": [
-        *[dict(layer, bias=False) if layer["name"] == "Conv2d" else layer for layer in _BLOCK * 4],
-        {"name": "GlobalAvgPool"},
-        {"name": "Linear", "out_features": "n_way"},
-    ]
-}
-"""The paper's Omniglot network (metalearn.nets.builtin.ConvNet) as a spec."""
+CONVNET = json.loads((REPO_ROOT / "examples" / "omniglot_convnet.json").read_text())
+"""The paper's Omniglot network (metalearn.nets.builtin.ConvNet) as a spec, as the example ships it."""
 
-EXAMPLE = {
-    "layers": [
-        {"name": "Conv2d", "out_channels": 32, "kernel_size": 3, "stride": 2, "padding": 1},
-        {"name": "BatchNorm2d"},
-        {"name": "ReLU"},
-        {"name": "MaxPool2d", "kernel_size": 2},
-        {"name": "Flatten"},
-        {"name": "Linear", "out_features": "n_way"},
-    ]
-}
+EXAMPLE = SPEC_EXAMPLE["model"]
+"""The service's documented example."""
 
 
 def trainable(model: paddle.nn.Layer) -> dict[str, list[int]]:
