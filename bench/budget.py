@@ -1,13 +1,15 @@
 """Omniglot 5-way 1-shot within a wall-clock budget: the recommended recipe, trained, then tested.
 
-    python bench/budget.py [--minutes 30] [--run_name budget30_5w1s] [--data_dir .] [--work_dir work]
-                           [--print-only]
+    python bench/budget.py [--minutes 30] [--k_query 15] [--run_name budget30_5w1s] [--data_dir .]
+                           [--work_dir work] [--print-only]
 
-Runs ``train.py`` with the budget recipe below and ``--max_minutes`` (validation included in the
-budget), then ``evaluate.py`` on 600 fixed test tasks of the test split (never seen in training
-or validation), which prints the accuracy after each inner step ± 95% CI. The two commands are
-printed first and use only the scripts' own flags, so they can be copied as they are (from the
-project folder; relative folders are relative to where this script is started).
+Runs ``train.py`` with the budget recipe below and ``--max_minutes`` (a clock of the
+meta-iterations: validation and checkpoints run outside it), then ``evaluate.py`` on 600 fixed
+test tasks of the test split (never seen in training or validation), which prints the accuracy
+after each inner step ± 95% CI. The two commands are printed first and use only the scripts'
+own flags, so they can be copied as they are (from the project folder; relative folders are
+relative to where this script is started). ``bench/budget_torch.py`` trains the same run with
+the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ TEST_TASKS = 600
 def commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """train.py's and evaluate.py's argv for the budget run."""
     common = ("--data_dir", args.data_dir, "--work_dir", args.work_dir)
+    queries = () if args.k_query is None else ("--k_query", str(args.k_query))
     train = [
-        *("train.py", *RECIPE, "--max_minutes", f"{args.minutes:g}"),
+        *("train.py", *RECIPE, *queries, "--max_minutes", f"{args.minutes:g}"),
         *("--run_name", args.run_name, *common),
     ]
     run_dir = str(Path(args.work_dir) / args.run_name)
@@ -49,6 +52,9 @@ def commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument(
+        "--k_query", type=int, help="query images per class (train.py's default: 15)"
+    )
     parser.add_argument("--run_name", default="budget30_5w1s")
     parser.add_argument("--data_dir", default=".")
     parser.add_argument("--work_dir", default="work")

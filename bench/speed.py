@@ -80,6 +80,7 @@ class Config:
         return (3, 84, 84) if self.net == "pool" else (1, 28, 28)
 
     adapt: str = "all"  # "head": ANIL (ours only: the reference adapts every weight)
+    meta_lr: float = 1e-3  # the references' Adam (ours: train.py's --glob_meta_lr default)
 
 
 CONFIGS = [
@@ -177,7 +178,7 @@ class Reference:
         self.optimizer = (
             torch.optim.SGD(values, lr=1.0)
             if config.algo == "reptile"
-            else torch.optim.Adam(values, lr=1e-3)
+            else torch.optim.Adam(values, lr=config.meta_lr)
         )
 
     def forward(self, x, p):
@@ -214,9 +215,9 @@ class Reference:
             return ((out - y) ** 2).mean(dim=(-2, -1))
         return (out.argmax(1) == y).float().mean()
 
-    def adapt(self, p, x, y, create_graph):
+    def adapt(self, p, x, y, create_graph, steps=None):
         trajectory = [p]
-        for _ in range(self.config.steps):
+        for _ in range(self.config.steps if steps is None else steps):
             grads = torch.autograd.grad(
                 self.loss(self.forward(x, p), y), list(p.values()), create_graph=create_graph
             )
@@ -257,13 +258,21 @@ class Reference:
             p if differentiable else {k: w.detach().clone().requires_grad_() for k, w in p.items()}
         )
 
+    def evaluate(self, tasks, steps: int) -> np.ndarray:
+        """Each task's query metric after 0..``steps`` inner steps, [tasks, steps + 1], as
+        ``MetaLearner.evaluate``."""
+        rows = []
+        for x_s, y_s, x_q, y_q, count in self.chunks(tasks):
+            trajectory = self.adapt(self.start(count, False), x_s, y_s, False, steps)
+            with torch.no_grad():
+                scores = [self.metric(self.forward(x_q, w), y_q) for w in trajectory]
+            rows.append(torch.stack(scores, dim=-1).reshape(count, -1).numpy())
+        return np.concatenate(rows)
+
     def step(self, tasks) -> None:
         algo = self.config.algo
         if self.config.evaluation:
-            for x_s, y_s, x_q, y_q, count in self.chunks(tasks):
-                trajectory = self.adapt(self.start(count, False), x_s, y_s, False)
-                with torch.no_grad():
-                    [float(self.metric(self.forward(x_q, w), y_q).sum()) for w in trajectory]
+            self.evaluate(tasks, self.config.steps)
             return
         total = {k: torch.zeros_like(w) for k, w in self.params.items()}
         for x_s, y_s, x_q, y_q, count in self.chunks(tasks):

@@ -5,6 +5,7 @@ Every figure is written atomically (``fileio.atomic_path``), so a reader never s
 * :func:`training_curves`: query metric per inner step, validation metric and meta-loss vs iteration.
 * :func:`compare_curves`: several runs' curves overlaid.
 * :func:`steps_curve`: metric vs number of inner steps with 95% bands (paper Figure 3 style).
+* :func:`minutes_curve`: metric vs training minutes, runs of one time budget overlaid.
 * :func:`sinusoid_fits`: true function, support points and predictions per task (Figure 2 style).
 * :func:`task_preview`: the support and query images of one N-way K-shot task, by class.
 * :func:`adaptation_steps`: a task's support set, then queries and their predictions per step.
@@ -177,6 +178,27 @@ def steps_curve(
     else:
         _empty(axis)
     axis.set(xlabel="inner gradient steps", ylabel=_label(ylabel), title=title or "")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def minutes_curve(
+    path: str | os.PathLike[str],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    ylabel: str,
+    title: str | None = None,
+) -> Path:
+    """Metric vs training minutes, one line per label: runs of one time budget side by side,
+    where iterations would hide how fast each side is."""
+    figure, axes = _figure(1, 1, (7.2, 4.6))
+    axis = axes[0, 0]
+    for index, (label, (minutes, values)) in enumerate(series.items()):
+        axis.plot(minutes, values, marker="o", markersize=3, color=f"C{index % 10}", label=label)
+    if series:
+        axis.legend(fontsize="small")
+    else:
+        _empty(axis)
+    axis.set(xlabel="training minutes", ylabel=_label(ylabel), title=title or "")
     axis.grid(alpha=0.3)
     return _save(figure, path)
 
