@@ -3,8 +3,8 @@
     python bench/budget.py [--minutes 30] [--k_query 15] [--run_name budget30_5w1s] [--data_dir .]
                            [--work_dir work] [--print-only]
 
-Runs ``train.py`` with the budget recipe below and ``--max_minutes`` (a clock of the
-meta-iterations: validation and checkpoints run outside it), then ``evaluate.py`` on 600 fixed
+Runs ``train.py`` with the budget recipe below and ``--max_minutes`` (wall time, validation and
+checkpoints included), then ``evaluate.py`` on 600 fixed
 test tasks of the test split (never seen in training or validation), which prints the accuracy
 after each inner step ± 95% CI. The two commands are printed first and use only the scripts'
 own flags, so they can be copied as they are (from the project folder; relative folders are

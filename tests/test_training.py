@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from metalearn.errors import UserError
 from metalearn.learning import learner
 from metalearn.runs.checkpoint import load_checkpoint
 from metalearn.runs.records import RunRecords
+from metalearn.training import trainer as trainer_module
 from metalearn.training.evaluation import evaluate
 from metalearn.training.trainer import Trainer, prepare_config, train
 
@@ -117,6 +119,34 @@ def test_short_training_lifts_accuracy(omniglot_dir, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_the_time_budget_is_wall_time_with_the_final_validation_inside(
+    omniglot_dir, tmp_path, monkeypatch
+) -> None:
+    """On a fake clock where a meta-iteration takes 1 s and a validation 10 s, a 1-minute budget
+    with validation every 5 iterations: 15 iterations and 3 validations take 45 s, then training
+    stops at iteration 19 (49 s), where one more iteration and the final validation would reach
+    60 s; the final validation ends at 59 s."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for method, seconds in (("_meta_step", 1.0), ("_validate", 10.0)):
+        original = getattr(Trainer, method)
+
+        def timed(self, original=original, seconds=seconds):
+            original(self)
+            clock[0] += seconds
+
+        monkeypatch.setattr(Trainer, method, timed)
+    state = train(
+        tiny(omniglot_dir, tmp_path, epochs=1000, val_every=5, max_minutes=1.0, run_name="budget")
+    )
+    assert state.iteration == 19
+    assert clock[0] == state.elapsed_seconds == 59.0
+    validations = RunRecords(tmp_path).get_run("budget")["validation"]
+    assert [(v["iteration"], v["elapsed"]) for v in validations] == [
+        (5, 5.0), (10, 20.0), (15, 35.0), (19, 49.0)
+    ]  # fmt: skip
+
+
 def test_killed_training_resumes_to_the_same_theta(omniglot_dir, tmp_path) -> None:
     args = as_flags(tiny(omniglot_dir, tmp_path, val_tasks=2, ckpt_every=1, epochs=8))
     assert run_script("train.py", *args, "--run_name", "whole").returncode == 0

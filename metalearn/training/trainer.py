@@ -251,21 +251,31 @@ class Trainer:
             dynamic_ncols=True,
             disable=not distributed.is_main(),
         )
+        # The budget is wall time, validations and checkpoints included: training stops when
+        # one more iteration (as long as the last) and the final validation (as long as the last
+        # one) would not fit.
+        resumed_at, loop_started = self.state.elapsed_seconds, time.perf_counter()
+        validation_seconds = 0.0
         while self.state.iteration < config["epochs"]:
-            started = time.perf_counter()
+            step_started = time.perf_counter()
             self._meta_step()
-            self.state.elapsed_seconds += time.perf_counter() - started
             progress.update(1)
             iteration = self.state.iteration
-            out_of_time = budget is not None and self.state.elapsed_seconds >= budget * 60
+            now = time.perf_counter()
+            self.state.elapsed_seconds = resumed_at + now - loop_started
+            needed = self.state.elapsed_seconds + (now - step_started) + validation_seconds
+            out_of_time = budget is not None and needed >= budget * 60
             last = iteration == config["epochs"] or out_of_time
             if iteration % config["val_every"] == 0 or last:
+                validation_started = time.perf_counter()
                 self._validate()
+                validation_seconds = time.perf_counter() - validation_started
             if (
                 iteration % config["ckpt_every"] == 0
                 or iteration % config["val_every"] == 0
                 or last
             ):
+                self.state.elapsed_seconds = resumed_at + time.perf_counter() - loop_started
                 self._save_last()
             if self.recorder is not None:  # run record: new entries, heartbeat every few seconds
                 self.recorder.progress(self.state)
