@@ -39,6 +39,7 @@ from speed import Config, Reference, VmapReference, torch  # tunes the allocator
 from metalearn.errors import UserError, run_cli
 from metalearn.fileio import write_json
 from metalearn.learning.learner import initial_arrays
+from metalearn.learning.variants import make_variant
 from metalearn.metrics import ACCURACY
 from metalearn.runs import plots
 from metalearn.runs.records import RunRecords
@@ -52,7 +53,7 @@ MAX_JSON_BYTES = 1 << 20  # a genuine result is a few kB
 SETTINGS = (
     *("n_way", "k_spt", "k_query", "task_num", "glob_update_step", "glob_base_lr"),
     *("glob_meta_lr", "glob_update_step_test", "augment", "val_every", "val_tasks"),
-    *("max_minutes", "seed"),
+    *("cosine_meta_lr", "cosine_meta_lr_epochs", "min_meta_lr", "max_minutes", "seed"),
 )
 """What of train.py's configuration the JSON repeats (the recipe's flags and their defaults)."""
 
@@ -92,11 +93,14 @@ def train_within_budget(
     validation = [
         problem.samplers["val"].sample(seed, "val", 0, i) for i in range(config["val_tasks"])
     ]
+    schedule = make_variant(config["algo"], config)  # the meta learning rate of each iteration
     curve, best, iteration, validation_seconds = [], {}, 0, 0.0
     loop_started = time.perf_counter()
     while iteration < config["epochs"]:
         iteration += 1
         step_started = time.perf_counter()
+        for group in reference.optimizer.param_groups:
+            group["lr"] = schedule.learning_rate(iteration)
         reference.step(
             [train_tasks.sample(seed, "train", iteration, i) for i in range(config["task_num"])]
         )
@@ -239,9 +243,7 @@ def plot(paths: list[str], out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
-    parser.add_argument(
-        "--k_query", type=int, help="query images per class (train.py's default: 15)"
-    )
+    parser.add_argument("--k_query", type=int, help="query images per class (the recipe's: 5)")
     parser.add_argument("--variant", choices=VARIANTS, default="loop")
     parser.add_argument("--data_dir", default=".", help="the packed Omniglot (default .)")
     parser.add_argument("--out", help="result JSON (default work/budget_torch_VARIANT.json)")
