@@ -111,17 +111,18 @@ def make_tiny_model(input_shape: Sequence[int], n_way: int) -> ResNet12:
 
 # -- Omniglot's zips as an image folder ----------------------------------------------------------
 def omniglot_to_folder(source: Path, folder: Path) -> int:
-    """Write Omniglot's drawings (the official zips in ``source``) as ``folder/<alphabet>_<character>
-    /<drawing>.png``, the layout ``make_data.py --images`` packs; returns the number of classes.
+    """Write Omniglot's drawings (the official zips in ``source``, or their extracted folders)
+    as ``folder/<alphabet>_<character>/<drawing>.png``, the layout ``make_data.py --images``
+    packs; returns the number of classes.
 
-    The zips' layout is checked by the project's Omniglot reader; the PNGs are copied unchanged.
+    The layout is checked by the project's Omniglot reader; the PNGs are copied unchanged.
     """
     sources = omniglot.find_source(source)
     characters = omniglot.list_characters(sources)
     names = [f"{c.alphabet}_{c.character}" for c in characters]
     if len(set(names)) != len(names):
         raise UserError(f"{source}: two alphabets give the same class folder name")
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--folder {folder} is not empty; give a new folder")
     archives = {name: zipfile.ZipFile(path) for name, path in sources.items() if path.is_file()}
     try:
