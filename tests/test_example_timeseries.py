@@ -12,16 +12,21 @@ import numpy as np
 import pytest
 from helpers import REPO, assert_one_line_error, run_script
 
+import metalearn
 from examples.timeseries import (
     TRAIN,
     SignalTasks,
     check_args,
     held_out_tasks,
+    magnitude_spectrum,
     main,
     make_model,
+    meta_train,
+    nearest_class_mean,
     parse_args,
 )
 from metalearn.audit import audit, format_reports
+from metalearn.data.tasks import Task
 from metalearn.errors import UserError
 from metalearn.kernels import onednn
 
@@ -89,6 +94,21 @@ def _std(x: np.ndarray) -> np.ndarray:
     return x[:, 0].std(axis=1)
 
 
+def test_the_no_learning_baselines_pick_the_nearest_class_mean() -> None:
+    """Half a period later, a class's wave is its negative: far from its raw class mean, the
+    same magnitude spectrum."""
+    time = np.arange(16) / 16
+    slow, fast = np.sin(2 * np.pi * 2 * time), np.sin(2 * np.pi * 5 * time)
+    later = np.roll(slow, 4)
+    assert np.allclose(later, -slow)
+    task = Task(
+        np.stack([slow, fast])[:, None], np.array([0, 1]),
+        np.stack([later, fast + 0.1])[:, None], np.array([0, 1]),
+    )  # fmt: skip
+    assert nearest_class_mean(task, np.asarray) == 0.5
+    assert nearest_class_mean(task, magnitude_spectrum) == 1.0
+
+
 @pytest.mark.slow
 def test_meta_training_makes_adaptation_beat_the_untrained_network(
     tmp_path, native_kernels_afterwards
@@ -137,6 +157,17 @@ def test_the_audit_command_takes_a_channels_length_shape() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("audit passed")
+
+
+def test_a_loss_that_is_not_finite_stops_training(native_kernels_afterwards) -> None:
+    class Broken(SignalTasks):
+        def sample(self, *where) -> Task:
+            task = super().sample(*where)
+            return Task(task.x_support * np.nan, task.y_support, task.x_query, task.y_query)
+
+    maml = metalearn.MAML(make_model((1, 16), 3, hidden=4), inner_lr=0.1)
+    with pytest.raises(UserError, match=r"the query loss is nan at iteration [12]: lower"):
+        meta_train(maml, Broken(3, 1, 2, length=16), parse_args(["--iterations", "3"]))
 
 
 @pytest.mark.parametrize(
