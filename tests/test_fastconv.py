@@ -157,6 +157,21 @@ def test_float64_falls_back_to_native(kernels):
     _assert_close(dw, dw_ref, "dw")
 
 
+def test_non_square_kernels_fall_back_to_native(kernels):
+    """A Conv1D runs as a [1, k] convolution; the oneDNN operator takes square kernels only."""
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal([4, 3, 1, 20]).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal([5, 3, 1, 3]).astype("float32"))
+    y = _native_forward(x, w, 1, 0)
+    dy = paddle.to_tensor(rng.standard_normal(y.shape).astype("float32"))
+    _assert_close(kernels.forward(x, w, 1, 0), y, "y")
+    dx, dw = _native_backward(x, w, dy, 1, 0)
+    for got, want in zip(kernels.backward(x, w, dy, 1, 0), (dx, dw)):
+        _assert_close(got, want, "dx, dw")
+    _assert_close(kernels.backward_data(x, w, dy, 1, 0), dx, "dx")
+    _assert_close(kernels.backward_weights(x, w, dy, 1, 0), dw, "dw")
+
+
 def test_channel_mismatch_raises(kernels):
     x = paddle.ones([2, 3, 8, 8])
     w = paddle.ones([4, 5, 3, 3])

@@ -18,10 +18,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "model",
-        help="MODULE:FUNCTION in the working directory, called as FUNCTION((C, H, W), n_way), "
+        help="MODULE:FUNCTION in the working directory, called as FUNCTION(input_shape, n_way), "
         "or a model spec file (.json, metalearn/nets/spec.py)",
     )
-    parser.add_argument("--input-shape", default="1,28,28", help="C,H,W (default 1,28,28)")
+    parser.add_argument(
+        "--input-shape",
+        default="1,28,28",
+        help="one example's shape: C,H,W for images, C,L for sequences (default 1,28,28)",
+    )
     parser.add_argument("--n-way", type=int, default=5, help="classes per task (default 5)")
     parser.add_argument(
         "--steps", type=int, nargs="+", default=[1, 2], help="inner steps (default 1 2)"
@@ -51,7 +55,7 @@ def shape_of(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or len(shape) > 4 or not all(0 < n <= 4096 for n in shape):
-        raise UserError(f"--input-shape {text!r:.40}: expected sizes like 1,28,28")
+        raise UserError(f"--input-shape {text!r:.40}: expected sizes like 1,28,28 or 1,128")
     return shape
 
 
