@@ -125,6 +125,18 @@ def test_relative_links_and_images_resolve(path: Path) -> None:
     assert broken_links(path) == []
 
 
+CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: path.relative_to(REPO_ROOT).as_posix())
+def test_no_merge_conflict_markers_are_left(path: Path) -> None:
+    assert CONFLICT_MARKER.findall(path.read_text()) == []
+
+
+def test_the_conflict_marker_check_sees_one() -> None:
+    assert CONFLICT_MARKER.findall("text\n<<<<<<< HEAD\na\n=======\nb\n>>>>>>> branch\n")
+
+
 def test_every_figure_is_shown_somewhere() -> None:
     """A figure in docs/img that no page shows is either lost documentation or dead weight."""
     shown = {
