@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 from metalearn.errors import UserError
 from metalearn.kernels import ops, registry
 from metalearn.metrics import ACCURACY, MSE
+from metalearn.nets.stacking import one_per_task, side_by_side
 
 Params = "OrderedDict[str, paddle.Tensor]"
 
@@ -200,18 +201,13 @@ class _BlockNet(Classification):
     @staticmethod
     def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:
         """Stacked images [T, N, C, H, W] as [N, T·C, H, W] (one task's images pass unchanged)."""
-        if x.ndim == 4:
-            return x
-        t, n, c, h, w = x.shape
-        return x.transpose([1, 0, 2, 3, 4]).reshape([n, t * c, h, w])
+        return x if x.ndim == 4 else side_by_side(x)
 
     @staticmethod
     def _tasks_of_features(x: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Features [N, T·F] of stacked tasks as [T, N, F] (one task's [N, F] pass unchanged)."""
-        if params["conv0.weight"].ndim == 4:
-            return x
-        tasks = params["conv0.weight"].shape[0]
-        return x.reshape([x.shape[0], tasks, -1]).transpose([1, 0, 2])
+        weight = params["conv0.weight"]
+        return x if weight.ndim == 4 else one_per_task(x, weight.shape[0])
 
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Logits [N, classes], or [T, N, classes] for stacked features [T, N, F]."""

@@ -29,6 +29,7 @@ from metalearn.kernels import registry
 from metalearn.nets.builtin import Classification, Regression
 from metalearn.nets.exact import ExactRouting, unverified_layer_types
 from metalearn.nets.functional import FunctionalLayer
+from metalearn.nets.stacking import one_per_task, side_by_side
 
 LOSSES = {"cross_entropy": Classification, "mse": Regression}
 """The task loss and metric: classification (cross-entropy, accuracy) or regression (MSE)."""
@@ -130,8 +131,8 @@ class LayerNet:
         stacked tasks' ``x`` [T, N, ...] give [T, N, O]."""
         tasks = self._tasks_in(params)
         with self._running(params) as layer:
-            out = layer(_side_by_side(x) if tasks else x)
-        return _one_per_task(out, tasks) if tasks else out
+            out = layer(side_by_side(x) if tasks else x)
+        return one_per_task(out, tasks) if tasks else out
 
     def _tasks_in(self, params: dict[str, paddle.Tensor]) -> int:
         """T for stacked weights (a leading task axis), 0 for one task's."""
@@ -143,7 +144,7 @@ class LayerNet:
     ) -> paddle.Tensor:
         """The head sublayer's input for ``x`` (ANIL computes it once per task)."""
         tasks = self._tasks_in(params)
-        x = _side_by_side(x) if tasks else x
+        x = side_by_side(x) if tasks else x
         seen = []
         with self._running(params) as layer:
             handle = self._head.register_forward_post_hook(
@@ -158,14 +159,14 @@ class LayerNet:
                 f"adapting only the head (ANIL) needs a model whose output is its last "
                 f"parameterised sublayer's ({type(self._head).__name__}) output, computed once"
             )
-        return _one_per_task(seen[0][0], tasks) if tasks else seen[0][0]
+        return one_per_task(seen[0][0], tasks) if tasks else seen[0][0]
 
     def head(self, features: paddle.Tensor, params: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """The head sublayer alone on ``features``, with ``params`` as the parameters."""
         tasks = self._tasks_in(params)
         with self._running(params):
-            out = self._head(_side_by_side(features) if tasks else features)
-        return _one_per_task(out, tasks) if tasks else out
+            out = self._head(side_by_side(features) if tasks else features)
+        return one_per_task(out, tasks) if tasks else out
 
     def _find_head(self) -> tuple[paddle.nn.Layer, tuple[str, ...]]:
         owners = [s for s in self.layer.sublayers(include_self=True) if _owns_parameters(s)]
@@ -253,20 +254,6 @@ class LayerNet:
             return out, []
         grads = paddle.grad(out.sum(), list(leaves.values()), allow_unused=True)
         return out.detach(), [name for name, grad in zip(leaves, grads) if grad is None]
-
-
-def _side_by_side(x: paddle.Tensor) -> paddle.Tensor:
-    """Stacked tasks' inputs [T, N, C, ...] as one batch [N, T·C, ...] (module docstring)."""
-    tasks, count, *rest = x.shape
-    if not rest:
-        return x.transpose([1, 0])
-    return x.transpose([1, 0, *range(2, x.ndim)]).reshape([count, tasks * rest[0], *rest[1:]])
-
-
-def _one_per_task(out: paddle.Tensor, tasks: int) -> paddle.Tensor:
-    """An output [N, T·O] of stacked tasks as [T, N, O]."""
-    count, width = out.shape
-    return out.reshape([count, tasks, width // tasks]).transpose([1, 0, 2])
 
 
 @contextlib.contextmanager
