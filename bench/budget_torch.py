@@ -46,6 +46,7 @@ from metalearn.runs.records import RunRecords
 from metalearn.training.config import resolve_defaults, train_parser, validate_config
 from metalearn.training.evaluation import summarise
 from metalearn.training.problems import Problem, build_problem
+from metalearn.training.trainer import budget_spent
 
 VARIANTS = {"loop": Reference, "vmap": VmapReference}
 MAX_JSON_BYTES = 1 << 20  # a genuine result is a few kB
@@ -106,7 +107,7 @@ def train_within_budget(
         )
         now = time.perf_counter()
         clock = now - loop_started
-        out_of_time = clock + (now - step_started) + validation_seconds >= budget * 60
+        out_of_time = budget_spent(clock, now - step_started, validation_seconds, budget)
         if iteration % config["val_every"] == 0 or out_of_time or iteration == config["epochs"]:
             validation_started = time.perf_counter()
             per_step = reference.evaluate(validation, steps).mean(axis=0)

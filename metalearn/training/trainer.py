@@ -251,9 +251,7 @@ class Trainer:
             dynamic_ncols=True,
             disable=not distributed.is_main(),
         )
-        # The budget is wall time, validations and checkpoints included: training stops when
-        # one more iteration (as long as the last) and the final validation (as long as the last
-        # one) would not fit.
+        # The budget is wall time, validations and checkpoints included (budget_spent).
         resumed_at, loop_started = self.state.elapsed_seconds, time.perf_counter()
         validation_seconds = 0.0
         while self.state.iteration < config["epochs"]:
@@ -263,8 +261,9 @@ class Trainer:
             iteration = self.state.iteration
             now = time.perf_counter()
             self.state.elapsed_seconds = resumed_at + now - loop_started
-            needed = self.state.elapsed_seconds + (now - step_started) + validation_seconds
-            out_of_time = budget is not None and needed >= budget * 60
+            out_of_time = budget is not None and budget_spent(
+                self.state.elapsed_seconds, now - step_started, validation_seconds, budget
+            )
             last = iteration == config["epochs"] or out_of_time
             if iteration % config["val_every"] == 0 or last:
                 validation_started = time.perf_counter()
@@ -418,6 +417,15 @@ def data_manifest_sha256(config: dict) -> str | None:
         path = Path(config["data_dir"]) / folders.manifest_name(config["data"])
         return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     return None
+
+
+def budget_spent(
+    elapsed_seconds: float, step_seconds: float, validation_seconds: float, minutes: float
+) -> bool:
+    """Whether a wall-time budget of ``minutes`` (validations included) is used up: one more
+    meta-iteration as long as the last and the final validation as long as the last one would
+    not fit, so the run ends validated within it."""
+    return elapsed_seconds + step_seconds + validation_seconds >= minutes * 60
 
 
 def train(given: dict) -> TrainState:
