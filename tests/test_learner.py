@@ -15,10 +15,12 @@ from metalearn.errors import UserError
 from metalearn.learning.gradcheck import meta_gradient_error, tiny_arrays, tiny_problem
 from metalearn.learning.inner_rules import RATE_PREFIX, rate_name
 from metalearn.learning.learner import (
+    Batch,
     MetaLearner,
     initial_arrays,
     make_parameters,
     multi_step_loss_weights,
+    to_tensors,
 )
 from metalearn.learning.variants import Order, QueryGradient, make_variant
 from metalearn.nets.builtin import MLP, ConvNet
@@ -274,6 +276,30 @@ def test_meta_update_steps_the_learned_rates_with_the_scheduled_rate() -> None:
     learner.meta_update([omniglot_like_task()], optimizer, 1, iteration=2)
     assert optimizer.get_lr() == pytest.approx(0.0005)
     assert not np.allclose(params["lr:conv0.weight"].numpy(), 0.4)
+
+
+def test_reptile_scores_the_query_set_only_on_iterations_it_logs() -> None:
+    """Reptile's step needs no query loss, so an unlogged iteration reports none; a logged one
+    reports the query loss after the inner loop. Both move θ the same way."""
+    net = ConvNet(n_way=5)
+    config = {"seed": 0, "glob_base_lr": 0.4, "glob_update_step": 2}
+    tasks = [omniglot_like_task(seed) for seed in (0, 1)]
+    results = {}
+    for logged in (False, True):
+        params = make_parameters(initial_arrays(net, config))
+        learner = MetaLearner(net, params, "reptile", 0.4, 2, task_chunk=2)
+        loss, per_step = learner.meta_update(tasks, learner.make_optimizer(), 2, logged)
+        results[logged] = loss, per_step, numpy(params)
+    assert results[False][:2] == (None, [])
+    fresh = MetaLearner(net, make_parameters(initial_arrays(net, config)), "reptile", 0.4, 2)
+    expected = []
+    for task in tasks:  # one at a time, through the inner loop and the query loss directly
+        run = fresh.inner_loop(Batch(*to_tensors([task]), count=1), Order.NONE)
+        expected.append(fresh.query_losses(run, None).numpy().item())
+    assert results[True][0] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert len(results[True][1]) == 3
+    for name, value in results[False][2].items():
+        np.testing.assert_array_equal(value, results[True][2][name])
 
 
 def test_algo_presets_and_single_ingredient_flags(tmp_path) -> None:

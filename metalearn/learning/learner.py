@@ -43,8 +43,9 @@ _LOSS, _METRIC = "__loss_sum__", "__metric_sum__"
 class NonFiniteError(ArithmeticError):
     """The meta-loss or the update direction is NaN or infinite."""
 
-    def __init__(self, loss: float):
-        super().__init__(f"non-finite meta-update (meta-loss {loss:.4g})")
+    def __init__(self, loss: float | None):
+        told = "" if loss is None else f" (meta-loss {loss:.4g})"
+        super().__init__(f"non-finite meta-update{told}")
         self.loss = loss
 
 
@@ -52,7 +53,7 @@ class NonFiniteError(ArithmeticError):
 class TaskStats:
     """What one task reports: the final query loss and the query metric after each inner step."""
 
-    loss: float
+    loss: float | None  # None: not computed (Reptile on an iteration that is not logged)
     metric_per_step: list[float] = field(default_factory=list)
 
 
@@ -323,7 +324,14 @@ class MetaLearner:
         """Summed direction and per-task statistics of one chunk (one task, or a stacked batch)."""
         batch = Batch(*to_tensors(tasks), count=len(tasks))
         direction, task_losses, run = self.variant.direction(self, batch, iteration)
-        losses = task_losses.numpy().reshape(-1).tolist()
+        if task_losses is None and track_steps:  # the variant's step needs no query loss
+            with paddle.no_grad():
+                task_losses = self.query_losses(run, None)
+        losses = (
+            [None] * batch.count
+            if task_losses is None
+            else task_losses.numpy().reshape(-1).tolist()
+        )
         metrics = self._query_metrics(run) if track_steps else [[]] * batch.count
         return direction, [TaskStats(loss, m) for loss, m in zip(losses, metrics)]
 
@@ -369,28 +377,30 @@ class MetaLearner:
         track_steps: bool = False,
         reduce: Callable[[TensorDict], TensorDict] = lambda tensors: tensors,
         iteration: int | None = None,
-    ) -> tuple[float, list[float]]:
+    ) -> tuple[float | None, list[float]]:
         """One meta-iteration: directions of ``tasks``, summed by ``reduce`` over processes,
         averaged over the whole meta-batch of ``batch_size`` tasks, then applied to the
         meta-parameters with the variant's learning rate of ``iteration``.
 
-        Returns the mean query loss and, with ``track_steps``, the mean query metric after each
-        inner step. Raises :class:`NonFiniteError` (before touching θ) on NaN or inf.
+        Returns the mean query loss (None when neither the variant's step nor ``track_steps``
+        needed it: Reptile) and, with ``track_steps``, the mean query metric after each inner
+        step. Raises :class:`NonFiniteError` (before touching θ) on NaN or inf.
         """
         direction, stats = self.batch_direction(tasks, track_steps, iteration)
         if not direction:  # a process with no task of this meta-batch still joins the sum
             direction = {k: paddle.zeros_like(w) for k, w in self.params.items()}
         dtype = next(iter(direction.values())).dtype  # one dtype: the sums travel in one buffer
-        totals = {_LOSS: paddle.full([1], sum(s.loss for s in stats), dtype)}
+        with_loss = track_steps or self.variant.steps_on_query_loss
+        totals = {_LOSS: paddle.full([1], sum(s.loss for s in stats), dtype)} if with_loss else {}
         if track_steps:
             steps = self.inner_steps + 1 if self.variant.inner_loop else 1
             per_task = [s.metric_per_step for s in stats] or [[0.0] * steps]
             totals[_METRIC] = paddle.to_tensor(np.sum(per_task, axis=0), dtype=dtype)
         summed = reduce({**direction, **totals})
-        loss = float(summed.pop(_LOSS).numpy()[0]) / batch_size
+        loss = float(summed.pop(_LOSS).numpy()[0]) / batch_size if with_loss else None
         per_step = (summed.pop(_METRIC).numpy() / batch_size).tolist() if track_steps else []
         mean = mean_if_finite(summed, batch_size)
-        if mean is None or not np.isfinite(loss):
+        if mean is None or (loss is not None and not np.isfinite(loss)):
             raise NonFiniteError(loss)
         if iteration is not None:
             optimizer.set_lr(self.variant.learning_rate(iteration))

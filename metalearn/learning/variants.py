@@ -48,6 +48,7 @@ class QueryGradient:
     cosine_epochs: int = 1
     inner_loop = True
     learns_inner_rates = True
+    steps_on_query_loss = True  # the direction is computed from the query loss
 
     def order(self, iteration: int | None) -> Order:
         """The derivative order at ``iteration`` (None: after every schedule has ended)."""
@@ -112,20 +113,22 @@ class Reptile:
     epochs: int = 1
     inner_loop = True
     learns_inner_rates = False
+    steps_on_query_loss = False
 
     def order(self, iteration: int | None) -> Order:
         return Order.NONE
 
     def direction(self, learner, batch, iteration):
+        """θ − θ_K summed over the chunk's tasks. No query loss: the step does not need one,
+        and scoring the query set would cost about as much as the inner loop (the learner
+        scores it on the iterations it logs)."""
         run = learner.inner_loop(batch, Order.NONE)
-        with paddle.no_grad():
-            losses = learner.query_losses(run, None)
         adapted = run.trajectory[-1]
         direction = {
             k: learner.task_sum(w - adapted[k], batch.count).detach()
             for k, w in learner.params.items()
         }
-        return direction, losses, run
+        return direction, None, run
 
     def objective(self, learner, run, iteration: int | None):
         """The query loss's value with the gradient θ − θ_K: the loss after the inner loop
