@@ -130,6 +130,35 @@ def test_conv_net_stacks_tasks_by_default_only_with_the_fast_kernels() -> None:
         onednn.use_kernels(previous)
 
 
+def test_reptile_stacks_twice_the_default_and_an_explicit_chunk_stays() -> None:
+    """Reptile keeps no graph through its inner loop, so its training chunks are twice the
+    network's default; MAML's are the default; --task_chunk wins over both."""
+    net = ConvNet(n_way=5)
+    params = make_parameters(
+        initial_arrays(net, {"seed": 0, "glob_base_lr": 0.4, "glob_update_step": 1})
+    )
+
+    def chunk_sizes(algo: str, task_chunk: int | None) -> set[int]:
+        learner = MetaLearner(net, params, algo, 0.4, 1, task_chunk=task_chunk)
+        seen = []
+        learner._chunk_direction = lambda chunk, *args: seen.append(len(chunk)) or ({}, [])
+        learner.batch_direction(list(range(64)), iteration=1)
+        return set(seen)
+
+    previous = registry.in_use()
+    try:
+        for kernels in ("native", "fast"):
+            if onednn.use_kernels(kernels) != kernels:
+                continue
+            default = net.default_task_chunk
+            assert chunk_sizes("maml", None) == {default}
+            assert chunk_sizes("reptile", None) == {2 * default if default > 1 else 1}
+            assert chunk_sizes("reptile", 4) == chunk_sizes("maml", 4) == {4}
+        assert registry.in_use() == "native" or default > 1
+    finally:
+        onednn.use_kernels(previous)
+
+
 def test_task_chunk_must_be_positive() -> None:
     net = ConvNet(n_way=5)
     with pytest.raises(ValueError, match="task_chunk"):

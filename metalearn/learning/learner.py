@@ -137,7 +137,7 @@ class MetaLearner:
     ``multi_step_loss_for`` > 0 makes the first that many iterations use MAML++'s multi-step loss.
 
     Networks stack tasks as their ``default_task_chunk`` says (the sinusoid MLP: all of them; the
-    Omniglot conv net: 8 at a time with the oneDNN kernels, else one): θ gets a leading task
+    Omniglot conv net: 8 at a time with the oneDNN kernels, 16 for Reptile, else one): θ gets a leading task
     axis, every task adapts its own copy (batched matrix products, grouped convolutions), and the
     loss is the sum of per-task means, so each copy's gradient is exactly its task's gradient. ``task_chunk`` overrides that
     choice: k stacks at most k tasks per computation (a smaller peak memory: second order keeps the
@@ -305,11 +305,15 @@ class MetaLearner:
         """Sum over the leading task axis of a stacked chunk (a single task has none)."""
         return value.sum(axis=0) if count > 1 else value
 
-    def _chunks(self, tasks: Sequence[Task]) -> list[Sequence[Task]]:
+    def _chunks(self, tasks: Sequence[Task], graph_free: bool = False) -> list[Sequence[Task]]:
         """How tasks are computed: stacked ``task_chunk`` at a time (default: the network's
-        ``default_task_chunk``, None: all); the last chunk may be smaller."""
-        size = max(self.task_chunk or self.net.default_task_chunk or len(tasks), 1)
-        return [tasks[start : start + size] for start in range(0, len(tasks), size)]
+        ``default_task_chunk``, None: all); the last chunk may be smaller. A ``graph_free``
+        training step (Reptile's: no graph through the inner loop) holds little per task, so it
+        stacks twice the default (Reptile 5-way 1-shot: 10.1 ms per task at 16, 12.3 at 8)."""
+        size = self.task_chunk or self.net.default_task_chunk or len(tasks)
+        if graph_free and not self.task_chunk and size > 1:
+            size *= 2
+        return [tasks[start : start + size] for start in range(0, len(tasks), max(size, 1))]
 
     def _start(self, count: int, differentiable: bool) -> TensorDict:
         """θ, or for a stacked chunk one copy of θ per task; detached unless ``differentiable``."""
@@ -358,7 +362,8 @@ class MetaLearner:
         """Sum of the task directions (not the mean, so several processes can add theirs)."""
         total: TensorDict = {}
         stats: list[TaskStats] = []
-        for chunk in self._chunks(tasks):
+        graph_free = self.variant.order(iteration) is Order.NONE
+        for chunk in self._chunks(tasks, graph_free):
             direction, chunk_stats = self._chunk_direction(chunk, track_steps, iteration)
             for name, value in direction.items():
                 total[name] = value if name not in total else total[name] + value

@@ -188,8 +188,9 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         "--task_chunk",
         type=int,
         help="tasks computed together as one stacked computation (grouped convolutions); "
-        "default: 8 for the conv4 net with the fast kernels, else 1 (task by task); a smaller "
-        "chunk lowers peak memory (second order keeps every stacked task's graph)",
+        "default: 8 for the conv4 net with the fast kernels (16 for Reptile), else 1 (task by "
+        "task); a smaller chunk lowers peak memory (second order keeps every stacked task's "
+        "graph)",
     )
     parser.add_argument(
         "--use_gpu",
