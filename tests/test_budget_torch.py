@@ -25,6 +25,8 @@ from metalearn.training.trainer import train
 pytest.importorskip("torch", reason="PyTorch (requirements-bench.txt) not installed")
 
 BUDGET_MINUTES = 0.02
+sys.path.insert(0, str(REPO / "bench"))
+from budget import RECIPE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +115,13 @@ def test_budget_run_writes_its_curve_and_test(torch_result: dict) -> None:
     assert test["tasks"] == 10 and len(test["acc_mean"]) == len(test["acc_ci95"]) == 4
     assert all(0 <= m <= 1 for m in test["acc_mean"]) and all(c >= 0 for c in test["acc_ci95"])
     settings = torch_result["settings"]  # the recipe, with the flags given
-    assert (settings["k_query"], settings["glob_update_step"], settings["task_num"]) == (2, 1, 32)
+    recipe = dict(zip(RECIPE, RECIPE[1:]))  # bench/budget.py's "--flag value" pairs
+    assert settings["k_query"] == 2 and settings["glob_update_step"] == 1  # flag given, recipe's
+    assert settings["task_num"] == int(recipe["--task_num"])
+    assert settings["glob_meta_lr"] == float(recipe["--glob_meta_lr"])
     assert settings["max_minutes"] == BUDGET_MINUTES
-    assert settings["cosine_meta_lr"] and settings["cosine_meta_lr_epochs"] == 4500
+    assert settings["cosine_meta_lr"]
+    assert settings["cosine_meta_lr_epochs"] == int(recipe["--cosine_meta_lr_epochs"])
 
 
 @pytest.mark.slow
