@@ -1,7 +1,7 @@
 """Omniglot 5-way 1-shot within a wall-clock budget: the recommended recipe, trained, then tested.
 
-    python bench/budget.py [--minutes 30] [--k_query 5] [--run_name budget30_5w1s] [--data_dir .]
-                           [--work_dir work] [--print-only]
+    python bench/budget.py [--minutes 30] [--k_query 5] [--seed 0] [--run_name budget30_5w1s]
+                           [--data_dir .] [--work_dir work] [--print-only]
 
 Runs ``train.py`` with the budget recipe below and ``--max_minutes`` (wall time, validation and
 checkpoints included), then ``evaluate.py`` on 600 fixed
@@ -43,7 +43,8 @@ def commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     common = ("--data_dir", args.data_dir, "--work_dir", args.work_dir)
     queries = () if args.k_query is None else ("--k_query", str(args.k_query))
     train = [
-        *("train.py", *RECIPE, *queries, "--max_minutes", f"{args.minutes:g}"),
+        *("train.py", *RECIPE, *queries, "--seed", str(args.seed)),
+        *("--max_minutes", f"{args.minutes:g}"),
         *("--run_name", args.run_name, *common),
     ]
     run_dir = str(Path(args.work_dir) / args.run_name)
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--k_query", type=int, help="query images per class (the recipe's: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="θ's initialisation and training tasks")
     parser.add_argument("--run_name", default="budget30_5w1s")
     parser.add_argument("--data_dir", default=".")
     parser.add_argument("--work_dir", default="work")

@@ -7,12 +7,15 @@ test tasks for MAML, the baselines, and a randomly initialised policy.
 Every run's best.npz adapts with its own flags (α, trajectories per step) on the test tasks of
 ``--seed`` (goals and trajectory seeds are the same for every run, so the comparison is paired);
 "random" is a freshly initialised policy (seed 0) adapted with the first run's settings. Prints a
-markdown table (mean ± 95% CI per step) and draws the curves with 95% bands.
+markdown table (mean ± 95% CI per step) and draws the curves with 95% bands, beside the paper's
+values for the dataset (read off its Figures 4 and 5, bench/paper_rl_returns.json; dashed) unless
+``--no-paper``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +24,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # The package (and Paddle) is imported inside main(): half-cheetah's environment workers are
 # spawned processes that import this script, and need neither.
+
+
+PAPER_VALUES = Path(__file__).resolve().parent / "paper_rl_returns.json"
+
+
+def paper_returns(dataset: str) -> dict[str, list[float]]:
+    """The paper's average return after 0..3 steps per method for ``dataset`` ({} if it has
+    none), as read off its figures."""
+    return json.loads(PAPER_VALUES.read_text()).get(dataset, {}).get("returns", {})
 
 
 def returns_of(learner, sampler, tasks: int, seed: int, steps: int) -> np.ndarray:
@@ -36,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--no-paper", action="store_true", help="leave the paper's values out")
     args = parser.parse_args()
     from metalearn.learning.learner import initial_arrays, make_parameters
     from metalearn.runs import plots
@@ -63,8 +76,12 @@ def main() -> None:
     for label, (mean, ci) in series.items():
         cells = " | ".join(f"{m:.2f} ± {c:.2f}" for m, c in zip(mean, ci))
         print(f"| {label} | {cells} |")
+    paper = {} if args.no_paper else paper_returns(args.dataset)
+    for method, values in paper.items():
+        print(f"| {method} (paper) | {' | '.join(f'{v:.1f}' for v in values[: args.steps + 1])} |")
     title = f"{args.dataset}: {args.tasks} test tasks, mean ± 95% CI"
-    plots.steps_curve(args.out, series, "return", title=title)
+    reference = {method: values[: args.steps + 1] for method, values in paper.items()}
+    plots.steps_curve(args.out, series, "return", title=title, reference=reference)
     print(f"figure written to {args.out}")
 
 

@@ -330,6 +330,37 @@ def test_plots_are_non_blank_pngs(tmp_path) -> None:
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+def test_steps_curve_pairs_published_values_with_our_series_by_colour(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    series = {"MAML (ours)": ([-40.0, -20.0], [2.0, 1.0]), "oracle": ([-8.0, -8.5], [0.3] * 2)}
+    reference = {"MAML": [-39.0, -11.6], "random": [-82.0, -58.0]}
+    plots.steps_curve(tmp_path / "s.png", series, "return", reference=reference)
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    assert set(lines) == {"MAML (ours)", "oracle", "MAML (paper)", "random (paper)"}
+    assert lines["MAML (paper)"].get_color() == lines["MAML (ours)"].get_color()
+    assert lines["MAML (paper)"].get_linestyle() == "--"
+    assert lines["random (paper)"].get_color() not in (
+        lines["MAML (ours)"].get_color(),
+        lines["oracle"].get_color(),
+    )
+    np.testing.assert_array_equal(lines["random (paper)"].get_ydata(), [-82.0, -58.0])
+
+
+def test_the_papers_rl_values_cover_our_environments_at_0_to_3_steps() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from rl_compare import paper_returns
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    for dataset in ("nav2d", "cheetah_vel", "cheetah_dir"):
+        returns = paper_returns(dataset)
+        assert {"MAML", "pretrained", "oracle"} <= set(returns)
+        assert all(len(values) == 4 for values in returns.values())
+        assert returns["MAML"][1] > returns["MAML"][0]  # the paper's claim: MAML adapts in a step
+    assert paper_returns("sinusoid") == {}
+
+
 def test_make_data_preview_draws_one_task(omniglot_dir, tmp_path) -> None:
     out = tmp_path / "task.png"
     result = subprocess.run(

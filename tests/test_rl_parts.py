@@ -33,6 +33,15 @@ def test_nav2d_moves_by_clipped_velocities_and_rewards_minus_the_distance() -> N
     assert done.all()  # within 0.01 of the goal on both axes
 
 
+def test_nav2d_normalized_actions_scale_the_unit_box_onto_the_velocity_bounds() -> None:
+    """rllab's normalize, as the paper's code uses it: a ∈ [−1, 1] → 0.1·a, clipped there."""
+    env = Nav2D(normalized_actions=True)
+    env.reset(np.array([[0.3, 0.3]]), 2, np.zeros((1, 2)))
+    obs, reward, _ = env.step(np.array([[[0.5, -1.0], [3.0, -0.2]]]))
+    np.testing.assert_allclose(obs, [[[0.05, -0.1], [0.1, -0.02]]])
+    np.testing.assert_allclose(reward, [[-np.sqrt(0.25**2 + 0.4**2), -np.sqrt(0.2**2 + 0.32**2)]])
+
+
 def test_nav2d_oracle_observes_the_goal_and_batches_tasks_and_trajectories() -> None:
     env = Nav2D(oracle=True)
     goals = np.array([[0.1, 0.2], [-0.3, 0.4]])

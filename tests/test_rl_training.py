@@ -3,6 +3,7 @@ line, and the records and checkpoints are those of any other run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,24 @@ def test_impossible_settings_are_refused(tmp_path, flags, message) -> None:
 def test_rl_flags_are_refused_for_other_datasets(tmp_path) -> None:
     with pytest.raises(UserError, match="--horizon is for reinforcement learning"):
         train({"dataset": "sinusoid", "horizon": 10, "work_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="--normalized_actions is for reinforcement learning"):
+        train({"dataset": "sinusoid", "normalized_actions": True, "work_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="--normalized_actions is for nav2d"):
+        train({"dataset": "cheetah_dir", "normalized_actions": True, "work_dir": str(tmp_path)})
+
+
+def test_normalized_actions_reach_the_environment_and_the_run_name(tmp_path) -> None:
+    """The flag changes what a step does (rllab's scaling), is kept in the run's config and
+    names the run apart from the unnormalised one."""
+    from metalearn.rl.problem import make_env
+
+    env = make_env({"dataset": "nav2d", "normalized_actions": True})
+    env.reset(np.zeros((1, 2)), 1, np.zeros((1, 1)))
+    assert np.allclose(env.step(np.full((1, 1, 2), 0.5))[0], 0.05)
+    train(tiny_flags(tmp_path, normalized_actions=True, epochs=1, outer="adam"))
+    name = "nav2d_k6_maml_normact_adam_seed0"
+    assert RunRecords(tmp_path).get_run(name)["status"] == "complete"
+    assert json.loads((tmp_path / name / "config.json").read_text())["normalized_actions"] is True
 
 
 def test_bad_input_is_one_line_on_the_command_line(tmp_path) -> None:

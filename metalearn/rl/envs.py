@@ -8,7 +8,9 @@ oracle baseline, which is told the task instead of adapting to it).
 * :class:`Nav2D`: the paper's 2D navigation (its code's point_env_randgoal): a point starts at
   the origin, the action is its velocity clipped to ±0.1 per axis, the reward is minus the
   distance to the goal after the move, and an episode ends once the point is within 0.01 of the
-  goal on both axes. Pure numpy, no loop over trajectories.
+  goal on both axes. With ``normalized_actions`` the policy acts in [−1, 1] units, scaled to
+  the velocity bounds (the paper's code wraps the environment in rllab's ``normalize``). Pure
+  numpy, no loop over trajectories.
 * :class:`HalfCheetah` (half_cheetah.py): gymnasium's MuJoCo half-cheetah with a goal velocity
   or direction.
 """
@@ -30,8 +32,11 @@ class Nav2D:
     max_speed = 0.1
     reach = 0.01
 
-    def __init__(self, oracle: bool = False):
+    def __init__(self, oracle: bool = False, normalized_actions: bool = False):
         self.oracle = oracle
+        # rllab's normalize maps a ∈ [−1, 1] onto [−max_speed, max_speed] and clips there: a
+        # unit-σ policy then explores at the velocity's scale instead of mostly at its clip.
+        self.action_scale = self.max_speed if normalized_actions else 1.0
         self.obs_dim = 2 + (self.goal_dim if oracle else 0)
         self._position = np.zeros((0, 0, 2))
         self._goals = np.zeros((0, 1, 2))
@@ -46,8 +51,10 @@ class Nav2D:
         return self._observe()
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Move by the clipped actions; rewards −‖position − goal‖ and which episodes ended."""
-        self._position = self._position + np.clip(actions, -self.max_speed, self.max_speed)
+        """Move by the (scaled, then) clipped actions; rewards −‖position − goal‖ and which
+        episodes ended."""
+        velocity = np.clip(self.action_scale * actions, -self.max_speed, self.max_speed)
+        self._position = self._position + velocity
         offset = self._position - self._goals
         reward = -np.sqrt((offset**2).sum(axis=-1))
         done = (np.abs(offset) < self.reach).all(axis=-1)

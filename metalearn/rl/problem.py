@@ -27,7 +27,7 @@ def make_env(config: dict):
     """The environment of ``config['dataset']`` (the oracle's observations include the goal)."""
     oracle = bool(config.get("oracle"))
     if config["dataset"] == NAV2D:
-        return Nav2D(oracle=oracle)
+        return Nav2D(oracle=oracle, normalized_actions=bool(config.get("normalized_actions")))
     from metalearn.rl.half_cheetah import HalfCheetah  # gymnasium and MuJoCo only when needed
 
     return HalfCheetah(config["dataset"], oracle=oracle)

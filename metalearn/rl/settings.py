@@ -40,6 +40,7 @@ RL_FLAG_DEFAULTS = {
     "gae_lambda": 1.0,
     "horizon": None,
     "oracle": False,
+    "normalized_actions": False,
 }
 """Flags only reinforcement learning reads, with their defaults for every dataset."""
 

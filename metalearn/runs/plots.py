@@ -162,17 +162,36 @@ def steps_curve(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     ylabel: str,
     title: str | None = None,
+    reference: Mapping[str, Sequence[float]] | None = None,
+    reference_name: str = "paper",
 ) -> Path:
-    """Metric vs number of inner steps: one line per label, shaded ± its 95% half-width."""
+    """Metric vs number of inner steps: one line per label, shaded ± its 95% half-width.
+
+    ``reference`` (published values, no interval) is drawn dashed with hollow markers, each in
+    the colour of the series whose label starts with its key ("MAML" → "MAML (ours)"), so that
+    ours and the published curve of one method read as a pair."""
     figure, axes = _figure(1, 1, (6.4, 4.4))
     axis = axes[0, 0]
+    colors = {}
     for index, (label, (mean, ci)) in enumerate(series.items()):
         mean, ci = np.asarray(mean, dtype=float), np.asarray(ci, dtype=float)
         steps = np.arange(len(mean))
-        color = f"C{index % 10}"
+        colors[label] = color = f"C{index % 10}"
         axis.plot(steps, mean, marker="o", color=color, label=label)
         axis.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.25, linewidth=0)
-    if series:
+    for index, (method, values) in enumerate((reference or {}).items()):
+        paired = [c for label, c in colors.items() if label.lower().startswith(method.lower())]
+        color = paired[0] if paired else f"C{(len(series) + index) % 10}"
+        axis.plot(
+            np.arange(len(values)),
+            values,
+            linestyle="--",
+            marker="o",
+            markerfacecolor="none",
+            color=color,
+            label=f"{method} ({reference_name})",
+        )
+    if series or reference:
         axis.legend(fontsize="small")
         axis.xaxis.get_major_locator().set_params(integer=True)
     else:

@@ -20,6 +20,7 @@ from metalearn.rl.settings import (
     MAX_BATCH_STEPS,
     MAX_HORIZON,
     MAX_TRAJECTORIES,
+    NAV2D,
     OUTER_OPTIMIZERS,
     RL_DATASETS,
     RL_DEFAULTS,
@@ -226,6 +227,13 @@ def _add_rl_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the paper's oracle baseline: the goal is part of the observation (with --algo "
         "pretrain)",
+    )
+    group.add_argument(
+        "--normalized_actions",
+        action="store_true",
+        default=None,
+        help="nav2d: the policy acts in [-1, 1], scaled to the ±0.1 velocity bounds (the paper's "
+        "code, rllab's normalize); default: the action is the velocity",
     )
 
 
@@ -468,8 +476,7 @@ def _validate_rl(config: dict) -> None:
     """Reinforcement learning's flags: only for its datasets, within bounds."""
     if config.get("dataset") not in RL_DATASETS:
         given = [f"--{k}" for k in ("outer", "horizon") if config.get(k) is not None]
-        if config.get("oracle"):
-            given.append("--oracle")
+        given += [f"--{k}" for k in ("oracle", "normalized_actions") if config.get(k)]
         if given:
             raise UserError(f"{given[0]} is for reinforcement learning (--dataset nav2d, ...)")
         return
@@ -480,6 +487,10 @@ def _validate_rl(config: dict) -> None:
     if config.get("oracle") and config.get("algo") != "pretrain":
         raise UserError(
             "--oracle is the paper's baseline trained on all tasks: use --algo pretrain"
+        )
+    if config.get("normalized_actions") and config.get("dataset") != NAV2D:
+        raise UserError(
+            "--normalized_actions is for nav2d: half-cheetah's actions are already in [-1, 1]"
         )
     for key, bound in (("k_spt", MAX_TRAJECTORIES), ("k_query", MAX_TRAJECTORIES)):
         if config.get(key) is not None and config[key] > bound:

@@ -94,6 +94,7 @@ def run_name_for(config: dict) -> str:
         return f"sinusoid_k{config['k_spt']}_{config['algo']}_seed{config['seed']}"
     if config["dataset"] in RL_DATASETS:  # nav2d_k20_maml_trpo_seed0, nav2d_k20_pretrain_oracle_…
         algo = f"{config['algo']}_oracle" if config["oracle"] else config["algo"]
+        algo += "_normact" if config.get("normalized_actions") else ""
         return (
             f"{config['dataset']}_k{config['k_spt']}_{algo}_{config['outer']}_seed{config['seed']}"
         )
