@@ -355,9 +355,10 @@ def test_the_papers_rl_values_cover_our_environments_at_0_to_3_steps() -> None:
         sys.path.remove(str(REPO / "bench"))
     for dataset in ("nav2d", "cheetah_vel", "cheetah_dir"):
         returns = paper_returns(dataset)
-        assert {"MAML", "pretrained", "oracle"} <= set(returns)
-        assert all(len(values) == 4 for values in returns.values())
-        assert returns["MAML"][1] > returns["MAML"][0]  # the paper's claim: MAML adapts in a step
+        assert set(returns) == {"MAML", "pretrained", "random", "oracle"}
+        assert all(len(mean) == len(ci) == 4 for mean, ci in returns.values())
+        maml = returns["MAML"][0]
+        assert maml[1] > maml[0]  # the paper's claim: MAML adapts in one step
     assert paper_returns("sinusoid") == {}
 
 
