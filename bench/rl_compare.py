@@ -55,6 +55,12 @@ def main() -> None:
         help="trajectories per task and step at test time (default: each run's own; the paper's "
         "2D-navigation test used 40)",
     )
+    parser.add_argument(
+        "--later_steps_lr",
+        type=float,
+        help="step size after the first step (default: each run's own; the paper's 2D-navigation "
+        "test used half the first step's)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--no-paper", action="store_true", help="leave the paper's values out")
     args = parser.parse_args()
@@ -69,6 +75,7 @@ def main() -> None:
         label, run_dir = item.split("=", 1)
         overrides = {"data_dir": ".", "use_gpu": False, "glob_update_step_test": args.steps}
         overrides |= {"k_spt": args.trajectories, "k_query": args.trajectories}
+        overrides["later_steps_lr"] = args.later_steps_lr
         problem, learner, config = load_trained(Path(run_dir) / "best.npz", overrides)
         first_config = first_config or config
         per_task = returns_of(learner, problem.samplers["test"], args.tasks, args.seed, args.steps)
@@ -76,6 +83,8 @@ def main() -> None:
     config = {**(first_config or resolve_defaults({"dataset": args.dataset})), "oracle": False}
     if args.trajectories is not None:
         config |= {"k_spt": args.trajectories, "k_query": args.trajectories}
+    if args.later_steps_lr is not None:
+        config["later_steps_lr"] = args.later_steps_lr
     problem = build_problem(config, ("test",))
     params = make_parameters(initial_arrays(problem.net, config, seed=0))
     random = problem.learner(problem.net, params, config, args.steps)

@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
+from metalearn.learning.inner_rules import make_rule
 from metalearn.learning.learner import make_parameters
 from metalearn.rl import baseline, returns
 from metalearn.rl.envs import Nav2D
@@ -40,6 +41,20 @@ def test_nav2d_normalized_actions_scale_the_unit_box_onto_the_velocity_bounds() 
     obs, reward, _ = env.step(np.array([[[0.5, -1.0], [3.0, -0.2]]]))
     np.testing.assert_allclose(obs, [[[0.05, -0.1], [0.1, -0.02]]])
     np.testing.assert_allclose(reward, [[-np.sqrt(0.25**2 + 0.4**2), -np.sqrt(0.2**2 + 0.32**2)]])
+
+
+def test_a_later_steps_rate_applies_from_the_second_inner_step_on() -> None:
+    """The paper's 2D-navigation test: step α first, then ``later_lr`` (its code halved it)."""
+    weight, grad = paddle.to_tensor(1.0), paddle.to_tensor(2.0)
+    rule = make_rule("sgd", 0.5, later_lr=0.25)
+    assert [float(rule.update("w", weight, grad, step, {})) for step in (0, 1, 2)] == [
+        0.0,
+        0.5,
+        0.5,
+    ]
+    assert float(make_rule("sgd", 0.5).update("w", weight, grad, 1, {})) == 0.0
+    with pytest.raises(ValueError, match="learns its rates"):
+        make_rule("lslr", 0.5, later_lr=0.25)
 
 
 def test_nav2d_oracle_observes_the_goal_and_batches_tasks_and_trajectories() -> None:

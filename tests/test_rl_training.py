@@ -101,6 +101,11 @@ def test_resume_with_adam_keeps_its_moments(tmp_path) -> None:
         ({"gae_lambda": -0.1}, "--gae_lambda must be in [0, 1]"),
         ({"algo": "reptile"}, "reinforcement learning runs maml, fomaml or pretrain"),
         ({"oracle": True}, "--oracle is the paper's baseline trained on all tasks"),
+        ({"later_steps_lr": -0.1}, "--later_steps_lr must be a positive number"),
+        (
+            {"later_steps_lr": 0.05, "inner_rule": "lslr", "outer": "adam"},
+            "--later_steps_lr is a fixed step",
+        ),
         ({"n_way": 5}, "reinforcement learning has no classes"),
         ({"inner_rule": "metasgd"}, "learned inner rates need --outer adam"),
         ({"net": "conv4"}, "policies are the paper's Gaussian MLP"),
@@ -115,6 +120,8 @@ def test_impossible_settings_are_refused(tmp_path, flags, message) -> None:
 def test_rl_flags_are_refused_for_other_datasets(tmp_path) -> None:
     with pytest.raises(UserError, match="--horizon is for reinforcement learning"):
         train({"dataset": "sinusoid", "horizon": 10, "work_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="--later_steps_lr is for reinforcement learning"):
+        train({"dataset": "sinusoid", "later_steps_lr": 0.1, "work_dir": str(tmp_path)})
     with pytest.raises(UserError, match="--normalized_actions is for reinforcement learning"):
         train({"dataset": "sinusoid", "normalized_actions": True, "work_dir": str(tmp_path)})
     with pytest.raises(UserError, match="--normalized_actions is for nav2d"):

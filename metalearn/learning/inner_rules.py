@@ -27,13 +27,16 @@ def rate_name(weight: str) -> str:
 
 
 class SGD:
-    """Plain gradient descent with the fixed step α (no meta-parameters of its own)."""
+    """Plain gradient descent with the fixed step α (no meta-parameters of its own), or α for
+    the first step and ``later_lr`` for the ones after it (the paper's reinforcement-learning
+    test halved the step after the first)."""
 
     name = "sgd"
     learned = False
 
-    def __init__(self, lr: float):
+    def __init__(self, lr: float, later_lr: float | None = None):
         self.lr = lr
+        self.later_lr = lr if later_lr is None else later_lr
 
     def init_arrays(
         self, shapes: dict[str, tuple], train_steps: int, dtype: str
@@ -50,7 +53,7 @@ class SGD:
         meta: dict[str, paddle.Tensor],
     ) -> paddle.Tensor:
         """The weight after inner step ``step`` (0-based); ``meta`` holds learned rates."""
-        return weight - self.lr * grad
+        return weight - (self.lr if step == 0 else self.later_lr) * grad
 
 
 class LSLR(SGD):
@@ -84,7 +87,11 @@ class MetaSGD(SGD):
 INNER_RULES = {rule.name: rule for rule in (SGD, LSLR, MetaSGD)}
 
 
-def make_rule(name: str, lr: float) -> SGD:
+def make_rule(name: str, lr: float, later_lr: float | None = None) -> SGD:
     if name not in INNER_RULES:
         raise ValueError(f"unknown inner rule {name!r}; choose one of {tuple(INNER_RULES)}")
-    return INNER_RULES[name](lr)
+    if name != SGD.name:
+        if later_lr is not None:
+            raise ValueError(f"inner rule {name!r} learns its rates: a later-steps rate is sgd's")
+        return INNER_RULES[name](lr)
+    return SGD(lr, later_lr)

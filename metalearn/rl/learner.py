@@ -116,10 +116,11 @@ class PolicyGradientLearner:
         inner_steps: int,
         settings: Settings,
         rule: str = "sgd",
+        later_lr: float | None = None,
     ):
         self.policy, self.params, self.env = policy, params, env
         self.inner_steps, self.settings = inner_steps, settings
-        self.rule = make_rule(rule, inner_lr)
+        self.rule = make_rule(rule, inner_lr, later_lr)
         self.adapted = adapted_names(policy, params)
         self.theta = [k for k in params if not k.startswith(RATE_PREFIX)]
         self.dtype = str(params[self.theta[0]].dtype).replace("paddle.", "")
@@ -142,7 +143,8 @@ class PolicyGradientLearner:
         )
         steps = 0 if config["algo"] == "pretrain" else config["glob_update_step"]
         rule = config.get("inner_rule") or "sgd"
-        return cls(policy, params, env, config["glob_base_lr"], steps, settings, rule)
+        later = config.get("later_steps_lr")
+        return cls(policy, params, env, config["glob_base_lr"], steps, settings, rule, later)
 
     # -- trajectories ----------------------------------------------------------------------------
     def _sample(

@@ -41,6 +41,7 @@ RL_FLAG_DEFAULTS = {
     "horizon": None,
     "oracle": False,
     "normalized_actions": False,
+    "later_steps_lr": None,  # α after the first inner step: --glob_base_lr
 }
 """Flags only reinforcement learning reads, with their defaults for every dataset."""
 

@@ -235,6 +235,12 @@ def _add_rl_flags(parser: argparse.ArgumentParser) -> None:
         help="nav2d: the policy acts in [-1, 1], scaled to the ±0.1 velocity bounds (the paper's "
         "code, rllab's normalize); default: the action is the velocity",
     )
+    group.add_argument(
+        "--later_steps_lr",
+        type=float,
+        help="inner step size after the first step (default: --glob_base_lr; the paper's "
+        "2D-navigation test used half the first step's)",
+    )
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -475,7 +481,9 @@ def validate_config(config: dict) -> None:
 def _validate_rl(config: dict) -> None:
     """Reinforcement learning's flags: only for its datasets, within bounds."""
     if config.get("dataset") not in RL_DATASETS:
-        given = [f"--{k}" for k in ("outer", "horizon") if config.get(k) is not None]
+        given = [
+            f"--{k}" for k in ("outer", "horizon", "later_steps_lr") if config.get(k) is not None
+        ]
         given += [f"--{k}" for k in ("oracle", "normalized_actions") if config.get(k)]
         if given:
             raise UserError(f"{given[0]} is for reinforcement learning (--dataset nav2d, ...)")
@@ -487,6 +495,13 @@ def _validate_rl(config: dict) -> None:
     if config.get("oracle") and config.get("algo") != "pretrain":
         raise UserError(
             "--oracle is the paper's baseline trained on all tasks: use --algo pretrain"
+        )
+    later = config.get("later_steps_lr")
+    if later is not None and not (isinstance(later, (int, float)) and 0 < later < math.inf):
+        raise UserError(f"--later_steps_lr must be a positive number, got {later}")
+    if later is not None and (config.get("inner_rule") or "sgd") != "sgd":
+        raise UserError(
+            "--later_steps_lr is a fixed step: learned inner rates (--inner_rule) set their own"
         )
     if config.get("normalized_actions") and config.get("dataset") != NAV2D:
         raise UserError(

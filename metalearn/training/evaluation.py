@@ -151,7 +151,7 @@ def load_trained(
     trained = check_saved_config(meta.get("config"), f"checkpoint {path}", fill_defaults=True)
     config = {**trained, "data_dir": overrides["data_dir"], "use_gpu": overrides["use_gpu"]}
     keys = ("data", "n_way", "k_spt", "k_query", "glob_update_step_test", "glob_base_lr")
-    keys += ("kernels", "task_chunk")
+    keys += ("kernels", "task_chunk", "later_steps_lr")
     for key in keys:
         if overrides.get(key) is not None:
             config[key] = overrides[key]
