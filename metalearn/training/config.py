@@ -235,11 +235,16 @@ def _add_rl_flags(parser: argparse.ArgumentParser) -> None:
         help="nav2d: the policy acts in [-1, 1], scaled to the ±0.1 velocity bounds (the paper's "
         "code, rllab's normalize); default: the action is the velocity",
     )
-    group.add_argument(
+    _add_later_steps_flag(group)
+
+
+def _add_later_steps_flag(parser) -> None:
+    """--later_steps_lr, for training and for testing (the paper changed it at test time)."""
+    parser.add_argument(
         "--later_steps_lr",
         type=float,
-        help="inner step size after the first step (default: --glob_base_lr; the paper's "
-        "2D-navigation test used half the first step's)",
+        help="reinforcement learning: the inner step size after the first step (default: "
+        "--glob_base_lr; the paper's 2D-navigation test used half the first step's)",
     )
 
 
@@ -379,6 +384,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tasks", type=int, default=600, help="test tasks (default 600)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test tasks (default 0)")
+    _add_later_steps_flag(parser)
     return parser
 
 
