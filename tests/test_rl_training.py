@@ -43,27 +43,18 @@ def test_a_tiny_run_learns_to_adapt(tmp_path) -> None:
     assert validation[1] > validation[0] and validation[3] > validation[0]
     record = RunRecords(tmp_path).get_run("nav2d_k10_maml_trpo_seed0")
     assert record["status"] == "complete" and record["metric"] == "return"
-    results = evaluate(
-        {
-            "dataset": "nav2d",
-            "ckpt": str(tmp_path / record["name"]),
-            "tasks": 6,
-            "seed": 0,
-            "work_dir": str(tmp_path),
-        }
-    )
+    request = {
+        "dataset": "nav2d",
+        "ckpt": str(tmp_path / record["name"]),
+        "tasks": 6,
+        "seed": 0,
+        "work_dir": str(tmp_path),
+    }
+    results = evaluate(request)
     assert len(results["return_mean"]) == 4 and len(results["return_ci95"]) == 4
     assert (tmp_path / record["name"] / "trajectories.png").is_file()
-    halved = evaluate(
-        {
-            "dataset": "nav2d",
-            "ckpt": str(tmp_path / record["name"]),
-            "tasks": 6,
-            "seed": 0,
-            "work_dir": str(tmp_path),
-            "later_steps_lr": 0.05,  # the paper's test: half of α = 0.1 after the first step
-        }
-    )
+    # the paper's test: half of α = 0.1 after the first step
+    halved = evaluate({**request, "later_steps_lr": 0.05})
     assert halved["return_mean"][:2] == results["return_mean"][:2]
     assert halved["return_mean"][2] != results["return_mean"][2]
 
