@@ -70,21 +70,20 @@ def main() -> None:
     from metalearn.training.evaluation import load_trained, summarise
     from metalearn.training.problems import build_problem
 
+    # the test's own settings where given (None: each run's), the same for every policy
+    test_flags = {"k_spt": args.trajectories, "k_query": args.trajectories}
+    test_flags["later_steps_lr"] = args.later_steps_lr
     series, first_config = {}, None
     for item in args.run:
         label, run_dir = item.split("=", 1)
         overrides = {"data_dir": ".", "use_gpu": False, "glob_update_step_test": args.steps}
-        overrides |= {"k_spt": args.trajectories, "k_query": args.trajectories}
-        overrides["later_steps_lr"] = args.later_steps_lr
+        overrides |= test_flags
         problem, learner, config = load_trained(Path(run_dir) / "best.npz", overrides)
         first_config = first_config or config
         per_task = returns_of(learner, problem.samplers["test"], args.tasks, args.seed, args.steps)
         series[label] = summarise(per_task)
     config = {**(first_config or resolve_defaults({"dataset": args.dataset})), "oracle": False}
-    if args.trajectories is not None:
-        config |= {"k_spt": args.trajectories, "k_query": args.trajectories}
-    if args.later_steps_lr is not None:
-        config["later_steps_lr"] = args.later_steps_lr
+    config |= {k: v for k, v in test_flags.items() if v is not None}
     problem = build_problem(config, ("test",))
     params = make_parameters(initial_arrays(problem.net, config, seed=0))
     random = problem.learner(problem.net, params, config, args.steps)
