@@ -177,19 +177,30 @@ def meta_direction(net, config: dict, options: dict, tasks, dtype: str) -> np.nd
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"rule": "lslr", "per_step_bn": True, "multi_step_loss_for": 10}, {"adapt": "head"}],
-    ids=["maml", "maml++", "anil"],
+    [
+        {},
+        {"hidden": 16},
+        {"rule": "lslr", "per_step_bn": True, "multi_step_loss_for": 10},
+        {"adapt": "head"},
+    ],
+    ids=["maml", "maml-blocked", "maml++", "anil"],
 )
 def test_fused_meta_gradient_matches_float64(fast, options) -> None:
     """Second-order MAML through the fused operator (float32) against the float64 composition:
-    3 stacked tasks in chunks of 2, 3 inner steps; ANIL (``paddle.grad`` over the head only) and
-    MAML++ (per-step batch norm, whose blocks keep the composition: Paddle would prune the fused
-    operator's scale and shift in the inner loop's ``paddle.grad``)."""
+    3 stacked tasks in chunks of 2, 3 inner steps; 16 channels: activations in oneDNN's blocked
+    layout between the operators (8 channels: plain NCHW where its block is 16, AVX-512); ANIL
+    (``paddle.grad`` over the head only) and MAML++ (per-step batch norm, whose blocks keep the
+    composition: Paddle would prune the fused operator's scale and shift in the inner loop's
+    ``paddle.grad``)."""
     steps = 3
-    net = ConvNet(n_way=3, hidden=8, bn_steps=steps if options.get("per_step_bn") else 0)
+    hidden = options.get("hidden", 8)
+    net = ConvNet(n_way=3, hidden=hidden, bn_steps=steps if options.get("per_step_bn") else 0)
+    probe = paddle.zeros([1])
+    if hidden == 16 and registry.active().activation_block(probe) > 1:
+        assert net._activation_layout(probe, {"conv0.weight": probe}) > 1, "must run blocked"
     config = {"seed": 0, "glob_base_lr": 0.4, "glob_update_step": steps}
     config = {**config, "inner_rule": options.get("rule", "sgd"), "adapt": options.get("adapt")}
-    learner_options = {k: v for k, v in options.items() if k != "per_step_bn"}
+    learner_options = {k: v for k, v in options.items() if k not in ("per_step_bn", "hidden")}
     tasks = binary_tasks(3, (1, 28, 28))
     fused = meta_direction(net, config, learner_options, tasks, "float32")
     paddle.set_default_dtype("float64")

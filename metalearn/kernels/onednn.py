@@ -93,6 +93,7 @@ _OPS = (
     "fastconv_backward",
     "fastconv_backward_data",
     "fastconv_backward_weights",
+    "fastconv_activation_block",
     "fastbn_forward",
     "fastbn_backward",
     "fastbn_double_backward",
@@ -126,6 +127,7 @@ class Kernels(NativeKernels):
 
     def __init__(self, library: Path):
         self.library = library
+        self._block: int | None = None  # activation_block's answer, asked once
         self._float32 = paddle.float32
         # Only a build with another device can hand us a non-CPU tensor; skip the check otherwise.
         self._check_place = paddle.is_compiled_with_cuda() or paddle.is_compiled_with_xpu()
@@ -142,11 +144,19 @@ class Kernels(NativeKernels):
         return weight.shape[2] == weight.shape[3] and self._fast(weight, *tensors)
 
     def forward(
-        self, x: paddle.Tensor, weight: paddle.Tensor, stride: int, padding: int, groups: int = 1
+        self,
+        x: paddle.Tensor,
+        weight: paddle.Tensor,
+        stride: int,
+        padding: int,
+        groups: int = 1,
+        layout: int = 0,
     ):
         if self._fast_conv(weight, x):
-            return _C_ops._run_custom_op("fastconv_forward", x, weight, stride, padding, groups)[0]
-        return super().forward(x, weight, stride, padding, groups)
+            return _C_ops._run_custom_op(
+                "fastconv_forward", x, weight, stride, padding, groups, layout
+            )[0]
+        return super().forward(x, weight, stride, padding, groups, layout)
 
     def backward(
         self,
@@ -156,13 +166,14 @@ class Kernels(NativeKernels):
         stride: int,
         padding: int,
         groups: int = 1,
+        layout: int = 0,
     ):
         if self._fast_conv(weight, x, grad_out):
             dx, dw = _C_ops._run_custom_op(
-                "fastconv_backward", x, weight, grad_out, stride, padding, groups
+                "fastconv_backward", x, weight, grad_out, stride, padding, groups, layout
             )
             return dx, dw
-        return super().backward(x, weight, grad_out, stride, padding, groups)
+        return super().backward(x, weight, grad_out, stride, padding, groups, layout)
 
     def backward_data(
         self,
@@ -172,13 +183,14 @@ class Kernels(NativeKernels):
         stride: int,
         padding: int,
         groups: int = 1,
+        layout: int = 0,
     ) -> paddle.Tensor:
         """``backward(...)[0]`` without computing the weight gradient (x gives the shape only)."""
         if self._fast_conv(weight, grad_out) and x.dtype == self._float32:
             return _C_ops._run_custom_op(
-                "fastconv_backward_data", x, weight, grad_out, stride, padding, groups
+                "fastconv_backward_data", x, weight, grad_out, stride, padding, groups, layout
             )[0]
-        return super().backward_data(x, weight, grad_out, stride, padding, groups)
+        return super().backward_data(x, weight, grad_out, stride, padding, groups, layout)
 
     def backward_weights(
         self,
@@ -188,40 +200,54 @@ class Kernels(NativeKernels):
         stride: int,
         padding: int,
         groups: int = 1,
+        layout: int = 0,
     ) -> paddle.Tensor:
         """``backward(...)[1]`` without computing the input gradient (weight gives the shape only)."""
         if self._fast_conv(weight, x, grad_out):
             return _C_ops._run_custom_op(
-                "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups
+                "fastconv_backward_weights", x, weight, grad_out, stride, padding, groups, layout
             )[0]
-        return super().backward_weights(x, weight, grad_out, stride, padding, groups)
+        return super().backward_weights(x, weight, grad_out, stride, padding, groups, layout)
+
+    def activation_block(self, *tensors) -> int:
+        if not self._fast(*tensors):
+            return 1
+        if self._block is None:  # oneDNN's preference on this CPU (csrc/onednn.cc)
+            probe = paddle.zeros([1], dtype="float32")
+            self._block = int(_C_ops._run_custom_op("fastconv_activation_block", probe)[0].item())
+        return self._block
 
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, save=True):
+    def batch_norm_forward(
+        self, x, scale, shift, eps: float, relu: bool = False, save=True, block: int = 1
+    ):
         """(y, x̂, rstd) of batch norm with the batch's statistics (csrc/batch_norm.cc); with
         ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
-        written: an empty tensor comes back in its place."""
+        written: an empty tensor comes back in its place. ``block``: 1 for plain NCHW tensors,
+        B for nChw{B}c (:meth:`activation_block`); the same for the passes below."""
         return _C_ops._run_custom_op(
-            "fastbn_forward", x, scale, shift, float(eps), bool(relu), bool(save)
+            "fastbn_forward", x, scale, shift, float(eps), bool(relu), bool(save), int(block)
         )
 
-    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None):
+    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None, block: int = 1):
         """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_shift`` is the forward's
         shift, from which the ReLU mask is recomputed, and ``grad_out`` is the ReLU's dL/dz."""
         if relu_shift is None:
-            return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out)
-        return _C_ops._run_custom_op("fastbnrelu_backward", xhat, rstd, scale, relu_shift, grad_out)
+            return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out, block)
+        return _C_ops._run_custom_op(
+            "fastbnrelu_backward", xhat, rstd, scale, relu_shift, grad_out, block
+        )
 
     def batch_norm_double_backward(
-        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None
+        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None, block: int = 1
     ):
         """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
         backward's outputs (dx, dscale, dshift); ``relu_shift`` as for the backward."""
         if relu_shift is None:
             return _C_ops._run_custom_op(
-                "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift
+                "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, block
             )
         return _C_ops._run_custom_op(
             "fastbnrelu_double_backward",
@@ -233,6 +259,7 @@ class Kernels(NativeKernels):
             g_x,
             g_scale,
             g_shift,
+            block,
         )
 
     def fuses_relu_conv_body(self, x, *params) -> bool:

@@ -108,17 +108,26 @@ class _Conv(PyLayer):
 
 
 def conv2d(
-    x: paddle.Tensor, weight: paddle.Tensor, stride: int = 1, padding: int = 0, groups: int = 1
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    layout: int = 0,
 ) -> paddle.Tensor:
     """Bias-free NCHW convolution with exact first and second derivatives.
 
     With ``groups`` = T it computes T independent convolutions at once (weight [T·O, C, k, k],
     input [N, T·C, H, W]): the stacked tasks of a meta-batch, each with its own weights. The
     derivations below hold group by group, so they are unchanged.
+
+    ``layout`` (bits, where the kernels' ``activation_block`` B > 1): 1 = x holds the blocked
+    layout nChw{B}c under its [N, C, H, W] shape, 2 = so does the output. Every derivative keeps
+    its tensor's layout (dx is laid out as x, dy as y), so the derivations hold unchanged too.
     """
     if not _records_graph(x, weight):
-        return registry.active().forward(x, weight, stride, padding, groups)
-    return _Conv.apply(x, weight, (stride, padding, groups))
+        return registry.active().forward(x, weight, stride, padding, groups, layout)
+    return _Conv.apply(x, weight, (stride, padding, groups, layout))
 
 
 def _records_graph(*inputs: paddle.Tensor) -> bool:
@@ -242,6 +251,15 @@ def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor
     return (log_norm - picked).sum(axis=[-2, -1]) * (1.0 / logits.shape[-2])
 
 
+def spatial_mean(x: paddle.Tensor, block: int = 1) -> paddle.Tensor:
+    """Mean over the spatial positions of ``x`` [N, C, H, W] as [N, C]; ``x`` holds nChw{block}c
+    if ``block`` > 1 (then C is a multiple of it). Reshapes and a mean: exact derivatives."""
+    if block == 1:
+        return x.mean(axis=[2, 3])
+    n, c, h, w = x.shape
+    return x.reshape([n, c // block, h * w, block]).mean(axis=2).reshape([n, c])
+
+
 class _BatchNormGrad(PyLayer):
     """The map (x, scale, dy) -> (dx, dscale, dshift) of batch norm's backward pass, as a
     differentiable op. x enters through x̂ and rstd (saved by the forward); it is an input only
@@ -255,9 +273,10 @@ class _BatchNormGrad(PyLayer):
     (ReLU's second derivative is 0)."""
 
     @staticmethod
-    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift=None):
+    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift, block):
         ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_shift)
-        return registry.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift)
+        ctx.block = block
+        return registry.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift, block)
 
     @staticmethod
     def backward(ctx, g_x, g_scale, g_shift):
@@ -266,7 +285,7 @@ class _BatchNormGrad(PyLayer):
         g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
         g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
         d_x, d_scale, d_grad_out = registry.active().batch_norm_double_backward(
-            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift
+            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift, ctx.block
         )
         grads = (
             _as_input_grad(d_x, x),
@@ -280,10 +299,12 @@ class _BatchNormGrad(PyLayer):
 
 class _BatchNorm(PyLayer):
     @staticmethod
-    def forward(ctx, x, scale, shift, eps, relu):
-        y, xhat, rstd = registry.active().batch_norm_forward(x, scale, shift, eps, relu)
+    def forward(ctx, x, scale, shift, eps, relu, block):
+        y, xhat, rstd = registry.active().batch_norm_forward(
+            x, scale, shift, eps, relu, block=block
+        )
         ctx.save_for_backward(x, scale, shift, xhat, rstd)
-        ctx.relu = relu
+        ctx.relu, ctx.block = relu, block
         return y
 
     @staticmethod
@@ -291,7 +312,7 @@ class _BatchNorm(PyLayer):
         x, scale, shift, xhat, rstd = ctx.saved_tensor()
         relu_shift = shift.detach() if ctx.relu else None
         grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
-            x, scale, grad_out, xhat, rstd, relu_shift
+            x, scale, grad_out, xhat, rstd, relu_shift, ctx.block
         )
         return (
             _as_input_grad(grad_x, x),
@@ -307,11 +328,14 @@ def batch_norm(
     eps: float,
     fuse: bool = True,
     relu: bool = False,
+    block: int = 1,
 ) -> paddle.Tensor:
     """Batch norm of ``x`` [N, C, H, W] with the batch's own statistics and exact first and
     second derivatives, followed by ReLU if ``relu``; ``scale`` and ``shift`` hold C values (any
     shape). Running averages are never used (batch statistics everywhere). For stacked tasks
-    C = T·C': each task's channels get their own statistics.
+    C = T·C': each task's channels get their own statistics. ``block`` > 1: ``x`` (and the
+    output) hold the blocked layout of :func:`conv2d`'s ``layout``, nChw{block}c; only the
+    fused operator takes it.
 
     Where the active kernels fuse it (oneDNN kernels, float32 CPU) it is one operator for the
     forward, backward and double-backward passes each, ReLU included; elsewhere (float64 for the
@@ -327,8 +351,12 @@ def batch_norm(
     scale, shift = scale.reshape([c]), shift.reshape([c])
     if fuse and registry.active().fuses_batch_norm(x, scale, shift):
         if not _records_graph(x, scale, shift):
-            return registry.active().batch_norm_forward(x, scale, shift, eps, relu, save=False)[0]
-        return _BatchNorm.apply(x, scale, shift, eps, relu)
+            return registry.active().batch_norm_forward(
+                x, scale, shift, eps, relu, save=False, block=block
+            )[0]
+        return _BatchNorm.apply(x, scale, shift, eps, relu, block)
+    if block != 1:
+        raise ValueError("only the fused batch norm takes blocked activations")
     y = _batch_norm_composed(x, scale, shift, eps)
     return paddle.nn.functional.relu(y) if relu else y
 

@@ -17,23 +17,41 @@ class NativeKernels:
 
     ``groups`` splits the channels as Paddle does: weight [O, C / groups, k, k], output channels
     [g·O/groups, (g+1)·O/groups) see only input channels [g·C/groups, (g+1)·C/groups).
+
+    ``layout`` says how the activations are laid out (:meth:`activation_block`): 0 for plain
+    NCHW, the only layout these kernels take.
     """
 
-    def forward(self, x, weight, stride: int, padding: int, groups: int = 1):
+    def forward(self, x, weight, stride: int, padding: int, groups: int = 1, layout: int = 0):
+        _plain_only(layout)
         return _C_ops.conv2d(
             x, weight, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW"
         )
 
-    def backward(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
+    def backward(
+        self, x, weight, grad_out, stride: int, padding: int, groups: int = 1, layout: int = 0
+    ):
         """(dL/dx, dL/dweight) for ``y = conv(x, weight)`` given ``grad_out = dL/dy``."""
+        _plain_only(layout)
         geometry = ([stride, stride], [padding, padding], "EXPLICIT", [1, 1], groups, "NCHW")
         return _C_ops.conv2d_grad(x, weight, grad_out, *geometry)
 
-    def backward_data(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
-        return self.backward(x, weight, grad_out, stride, padding, groups)[0]
+    def backward_data(
+        self, x, weight, grad_out, stride: int, padding: int, groups: int = 1, layout: int = 0
+    ):
+        return self.backward(x, weight, grad_out, stride, padding, groups, layout)[0]
 
-    def backward_weights(self, x, weight, grad_out, stride: int, padding: int, groups: int = 1):
-        return self.backward(x, weight, grad_out, stride, padding, groups)[1]
+    def backward_weights(
+        self, x, weight, grad_out, stride: int, padding: int, groups: int = 1, layout: int = 0
+    ):
+        return self.backward(x, weight, grad_out, stride, padding, groups, layout)[1]
+
+    def activation_block(self, *tensors) -> int:
+        """B > 1 where these kernels can keep activations of these tensors (float32 CPU, say) in
+        oneDNN's channel-blocked layout nChw{B}c between operators: the convolutions then take
+        ``layout`` bits (1: x and dx blocked, 2: y and dy blocked) and batch norm ``block`` = B,
+        and no convolution reorders its activations. 1 here: plain NCHW only."""
+        return 1
 
     def fuses_batch_norm(self, *tensors) -> bool:
         """Whether the ``batch_norm_*`` kernels take these tensors: Paddle has no kernels of
@@ -134,6 +152,11 @@ class NativeKernels:
         if bar[0] is None:  # one layer without x: the backward does not depend on W_0
             bar[0] = paddle.zeros_like(params[0])
         return ((bar_h,) if with_x else ()) + tuple(bar) + (d_grad_z,)
+
+
+def _plain_only(layout: int) -> None:
+    if layout:
+        raise ValueError("Paddle's convolution kernels take plain NCHW activations only")
 
 
 def _affine(x, weight, bias):

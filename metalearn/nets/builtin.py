@@ -188,15 +188,20 @@ class _BlockNet(Classification):
         return weight.reshape([-1, *weight.shape[2:]]), scale, shift, weight.shape[0]
 
     def _block(
-        self, x, params, block: int, stride: int, step: int, relu: bool = False
+        self, x, params, block: int, stride: int, step: int, relu: bool = False, layout: int = 1
     ) -> paddle.Tensor:
         """Convolution and batch norm (then ReLU if ``relu``, in the same fused operator where
         batch norm is one); ``x`` is [N, T·C, H, W] for T stacked tasks (weights with a leading
-        task axis) or [N, C, H, W] for one task."""
+        task axis) or [N, C, H, W] for one task. ``layout`` > 1: the block's output is in the
+        channel-blocked layout nChw{layout}c, and so is its input unless it is the first block
+        (the images)."""
         weight, scale, shift, tasks = self._block_params(params, block, step)
-        x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks)
+        bits = 0 if layout == 1 else (2 if block == 0 else 3)
+        x = ops.conv2d(x, weight, stride=stride, padding=1, groups=tasks, layout=bits)
         # per-step rows are not adapted in the inner loop: see ops.batch_norm's ``fuse``
-        return ops.batch_norm(x, scale, shift, self.bn_eps, fuse=not self.bn_steps, relu=relu)
+        return ops.batch_norm(
+            x, scale, shift, self.bn_eps, fuse=not self.bn_steps, relu=relu, block=layout
+        )
 
     @staticmethod
     def _channels_of_tasks(x: paddle.Tensor) -> paddle.Tensor:
@@ -274,10 +279,20 @@ class ConvNet(_BlockNet):
             features = self._fused_features(x, params, step)
             if features is not None:
                 return self._tasks_of_features(features, params)
+        layout = self._activation_layout(x, params)
         for block in range(self.blocks):
-            x = self._block(x, params, block, stride=2, step=step, relu=fused_relu)
+            x = self._block(x, params, block, stride=2, step=step, relu=fused_relu, layout=layout)
             x = x if fused_relu else act(x)
-        return self._tasks_of_features(x.mean(axis=[2, 3]), params)
+        return self._tasks_of_features(ops.spatial_mean(x, layout), params)
+
+    def _activation_layout(self, x, params) -> int:
+        """B where the activations stay in oneDNN's blocked layout nChw{B}c from the first
+        convolution's output to the spatial mean (the kernels' ``activation_block``; fused batch
+        norm; widths that fill whole blocks): no convolution then reorders them. 1: plain NCHW."""
+        if self.bn_steps:  # per-step rows run the composed batch norm, on NCHW
+            return 1
+        block = registry.active().activation_block(x, params["conv0.weight"])
+        return block if self.hidden % block == 0 else 1
 
     def _fused_features(self, x, params, step: int) -> paddle.Tensor | None:
         """The body's features [N, T·F] of ``x`` [N, T·C, H, W] as one kernel call

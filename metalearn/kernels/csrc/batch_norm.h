@@ -122,4 +122,11 @@ template <bool kRelu, bool kSave>
 void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
                 float* yp, float* hp, float* r);
 
+// The same on the channel-blocked layout nChw{B}c (s.c counts channels, a multiple of B): the
+// B channels of a block side by side in the B lanes of each loop. yp may be xp (in place).
+// Defined in batch_norm.cc, which instantiates <B, true, false> for the body.
+template <int B, bool kRelu, bool kSave>
+void bn_forward_blocked(const BnShape& s, const float* xp, const float* a, const float* b,
+                        float eps, float* yp, float* hp, float* r);
+
 }  // namespace fastconv

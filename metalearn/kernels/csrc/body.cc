@@ -9,10 +9,9 @@
 // channel-blocked layout nChw{B}c its fastest implementation computes in (B = 8 on AVX2, 16 on
 // AVX-512) and its output back, and each op costs an eager dispatch. Here the activations stay
 // blocked from the first convolution's output to the last batch norm: the convolutions read and
-// write that layout, and batch norm + ReLU runs in place on it, B channels side by side, with the
-// statistics of bn_forward (two passes, double sums of float partials). Where oneDNN prefers no
-// such layout, or the width is not a multiple of B, every block runs on plain NCHW buffers and
-// bn_forward itself. Weights are reordered per call (they change at every inner step). Plans are
+// write that layout, and batch norm + ReLU runs in place on it (bn_forward_blocked). Where oneDNN
+// prefers no such layout, or the width is not a multiple of B, every block runs on plain NCHW
+// buffers and bn_forward itself. Weights are reordered per call (they change at every inner step). Plans are
 // cached per shape and run with Runtime::threads threads.
 
 #include <algorithm>
@@ -29,106 +28,6 @@
 #include "onednn.h"
 
 namespace fastconv {
-
-// A memory descriptor over `dims` with format tag `tag`; null if oneDNN refuses it.
-static handle tagged_md(Runtime& rt, const Dims& dims, int tag) {
-  dnnl_dims d = {};
-  std::copy(dims.begin(), dims.end(), d);
-  handle md = nullptr;
-  if (rt.api.memory_desc_create_with_tag(&md, int(dims.size()), d, kF32, tag) != kSuccess)
-    return nullptr;
-  return md;
-}
-
-// Whether format tag `tag` is the layout nChw{B}c in this oneDNN (the tag values are taken from
-// a newer header): a reorder from plain NCHW must put channel c of pixel p at
-// ((c / B)·pixels + p)·B + c % B.
-static bool is_channel_blocked(Runtime& rt, int tag, int64_t B) {
-  auto& api = rt.api;
-  const int64_t pixels = 2, channels = 2 * B;
-  handle plain = tagged_md(rt, {1, channels, 1, pixels}, kTagAbcd);
-  handle blocked = tagged_md(rt, {1, channels, 1, pixels}, tag);
-  bool ok = plain != nullptr && blocked != nullptr;
-  std::vector<float> from(channels * pixels), to(channels * pixels, -1.0f);
-  for (size_t i = 0; i < from.size(); ++i) from[i] = float(i);
-  handle src = nullptr, dst = nullptr, pd = nullptr, reorder = nullptr;
-  ok = ok && api.memory_create(&src, plain, rt.engine, from.data()) == kSuccess;
-  ok = ok && api.memory_create(&dst, blocked, rt.engine, to.data()) == kSuccess;
-  ok = ok && api.reorder_primitive_desc_create(&pd, plain, rt.engine, blocked, rt.engine,
-                                               rt.attr) == kSuccess;
-  ok = ok && api.primitive_create(&reorder, pd) == kSuccess;
-  std::vector<handle> scratchpads;
-  if (ok) {
-    Step step = make_step(rt, pd, reorder, {{kArgSrc, src}, {kArgDst, dst}}, &scratchpads);
-    run_step(rt, step);
-    ok = api.stream_wait(rt.stream) == kSuccess;
-  }
-  for (handle m : scratchpads) api.memory_destroy(m);
-  for (int64_t c = 0; ok && c < channels; ++c)
-    for (int64_t p = 0; p < pixels; ++p)
-      ok = ok && to[((c / B) * pixels + p) * B + c % B] == from[c * pixels + p];
-  if (reorder) api.primitive_destroy(reorder);
-  if (pd) api.primitive_desc_destroy(pd);
-  if (src) api.memory_destroy(src);
-  if (dst) api.memory_destroy(dst);
-  if (plain) api.memory_desc_destroy(plain);
-  if (blocked) api.memory_desc_destroy(blocked);
-  return ok;
-}
-
-constexpr int kBodyPass = 16;  // the Pace key of the in-place batch norm below
-
-// Batch norm + ReLU in place on nChw{B}c activations [N, blocks·B, hw]: bn_forward's
-// arithmetic, with the B channels of a block in the B lanes of each loop.
-template <int B>
-static void bn_relu_blocked(float* p, int64_t n, int64_t blocks, int64_t hw, const float* a,
-                            const float* b, float eps) {
-  const BnShape s{n, blocks, hw * B};
-  const double count = static_cast<double>(n) * static_cast<double>(hw);
-  for_channel_ranges(kBodyPass, s, [&](int64_t first, int64_t last) {
-    for (int64_t cb = first; cb < last; ++cb) {
-      auto row = [&](int64_t image) { return p + (image * blocks + cb) * hw * B; };
-      double sum[B] = {}, dev[B] = {}, sq[B] = {};
-      for (int64_t image = 0; image < n; ++image) {
-        const float* v = row(image);
-        float part[B] = {};
-        for (int64_t i = 0; i < hw; ++i)
-          for (int l = 0; l < B; ++l) part[l] += v[i * B + l];
-        for (int l = 0; l < B; ++l) sum[l] += part[l];
-      }
-      float mean0[B];
-      for (int l = 0; l < B; ++l) mean0[l] = static_cast<float>(sum[l] / count);
-      for (int64_t image = 0; image < n; ++image) {
-        const float* v = row(image);
-        float part_dev[B] = {}, part_sq[B] = {};
-        for (int64_t i = 0; i < hw; ++i)
-          for (int l = 0; l < B; ++l) {
-            const float d = v[i * B + l] - mean0[l];
-            part_dev[l] += d;
-            part_sq[l] += d * d;
-          }
-        for (int l = 0; l < B; ++l) dev[l] += part_dev[l], sq[l] += part_sq[l];
-      }
-      float m[B], rc[B], ac[B], bc[B];
-      for (int l = 0; l < B; ++l) {
-        const double shift_of_mean = dev[l] / count;
-        const double var = std::max(0.0, sq[l] / count - shift_of_mean * shift_of_mean);
-        m[l] = static_cast<float>(mean0[l] + shift_of_mean);
-        rc[l] = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-        ac[l] = a[cb * B + l];
-        bc[l] = b[cb * B + l];
-      }
-      for (int64_t image = 0; image < n; ++image) {
-        float* v = row(image);
-        for (int64_t i = 0; i < hw; ++i)
-          for (int l = 0; l < B; ++l) {
-            const float y = bn_out((v[i * B + l] - m[l]) * rc[l], ac[l], bc[l]);
-            v[i * B + l] = keep_if(y > 0.0f, y);
-          }
-      }
-    }
-  });
-}
 
 // features [N, blocks·B] = the mean over the hw positions of nChw{B}c activations.
 static void spatial_mean(const float* p, int64_t n, int64_t blocks, int64_t hw, int64_t B,
@@ -180,10 +79,10 @@ class Body {
       check(api.stream_wait(rt_.stream), "stream_wait");
       const float *a = params[3 * i + 1], *b = params[3 * i + 2];
       const int64_t hw = s.oh * s.ow;
-      if (block_ == 16) bn_relu_blocked<16>(layer.y, s.n, s.o / 16, hw, a, b, eps);
-      else if (block_ == 8) bn_relu_blocked<8>(layer.y, s.n, s.o / 8, hw, a, b, eps);
-      else bn_forward<true, false>({s.n, s.o, hw}, layer.y, a, b, eps, layer.y, nullptr,
-                                   rstd_.data());
+      auto run = block_ == 16 ? bn_forward_blocked<16, true, false>
+                 : block_ == 8  ? bn_forward_blocked<8, true, false>
+                                : bn_forward<true, false>;
+      run({s.n, s.o, hw}, layer.y, a, b, eps, layer.y, nullptr, rstd_.data());
     }
     const Shape& s = shapes_.back();
     spatial_mean(layers_.back().y, s.n, s.o / block_, s.oh * s.ow, block_, out);

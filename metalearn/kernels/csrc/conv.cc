@@ -7,9 +7,14 @@
 //
 // Semantics are those of Paddle's `_C_ops.conv2d` / `_C_ops.conv2d_grad` with
 // padding_algorithm="EXPLICIT", dilation 1, data_format "NCHW", no bias, square stride and
-// padding, any number of groups, float32 only. Inputs and outputs are plain contiguous NCHW /
-// OIHW Paddle tensors; with g groups the weight [O, C/g, k, k] is the same bytes as oneDNN's
-// plain grouped weight [g, O/g, C/g, k, k].
+// padding, any number of groups, float32 only. Inputs and outputs are contiguous Paddle tensors;
+// with g groups the weight [O, C/g, k, k] is the same bytes as oneDNN's plain grouped weight
+// [g, O/g, C/g, k, k]. Weights are plain OIHW; the int attribute layout says how the activations
+// are laid out: bit 1 set, x and dx hold nChw{B}c (B = activation_block(), see onednn.h) under
+// their [N, C, H, W] shape, else plain NCHW; bit 2 likewise for y and dy. The training path keeps
+// its activations blocked from the first convolution's output on, so that no convolution after
+// it reorders them.
+//   fastconv_activation_block(x) -> [B] (as float32; 1: oneDNN prefers plain NCHW here)
 //
 // Primitives are cached per (kind, shape). At the first call of a shape, the implementations
 // oneDNN offers (up to kMaxImpls, reference ones excluded) on plain NCHW/OIHW memory and on the
@@ -47,6 +52,7 @@
 #include <utility>
 #include <vector>
 
+#include "batch_norm.h"
 #include "onednn.h"
 
 namespace fastconv {
@@ -68,9 +74,11 @@ class Plan {
  public:
   Plan(Runtime& rt, Kind kind, const Shape& s, int threads, bool blocked)
       : threads(threads), blocked(blocked), rt_(rt) {
-    if (kind == kForward) add_user(s.x()), add_user(s.wei()), add_user(s.y());
-    if (kind == kBackwardData) add_user(s.y()), add_user(s.wei()), add_user(s.x());
-    if (kind == kBackwardWeights) add_user(s.x()), add_user(s.y()), add_user(s.wei());
+    const int x = activation_tag(s.x_block), y = activation_tag(s.y_block),
+              w = plain_tag(s.wei());
+    if (kind == kForward) add_user(s.x(), x), add_user(s.wei(), w), add_user(s.y(), y);
+    if (kind == kBackwardData) add_user(s.y(), y), add_user(s.wei(), w), add_user(s.x(), x);
+    if (kind == kBackwardWeights) add_user(s.x(), x), add_user(s.y(), y), add_user(s.wei(), w);
   }
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
@@ -143,11 +151,11 @@ class Plan {
   const bool blocked;
 
  private:
-  void add_user(const Dims& dims) {
+  void add_user(const Dims& dims, int tag) {
     dnnl_dims d = {};
     std::copy(dims.begin(), dims.end(), d);
     handle desc = nullptr;
-    check(rt_.api.memory_desc_create_with_tag(&desc, int(dims.size()), d, kF32, plain_tag(dims)),
+    check(rt_.api.memory_desc_create_with_tag(&desc, int(dims.size()), d, kF32, tag),
           "memory_desc_create");
     mds_.push_back(desc);
     handle mem = nullptr;
@@ -392,10 +400,13 @@ struct Choice {
 // File name of the record of (kind, shape) under this process's thread budget and layout setting.
 static std::string choice_file(const Runtime& rt, Kind kind, const Shape& s) {
   char name[256];
-  std::snprintf(name, sizeof(name), "%s-x%ldx%ldx%ldx%ld-o%ld-k%ld-g%ld-s%d-p%d-t%d%s-%s.txt",
+  char blocks[32] = "";  // the user tensors' layouts, where not plain
+  if (s.x_block != 1 || s.y_block != 1)
+    std::snprintf(blocks, sizeof(blocks), "-b%ldb%ld", long(s.x_block), long(s.y_block));
+  std::snprintf(name, sizeof(name), "%s-x%ldx%ldx%ldx%ld-o%ld-k%ld-g%ld-s%d-p%d%s-t%d%s-%s.txt",
                 kKindName[kind], long(s.n), long(s.c), long(s.h), long(s.w), long(s.o),
-                long(s.k), long(s.g), s.stride, s.pad, rt.threads, rt.threads_fixed ? "fixed" : "",
-                rt.layout.c_str());
+                long(s.k), long(s.g), s.stride, s.pad, blocks, rt.threads,
+                rt.threads_fixed ? "fixed" : "", rt.layout.c_str());
   std::string file = name;
   for (char& ch : file)  // the layout comes from the environment: keep the name a plain file
     if (ch == '/' || ch == ' ') ch = '_';
@@ -517,19 +528,180 @@ static std::unique_ptr<Plan> choose(Runtime& rt, Kind kind, const Shape& s) {
 }
 
 static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
-  using Key = std::array<int64_t, 10>;
+  using Key = std::array<int64_t, 12>;
   static std::map<Key, std::unique_ptr<Plan>> cache;
-  Key key = {kind, s.n, s.c, s.h, s.w, s.o, s.k, s.stride, s.pad, s.g};
+  Key key = {kind, s.n, s.c, s.h, s.w, s.o, s.k, s.stride, s.pad, s.g, s.x_block, s.y_block};
   auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
   return *(cache[key] = choose(rt, kind, s));
 }
 
 // ---------------------------------------------------------------------------------------------
+// One input channel per group, output in nChw{B}c: the first convolution of stacked tasks on
+// one-channel images (T groups of 1 → O/T channels). oneDNN has only gemm on plain NCHW for it,
+// and reordering its output into the blocked layout the next operators read cost as much again
+// (measured: 13 ms each for 75 images of 8 tasks). These loops read and write the layouts
+// directly, a B-lane multiply-add per tap: block cb reads input channel cb·B / (O/g) (a group's
+// O/g channels fill whole blocks). They run on one thread or a team, like batch norm's loops, and
+// are compiled for AVX-512 and AVX2 besides the baseline, the one this CPU has chosen at run time
+// (the library is built without -march flags).
+
+static bool single_channel_groups(const Shape& s) {
+  return s.c == s.g && s.x_block == 1 && s.y_block > 1 && (s.o / s.g) % s.y_block == 0;
+}
+
+constexpr int kDirectPass = 48;  // Pace keys (batch_norm.h)
+
+// [lo, hi): the output positions o < count whose input o·stride − pad + tap lies in [0, size).
+static inline void reads_inside(int64_t count, int64_t size, int64_t stride, int64_t pad,
+                                int64_t tap, int64_t* lo, int64_t* hi) {
+  *lo = 0, *hi = count;
+  while (*lo < count && *lo * stride - pad + tap < 0) ++*lo;
+  while (*hi > *lo && (*hi - 1) * stride - pad + tap >= size) --*hi;
+}
+
+// B floats as one value of GCC's vector extension: the build of each loop for the target it is
+// compiled for uses the widest registers that target has (one zmm for B = 16 with AVX-512).
+// (GCC ignores a vector_size that depends on a template parameter: one type per width.)
+typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Lanes16 __attribute__((vector_size(16 * sizeof(float))));
+template <int B>
+struct LanesOf;
+template <>
+struct LanesOf<8> {
+  using type = Lanes8;
+};
+template <>
+struct LanesOf<16> {
+  using type = Lanes16;
+};
+template <int B>
+using Lanes = typename LanesOf<B>::type;
+
+template <int B>
+static inline Lanes<B> load_lanes(const float* p) {
+  static_assert(sizeof(Lanes<B>) == B * sizeof(float), "one float per lane");
+  Lanes<B> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Blocks [first, last) of y, one output pixel at a time, its B lanes in a register. (The shape's
+// fields are copied to locals: the stores through `y` could alias them otherwise.)
+template <int B>
+static inline void forward_blocks(const Shape& s, const float* x, const float* w, float* y,
+                                  int64_t first, int64_t last) {
+  const int64_t h = s.h, width = s.w, k = s.k, oh = s.oh, ow = s.ow, stride = s.stride,
+                pad = s.pad, blocks = s.o / B, per_group = s.o / s.g, taps = k * k,
+                hw = oh * ow, planes = s.c;
+  std::vector<float> weights(taps * B);  // [tap][lane]
+  for (int64_t cb = first; cb < last; ++cb) {
+    for (int64_t t = 0; t < taps; ++t)
+      for (int l = 0; l < B; ++l) weights[t * B + l] = w[(cb * B + l) * taps + t];
+    const int64_t channel = cb * B / per_group;
+    for (int64_t image = 0; image < s.n; ++image) {
+      const float* plane = x + (image * planes + channel) * h * width;
+      float* out = y + (image * blocks + cb) * hw * B;
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          Lanes<B> acc = {};
+          for (int64_t kh = 0; kh < k; ++kh) {
+            const int64_t iy = oy * stride - pad + kh;
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t kw = 0; kw < k; ++kw) {
+              const int64_t ix = ox * stride - pad + kw;
+              if (ix >= 0 && ix < width)
+                acc += load_lanes<B>(weights.data() + (kh * k + kw) * B) * plane[iy * width + ix];
+            }
+          }
+          std::memcpy(out + (oy * ow + ox) * B, &acc, sizeof acc);
+        }
+    }
+  }
+}
+
+// Blocks [first, last) of dw: each tap's sum over an image's positions in float, over the images
+// in double.
+template <int B>
+static inline void backward_weights_blocks(const Shape& s, const float* x, const float* dy,
+                                           float* dw, int64_t first, int64_t last) {
+  const int64_t blocks = s.o / B, per_group = s.o / s.g, taps = s.k * s.k, hw = s.oh * s.ow;
+  std::vector<double> total(taps * B);  // [tap][lane]
+  for (int64_t cb = first; cb < last; ++cb) {
+    std::fill(total.begin(), total.end(), 0.0);
+    const int64_t channel = cb * B / per_group;
+    for (int64_t image = 0; image < s.n; ++image) {
+      const float* plane = x + (image * s.c + channel) * s.h * s.w;
+      const float* grad = dy + (image * blocks + cb) * hw * B;
+      for (int64_t kh = 0; kh < s.k; ++kh)
+        for (int64_t kw = 0; kw < s.k; ++kw) {
+          int64_t y_lo, y_hi, x_lo, x_hi;
+          reads_inside(s.oh, s.h, s.stride, s.pad, kh, &y_lo, &y_hi);
+          reads_inside(s.ow, s.w, s.stride, s.pad, kw, &x_lo, &x_hi);
+          Lanes<B> acc = {};
+          for (int64_t oy = y_lo; oy < y_hi; ++oy) {
+            const float* row = plane + (oy * s.stride - s.pad + kh) * s.w - s.pad + kw;
+            for (int64_t ox = x_lo; ox < x_hi; ++ox)
+              acc += load_lanes<B>(grad + (oy * s.ow + ox) * B) * row[ox * s.stride];
+          }
+          float sums[B];
+          std::memcpy(sums, &acc, sizeof sums);
+          for (int l = 0; l < B; ++l) total[(kh * s.k + kw) * B + l] += sums[l];
+        }
+    }
+    for (int64_t t = 0; t < taps; ++t)
+      for (int l = 0; l < B; ++l)
+        dw[(cb * B + l) * taps + t] = static_cast<float>(total[t * B + l]);
+  }
+}
+
+using DirectFn = void (*)(const Shape&, const float*, const float*, float*, int64_t, int64_t);
+
+#define FASTCONV_ISA(name, isa, features)                                                  \
+  template <int B>                                                                         \
+  __attribute__((target(features), flatten)) static void name##_##isa(                    \
+      const Shape& s, const float* a, const float* b, float* out, int64_t first,           \
+      int64_t last) {                                                                      \
+    name<B>(s, a, b, out, first, last);                                                    \
+  }
+FASTCONV_ISA(forward_blocks, avx512, "avx512f,avx2,fma")
+FASTCONV_ISA(forward_blocks, avx2, "avx2,fma")
+FASTCONV_ISA(backward_weights_blocks, avx512, "avx512f,avx2,fma")
+FASTCONV_ISA(backward_weights_blocks, avx2, "avx2,fma")
+#undef FASTCONV_ISA
+
+// The best of three builds of one loop for this CPU.
+static DirectFn for_this_cpu(DirectFn avx512, DirectFn avx2, DirectFn baseline) {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2;
+  return baseline;
+}
+
+// y = conv(x, w) (`backward` false) or dw from (x, dy) (true), on blocks of B channels.
+template <int B>
+static void direct(bool backward, const Shape& s, const float* x, const float* b, float* out) {
+  static const DirectFn forward_fn =
+      for_this_cpu(forward_blocks_avx512<B>, forward_blocks_avx2<B>, forward_blocks<B>);
+  static const DirectFn backward_fn =
+      for_this_cpu(backward_weights_blocks_avx512<B>, backward_weights_blocks_avx2<B>,
+                   backward_weights_blocks<B>);
+  const DirectFn fn = backward ? backward_fn : forward_fn;
+  const BnShape pace{s.n, s.o / B, s.oh * s.ow * B};
+  for_channel_ranges(kDirectPass + backward, pace,
+                     [&](int64_t first, int64_t last) { fn(s, x, b, out, first, last); });
+}
+
+static void direct_convolution(bool backward, const Shape& s, const float* x, const float* b,
+                               float* out) {
+  (s.y_block == 16 ? direct<16> : direct<8>)(backward, s, x, b, out);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Paddle operators.
 
 static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad,
-                      int groups) {
+                      int groups, int layout) {
   auto xs = x.shape(), ws = w.shape();
   PD_CHECK(groups >= 1 && ws[0] % groups == 0, "fastconv: ", ws[0], " filters in ", groups,
            " groups");
@@ -541,6 +713,16 @@ static Shape shape_of(const paddle::Tensor& x, const paddle::Tensor& w, int stri
   s.oh = (s.h + 2 * pad - s.k) / stride + 1;
   s.ow = (s.w + 2 * pad - s.k) / stride + 1;
   PD_CHECK(s.oh > 0 && s.ow > 0, "fastconv: empty output");
+  PD_CHECK(layout >= 0 && layout <= 3, "fastconv: layout must be 0..3");
+  if (layout != 0) {
+    std::lock_guard<std::mutex> guard(lock());
+    const int64_t block = activation_block(runtime());
+    PD_CHECK(block > 1, "fastconv: oneDNN prefers no blocked layout on this CPU");
+    s.x_block = layout & 1 ? block : 1;
+    s.y_block = layout & 2 ? block : 1;
+    PD_CHECK(s.c % s.x_block == 0 && s.o % s.y_block == 0,
+             "fastconv: blocked activations need a multiple of ", block, " channels");
+  }
   return s;
 }
 
@@ -563,23 +745,26 @@ static void execute(Kind kind, const Shape& s, void* in0, void* in1, void* out) 
 static bool degenerate(const Shape& s) { return s.n == 0 || s.c == 0 || s.o == 0; }
 
 std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
-                                        int stride, int padding, int groups) {
+                                        int stride, int padding, int groups, int layout) {
   paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight");
-  Shape s = shape_of(x, w, stride, padding, groups);
+  Shape s = shape_of(x, w, stride, padding, groups, layout);
   if (degenerate(s)) return {zeros({s.n, s.o, s.oh, s.ow})};
   auto y = empty({s.n, s.o, s.oh, s.ow});
-  execute(kForward, s, ptr(x), ptr(w), ptr(y));
+  if (single_channel_groups(s))
+    direct_convolution(false, s, ptr(x), ptr(w), ptr(y));
+  else
+    execute(kForward, s, ptr(x), ptr(w), ptr(y));
   return {y};
 }
 
 std::vector<paddle::Tensor> ConvBackwardData(const paddle::Tensor& x_in,
                                              const paddle::Tensor& w_in,
                                              const paddle::Tensor& dy_in, int stride,
-                                             int padding, int groups) {
+                                             int padding, int groups, int layout) {
   // x is used for its shape only.
   paddle::Tensor w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
   PD_CHECK(x_in.shape().size() == 4, "fastconv: x must be 4-D");
-  Shape s = shape_of(x_in, w, stride, padding, groups);
+  Shape s = shape_of(x_in, w, stride, padding, groups, layout);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(x_in.shape())};
   auto dx = empty(x_in.shape());
@@ -590,22 +775,26 @@ std::vector<paddle::Tensor> ConvBackwardData(const paddle::Tensor& x_in,
 std::vector<paddle::Tensor> ConvBackwardWeights(const paddle::Tensor& x_in,
                                                 const paddle::Tensor& w_in,
                                                 const paddle::Tensor& dy_in, int stride,
-                                                int padding, int groups) {
+                                                int padding, int groups, int layout) {
   // w is used for its shape only.
   paddle::Tensor x = dense(x_in, "x"), dy = dense(dy_in, "grad_out");
   PD_CHECK(w_in.shape().size() == 4, "fastconv: weight must be 4-D");
-  Shape s = shape_of(x, w_in, stride, padding, groups);
+  Shape s = shape_of(x, w_in, stride, padding, groups, layout);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(w_in.shape())};
   auto dw = empty(w_in.shape());
-  execute(kBackwardWeights, s, ptr(x), ptr(dy), ptr(dw));
+  if (single_channel_groups(s))
+    direct_convolution(true, s, ptr(x), ptr(dy), ptr(dw));
+  else
+    execute(kBackwardWeights, s, ptr(x), ptr(dy), ptr(dw));
   return {dw};
 }
 
 std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
-                                         const paddle::Tensor& dy_in, int stride, int padding, int groups) {
+                                         const paddle::Tensor& dy_in, int stride, int padding,
+                                         int groups, int layout) {
   paddle::Tensor x = dense(x_in, "x"), w = dense(w_in, "weight"), dy = dense(dy_in, "grad_out");
-  Shape s = shape_of(x, w, stride, padding, groups);
+  Shape s = shape_of(x, w, stride, padding, groups, layout);
   check_grad_out(dy, s);
   if (degenerate(s)) return {zeros(x.shape()), zeros(w.shape())};
   auto dx = empty(x.shape());
@@ -619,7 +808,7 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x_in, const paddl
 
 std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
                                                const std::vector<int64_t>& w, int stride,
-                                               int padding, int groups) {
+                                               int padding, int groups, int layout) {
   return {{x[0], w[0], (x[2] + 2 * padding - w[2]) / stride + 1,
            (x[3] + 2 * padding - w[3]) / stride + 1}};
 }
@@ -627,21 +816,22 @@ std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
 std::vector<std::vector<int64_t>> BackwardShape(const std::vector<int64_t>& x,
                                                 const std::vector<int64_t>& w,
                                                 const std::vector<int64_t>& dy, int stride,
-                                                int padding, int groups) {
+                                                int padding, int groups, int layout) {
   return {x, w};
 }
 
 std::vector<std::vector<int64_t>> BackwardDataShape(const std::vector<int64_t>& x,
                                                     const std::vector<int64_t>& w,
                                                     const std::vector<int64_t>& dy, int stride,
-                                                    int padding, int groups) {
+                                                    int padding, int groups, int layout) {
   return {x};
 }
 
 std::vector<std::vector<int64_t>> BackwardWeightsShape(const std::vector<int64_t>& x,
                                                        const std::vector<int64_t>& w,
                                                        const std::vector<int64_t>& dy,
-                                                       int stride, int padding, int groups) {
+                                                       int stride, int padding, int groups,
+                                                       int layout) {
   return {w};
 }
 
@@ -666,12 +856,34 @@ std::vector<paddle::DataType> BackwardWeightsDtype(const paddle::DataType& x,
   return {w};
 }
 
+std::vector<paddle::Tensor> ActivationBlock(const paddle::Tensor& x) {
+  std::lock_guard<std::mutex> guard(lock());
+  auto out = empty({1});
+  ptr(out)[0] = static_cast<float>(activation_block(runtime()));
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> ActivationBlockShape(const std::vector<int64_t>& x) {
+  return {{1}};
+}
+
+std::vector<paddle::DataType> ActivationBlockDtype(const paddle::DataType& x) {
+  return {paddle::DataType::FLOAT32};
+}
+
 }  // namespace fastconv
+
+PD_BUILD_OP(fastconv_activation_block)
+    .Inputs({"X"})
+    .Outputs({"Block"})
+    .SetKernelFn(PD_KERNEL(fastconv::ActivationBlock))
+    .SetInferShapeFn(PD_INFER_SHAPE(fastconv::ActivationBlockShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::ActivationBlockDtype));
 
 PD_BUILD_OP(fastconv_forward)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
-    .Attrs({"stride: int", "padding: int", "groups: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int", "layout: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::ForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::ForwardDtype));
@@ -679,7 +891,7 @@ PD_BUILD_OP(fastconv_forward)
 PD_BUILD_OP(fastconv_backward)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DX", "DW"})
-    .Attrs({"stride: int", "padding: int", "groups: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int", "layout: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDtype));
@@ -687,7 +899,7 @@ PD_BUILD_OP(fastconv_backward)
 PD_BUILD_OP(fastconv_backward_data)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DX"})
-    .Attrs({"stride: int", "padding: int", "groups: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int", "layout: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardData))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardDataShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardDataDtype));
@@ -695,7 +907,7 @@ PD_BUILD_OP(fastconv_backward_data)
 PD_BUILD_OP(fastconv_backward_weights)
     .Inputs({"X", "W", "DOut"})
     .Outputs({"DW"})
-    .Attrs({"stride: int", "padding: int", "groups: int"})
+    .Attrs({"stride: int", "padding: int", "groups: int", "layout: int"})
     .SetKernelFn(PD_KERNEL(fastconv::ConvBackwardWeights))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BackwardWeightsShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BackwardWeightsDtype));

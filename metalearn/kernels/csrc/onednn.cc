@@ -193,6 +193,80 @@ const char* impl_name(Runtime& rt, chandle pd) {
   return impl;
 }
 
+handle tagged_md(Runtime& rt, const Dims& dims, int tag) {
+  dnnl_dims d = {};
+  std::copy(dims.begin(), dims.end(), d);
+  handle md = nullptr;
+  if (rt.api.memory_desc_create_with_tag(&md, int(dims.size()), d, kF32, tag) != kSuccess)
+    return nullptr;
+  return md;
+}
+
+// Checked by reordering 2·B channels of 2 pixels.
+bool is_channel_blocked(Runtime& rt, int tag, int64_t B) {
+  auto& api = rt.api;
+  const int64_t pixels = 2, channels = 2 * B;
+  handle plain = tagged_md(rt, {1, channels, 1, pixels}, kTagAbcd);
+  handle blocked = tagged_md(rt, {1, channels, 1, pixels}, tag);
+  bool ok = plain != nullptr && blocked != nullptr;
+  std::vector<float> from(channels * pixels), to(channels * pixels, -1.0f);
+  for (size_t i = 0; i < from.size(); ++i) from[i] = float(i);
+  handle src = nullptr, dst = nullptr, pd = nullptr, reorder = nullptr;
+  ok = ok && api.memory_create(&src, plain, rt.engine, from.data()) == kSuccess;
+  ok = ok && api.memory_create(&dst, blocked, rt.engine, to.data()) == kSuccess;
+  ok = ok && api.reorder_primitive_desc_create(&pd, plain, rt.engine, blocked, rt.engine,
+                                               rt.attr) == kSuccess;
+  ok = ok && api.primitive_create(&reorder, pd) == kSuccess;
+  std::vector<handle> scratchpads;
+  if (ok) {
+    Step step = make_step(rt, pd, reorder, {{kArgSrc, src}, {kArgDst, dst}}, &scratchpads);
+    run_step(rt, step);
+    ok = api.stream_wait(rt.stream) == kSuccess;
+  }
+  for (handle m : scratchpads) api.memory_destroy(m);
+  for (int64_t c = 0; ok && c < channels; ++c)
+    for (int64_t p = 0; p < pixels; ++p)
+      ok = ok && to[((c / B) * pixels + p) * B + c % B] == from[c * pixels + p];
+  if (reorder) api.primitive_destroy(reorder);
+  if (pd) api.primitive_desc_destroy(pd);
+  if (src) api.memory_destroy(src);
+  if (dst) api.memory_destroy(dst);
+  if (plain) api.memory_desc_destroy(plain);
+  if (blocked) api.memory_desc_destroy(blocked);
+  return ok;
+}
+
+// The block of oneDNN's preferred activation layout for a typical 64-channel 3×3 convolution.
+int64_t activation_block(Runtime& rt) {
+  static int64_t block = 0;
+  if (block != 0) return block;
+  block = 1;
+  const Shape s{8, 64, 8, 8, 64, 3, 8, 8, 1, 1};
+  const Geometry g(s);
+  for (int64_t B : {int64_t{16}, int64_t{8}}) {
+    const int tag = B == 16 ? kTagABcd16b : kTagABcd8b;
+    if (!is_channel_blocked(rt, tag, B)) continue;
+    handle x = tagged_md(rt, s.x(), kTagAny), w = tagged_md(rt, s.wei(), kTagAny),
+           y = tagged_md(rt, s.y(), kTagAny), want = tagged_md(rt, s.y(), tag);
+    handle pd = nullptr;
+    const bool made = x && w && y && want &&
+                      rt.api.conv_fwd_pd_create(&pd, rt.engine, kForwardTraining,
+                                                kConvolutionDirect, x, w, nullptr, y, g.strides,
+                                                g.dilates, g.pad_l, g.pad_r, rt.attr) == kSuccess;
+    const bool preferred =
+        made && rt.api.memory_desc_equal(rt.api.primitive_desc_query_md(pd, kQueryDstMd, 0), want);
+    if (pd) rt.api.primitive_desc_destroy(pd);
+    for (handle md : {x, w, y, want})
+      if (md) rt.api.memory_desc_destroy(md);
+    if (preferred) return block = B;
+  }
+  return block;
+}
+
+int activation_tag(int64_t block) {
+  return block == 16 ? kTagABcd16b : block == 8 ? kTagABcd8b : kTagAbcd;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Paddle tensors.
 

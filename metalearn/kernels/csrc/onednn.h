@@ -200,11 +200,14 @@ class ThreadScope {
 
 using Dims = std::vector<int64_t>;
 
-// c and o count all channels; with g > 1 groups the weight is [g, o/g, c/g, k, k].
+// c and o count all channels; with g > 1 groups the weight is [g, o/g, c/g, k, k]. x_block and
+// y_block: the layouts of the tensors the caller passes, x and dx in nChw{x_block}c, y and dy in
+// nChw{y_block}c (1: plain NCHW).
 struct Shape {
   int64_t n, c, h, w, o, k, oh, ow;
   int stride, pad;
   int64_t g = 1;
+  int64_t x_block = 1, y_block = 1;
   Dims x() const { return {n, c, h, w}; }
   Dims wei() const { return g == 1 ? Dims{o, c, k, k} : Dims{g, o / g, c / g, k, k}; }
   Dims y() const { return {n, o, oh, ow}; }
@@ -247,6 +250,22 @@ struct Geometry {
 
 // oneDNN's name of the implementation a primitive descriptor runs ("?" if it gives none).
 const char* impl_name(Runtime& rt, chandle pd);
+
+// A memory descriptor over `dims` with format tag `tag`; null if oneDNN refuses it.
+handle tagged_md(Runtime& rt, const Dims& dims, int tag);
+
+// Whether format tag `tag` is the layout nChw{B}c in this oneDNN (the tag values are taken from
+// a newer header): a reorder from plain NCHW must put channel c of pixel p at
+// ((c / B)·pixels + p)·B + c % B.
+bool is_channel_blocked(Runtime& rt, int tag, int64_t B);
+
+// The channel block B of the activation layout nChw{B}c oneDNN's convolutions prefer on this CPU
+// (16 with AVX-512, 8 with AVX2), or 1 where they prefer plain NCHW; call with the lock held. The
+// training path keeps its activations in that layout between operators (conv.cc, batch_norm.cc).
+int64_t activation_block(Runtime& rt);
+
+// The format tag of nChw{B}c for B = 8 or 16, of plain NCHW for B = 1.
+int activation_tag(int64_t block);
 
 // ---------------------------------------------------------------------------------------------
 // Paddle tensors.
