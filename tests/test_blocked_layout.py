@@ -98,23 +98,19 @@ def test_batch_norm_passes_on_blocked_activations_equal_plain(block, lanes, relu
     shift_arg = paddle.to_tensor(shift) if relu else None
 
     def passes(convert, b):
-        y, xhat, rstd = kernels.batch_norm_forward(
-            paddle.to_tensor(convert(x)),
-            paddle.to_tensor(scale),
-            paddle.to_tensor(shift),
-            1e-3,
-            relu,
-            block=b,
+        x_in = paddle.to_tensor(convert(x))
+        y, mean, rstd = kernels.batch_norm_forward(
+            x_in, paddle.to_tensor(scale), paddle.to_tensor(shift), 1e-3, relu, block=b
         )
-        common = (xhat, rstd, paddle.to_tensor(scale), paddle.to_tensor(convert(dy)))
+        common = (x_in, mean, rstd, paddle.to_tensor(scale), paddle.to_tensor(convert(dy)))
         first = kernels.batch_norm_backward(*common, shift_arg, block=b)
         cotangents = (paddle.to_tensor(convert(gx)), paddle.to_tensor(gs), paddle.to_tensor(gb))
         second = kernels.batch_norm_double_backward(*common, *cotangents, shift_arg, block=b)
-        return [t.numpy() for t in (y, xhat, rstd, *first, *second)]
+        return [t.numpy() for t in (y, mean, rstd, *first, *second)]
 
     reference = passes(lambda a: a, 1)
     got = passes(lambda a: blocked(a, lanes), lanes)
-    names = ("y", "xhat", "rstd", "dx", "dscale", "dshift", "d_x", "d_scale", "d_dy")
+    names = ("y", "mean", "rstd", "dx", "dscale", "dshift", "d_x", "d_scale", "d_dy")
     for name, g, want in zip(names, got, reference):
         assert_close(plain(g, lanes) if g.ndim == 4 else g, want, name)
 

@@ -83,7 +83,7 @@ def test_fused_batch_norm_equals_the_composition(fast, shape, relu) -> None:
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
 def test_inference_skips_the_graph_with_the_same_values(fast, relu) -> None:
     """Under ``paddle.no_grad`` batch norm and the convolution call their kernels directly (no
-    PyLayer, no x̂ written): the values are bit-identical to those of the recording path."""
+    PyLayer): the values are bit-identical to those of the recording path."""
     x, scale, shift, _, _ = batch_norm_case([15, 16, 7, 7])
     x, scale, shift = (
         paddle.to_tensor(a.astype("float32"), stop_gradient=False) for a in (x, scale, shift)

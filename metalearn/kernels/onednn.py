@@ -84,7 +84,7 @@ __all__ = ["Kernels", "load_kernels", "use_kernels"]
 DISABLE_ENV = "PADDLE_MAML_NO_FASTCONV"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _NAME = "paddle_maml_fastconv"
-_CXX_FLAGS = ["-O3", "-g0", "-w"]
+_CXX_FLAGS = ["-O3", "-g0", "-w", "-ffp-contract=off"]  # see csrc/batch_norm.h: run_ranges
 _LD_FLAGS = ["-ldl"]
 _BUILD_TIMEOUT_S = 900
 CHOICES_ENV = "PADDLE_MAML_FASTCONV_CHOICES"
@@ -220,38 +220,46 @@ class Kernels(NativeKernels):
     def fuses_batch_norm(self, *tensors) -> bool:
         return self._fast(*tensors)
 
-    def batch_norm_forward(
-        self, x, scale, shift, eps: float, relu: bool = False, save=True, block: int = 1
-    ):
-        """(y, x̂, rstd) of batch norm with the batch's statistics (csrc/batch_norm.cc); with
-        ``relu`` y is relu(batch norm). Without ``save`` (no backward pass to come) x̂ is not
-        written: an empty tensor comes back in its place. ``block``: 1 for plain NCHW tensors,
-        B for nChw{B}c (:meth:`activation_block`); the same for the passes below."""
+    def batch_norm_forward(self, x, scale, shift, eps: float, relu: bool = False, block: int = 1):
+        """(y, mean, rstd) of batch norm with the batch's statistics (csrc/batch_norm.cc); with
+        ``relu`` y is relu(batch norm). ``block``: 1 for plain NCHW tensors, B for nChw{B}c
+        (:meth:`activation_block`); the same for the passes below, which take x with the
+        forward's (mean, rstd) and recompute x̂ from them exactly as the forward did."""
         return _C_ops._run_custom_op(
-            "fastbn_forward", x, scale, shift, float(eps), bool(relu), bool(save), int(block)
+            "fastbn_forward", x, scale, shift, float(eps), bool(relu), int(block)
         )
 
-    def batch_norm_backward(self, xhat, rstd, scale, grad_out, relu_shift=None, block: int = 1):
+    def batch_norm_backward(self, x, mean, rstd, scale, grad_out, relu_shift=None, block: int = 1):
         """(dx, dscale, dshift) given dL/dy; after a fused ReLU ``relu_shift`` is the forward's
         shift, from which the ReLU mask is recomputed, and ``grad_out`` is the ReLU's dL/dz."""
         if relu_shift is None:
-            return _C_ops._run_custom_op("fastbn_backward", xhat, rstd, scale, grad_out, block)
+            return _C_ops._run_custom_op("fastbn_backward", x, mean, rstd, scale, grad_out, block)
         return _C_ops._run_custom_op(
-            "fastbnrelu_backward", xhat, rstd, scale, relu_shift, grad_out, block
+            "fastbnrelu_backward", x, mean, rstd, scale, relu_shift, grad_out, block
         )
 
     def batch_norm_double_backward(
-        self, xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None, block: int = 1
+        self, x, mean, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift=None, block=1
     ):
         """Cotangents of (x, scale, dy) for incoming ones (g_x, g_scale, g_shift) on the
         backward's outputs (dx, dscale, dshift); ``relu_shift`` as for the backward."""
         if relu_shift is None:
             return _C_ops._run_custom_op(
-                "fastbn_double_backward", xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, block
+                "fastbn_double_backward",
+                x,
+                mean,
+                rstd,
+                scale,
+                grad_out,
+                g_x,
+                g_scale,
+                g_shift,
+                block,
             )
         return _C_ops._run_custom_op(
             "fastbnrelu_double_backward",
-            xhat,
+            x,
+            mean,
             rstd,
             scale,
             relu_shift,

@@ -133,7 +133,7 @@ def conv2d(
 def _records_graph(*inputs: paddle.Tensor) -> bool:
     """Whether autograd records an op on ``inputs``. If not (scoring under ``paddle.no_grad``),
     the ops below call their forward kernels directly: a PyLayer would save what its backward
-    passes need, and batch norm would write x̂, for nothing."""
+    passes need for nothing."""
     return paddle.is_grad_enabled() and not all(t.stop_gradient for t in inputs)
 
 
@@ -262,9 +262,9 @@ def spatial_mean(x: paddle.Tensor, block: int = 1) -> paddle.Tensor:
 
 class _BatchNormGrad(PyLayer):
     """The map (x, scale, dy) -> (dx, dscale, dshift) of batch norm's backward pass, as a
-    differentiable op. x enters through x̂ and rstd (saved by the forward); it is an input only
-    so that its gradient reaches it. The derivative is the fused double-backward operator
-    (formulas in csrc/batch_norm.cc); MAML never needs a third derivative.
+    differentiable op. The operators recompute x̂ from x and the forward's (mean, rstd), which
+    come detached: the derivative along x is the fused double-backward operator's (formulas in
+    csrc/batch_norm.cc); MAML never needs a third derivative.
 
     After a fused ReLU, dy is the gradient of the ReLU's output z and ``relu_shift`` the batch
     norm's shift (detached): the operators recompute the mask [z > 0] from it and x̂ (no output
@@ -273,19 +273,21 @@ class _BatchNormGrad(PyLayer):
     (ReLU's second derivative is 0)."""
 
     @staticmethod
-    def forward(ctx, x, scale, grad_out, xhat, rstd, relu_shift, block):
-        ctx.save_for_backward(x, scale, grad_out, xhat, rstd, relu_shift)
+    def forward(ctx, x, scale, grad_out, mean, rstd, relu_shift, block):
+        ctx.save_for_backward(x, scale, grad_out, mean, rstd, relu_shift)
         ctx.block = block
-        return registry.active().batch_norm_backward(xhat, rstd, scale, grad_out, relu_shift, block)
+        return registry.active().batch_norm_backward(
+            x, mean, rstd, scale, grad_out, relu_shift, block
+        )
 
     @staticmethod
     def backward(ctx, g_x, g_scale, g_shift):
-        x, scale, grad_out, xhat, rstd, relu_shift = ctx.saved_tensor()
+        x, scale, grad_out, mean, rstd, relu_shift = ctx.saved_tensor()
         g_x = paddle.zeros_like(grad_out) if g_x is None else g_x
         g_scale = paddle.zeros_like(scale) if g_scale is None else g_scale
         g_shift = paddle.zeros_like(scale) if g_shift is None else g_shift
         d_x, d_scale, d_grad_out = registry.active().batch_norm_double_backward(
-            xhat, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift, ctx.block
+            x, mean, rstd, scale, grad_out, g_x, g_scale, g_shift, relu_shift, ctx.block
         )
         grads = (
             _as_input_grad(d_x, x),
@@ -300,19 +302,19 @@ class _BatchNormGrad(PyLayer):
 class _BatchNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, scale, shift, eps, relu, block):
-        y, xhat, rstd = registry.active().batch_norm_forward(
+        y, mean, rstd = registry.active().batch_norm_forward(
             x, scale, shift, eps, relu, block=block
         )
-        ctx.save_for_backward(x, scale, shift, xhat, rstd)
+        ctx.save_for_backward(x, scale, shift, mean, rstd)
         ctx.relu, ctx.block = relu, block
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale, shift, xhat, rstd = ctx.saved_tensor()
+        x, scale, shift, mean, rstd = ctx.saved_tensor()
         relu_shift = shift.detach() if ctx.relu else None
         grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
-            x, scale, grad_out, xhat, rstd, relu_shift, ctx.block
+            x, scale, grad_out, mean, rstd, relu_shift, ctx.block
         )
         return (
             _as_input_grad(grad_x, x),
@@ -351,9 +353,7 @@ def batch_norm(
     scale, shift = scale.reshape([c]), shift.reshape([c])
     if fuse and registry.active().fuses_batch_norm(x, scale, shift):
         if not _records_graph(x, scale, shift):
-            return registry.active().batch_norm_forward(
-                x, scale, shift, eps, relu, save=False, block=block
-            )[0]
+            return registry.active().batch_norm_forward(x, scale, shift, eps, relu, block=block)[0]
         return _BatchNorm.apply(x, scale, shift, eps, relu, block)
     if block != 1:
         raise ValueError("only the fused batch norm takes blocked activations")

@@ -1,12 +1,13 @@
 // Batch norm with the batch's own statistics, its backward and its double backward, optionally
 // followed by ReLU in the same operator:
-//   fastbn_forward(x, scale, shift)                        -> y, xhat, rstd
-//   fastbn_backward(xhat, rstd, scale, dy)                 -> dx, dscale, dshift
-//   fastbn_double_backward(xhat, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
-//   fastbnrelu_backward(xhat, rstd, scale, shift, dz)      -> dx, dscale, dshift
-//   fastbnrelu_double_backward(xhat, rstd, scale, shift, dz, gx, gs, gb) -> d_x, d_scale, d_dz
-// with attributes eps (float), relu (bool: y = z = relu(batch norm)) and save (bool: output x̂
-// for a backward pass, else an empty xhat) for the forward, and block (int) for all: 1 when the
+//   fastbn_forward(x, scale, shift)                              -> y, mean, rstd
+//   fastbn_backward(x, mean, rstd, scale, dy)                    -> dx, dscale, dshift
+//   fastbn_double_backward(x, mean, rstd, scale, dy, gx, gs, gb) -> d_x, d_scale, d_dy
+//   fastbnrelu_backward(x, mean, rstd, scale, shift, dz)         -> dx, dscale, dshift
+//   fastbnrelu_double_backward(x, mean, rstd, scale, shift, dz, gx, gs, gb)
+//                                                                -> d_x, d_scale, d_dz
+// with attributes eps (float) and relu (bool: y = z = relu(batch norm)) for the forward, and
+// block (int) for all: 1 when the
 // [N, C, H, W] tensors hold plain NCHW, B (8 or 16, dividing C) when they hold the channel-blocked
 // layout nChw{B}c of oneDNN's convolutions (channel c = cb·B + l of pixel p at
 // ((n·C/B + cb)·H·W + p)·B + l), which the training path keeps between its convolutions.
@@ -15,7 +16,13 @@
 // the centred values, r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = scale·x̂ + shift. The statistics
 // are two passes with double sums (the corrected two-pass algorithm): E[x²] − E[x]² in float32
 // cancels catastrophically on sparse binary images. Rows of H·W are summed in float partials,
-// then in double.
+// then in double. On nChw{B}c each image's row of a block (H·W·B values, in L1) is taken twice
+// in a row, its mean and then its squared deviations from it, and the rows are combined in
+// double by Chan's update: one pass over the block instead of two.
+//
+// The backward passes take x with the forward's μ and r and recompute x̂ = (x − μ)·r with the
+// forward's float operations, bit for bit the x̂ the forward used: no x̂ is written or kept (one
+// tensor of x's size less per layer, and one write less in the forward).
 //
 // Backward, for g = dL/dy (means over the channel's M values):
 //   dshift = Σ g,  dscale = Σ g·x̂,  dx = scale·r·(g − mean(g) − x̂·mean(g·x̂)).
@@ -30,7 +37,7 @@
 //
 // With ReLU (the `fastbnrelu_*` operators and fastbn_forward's `relu`), the output is
 // z = max(y, 0) and the incoming gradient is dL/dz. The backward passes use the mask [z > 0] (the
-// one Paddle's relu_grad uses), recomputed as [y > 0] from the saved x̂ with the forward's float
+// one Paddle's relu_grad uses), recomputed as [y > 0] from x̂ with the forward's float
 // operations (bn_out), so no output needs saving: g = [y > 0]·dL/dz goes into the formulas above,
 // and the double backward's d_dy (a cotangent of dL/dz) is masked the same way. The mask is
 // piecewise constant in (x, scale, shift), so it contributes no other term: ReLU's second
@@ -110,28 +117,37 @@ Pace& pace_of(int pass, const BnShape& s) {
   return paces[{pass, s.n, s.c, s.hw}];
 }
 
-// The incoming gradient g[i] as the batch-norm formulas see it: after a fused ReLU, masked by
-// [y > 0] (x̂ = h[i], scale a, shift b).
+RangeFn for_this_cpu(RangeFn avx512, RangeFn avx2, RangeFn baseline) {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2;
+  return baseline;
+}
+
+// x̂ of value v in a channel of mean m and r = rc: the forward's own expression.
+inline float bn_hat(float v, float m, float rc) { return (v - m) * rc; }
+
+// The incoming gradient g as the batch-norm formulas see it: after a fused ReLU, masked by
+// [y > 0] (x̂ = h, scale a, shift b).
 template <bool kRelu>
-static inline float bn_grad(const float* g, const float* h, float a, float b, int64_t i) {
-  if (kRelu) return keep_if(bn_out(h[i], a, b) > 0.0f, g[i]);
-  return g[i];
+static inline float bn_grad(float g, float h, float a, float b) {
+  if (kRelu) return keep_if(bn_out(h, a, b) > 0.0f, g);
+  return g;
 }
 
-// The mean m and r = 1/sqrt(σ² + eps) of a channel from its first-pass float mean `mean0` and
-// the double sums of (x − mean0) and (x − mean0)² over its `count` values.
-static inline void finish_stats(float mean0, double dev, double sq, double count, float eps,
-                                float* m, float* rc) {
-  const double shift_of_mean = dev / count;
-  const double var = std::max(0.0, sq / count - shift_of_mean * shift_of_mean);
-  *m = static_cast<float>(mean0 + shift_of_mean);
-  *rc = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+// The mean m and r = 1/sqrt(σ² + eps) of a channel of `count` values from its mean and the sum
+// of its squared deviations, both in double.
+static inline void finish_stats(double mean, double squares, double count, float eps, float* m,
+                                float* rc) {
+  *m = static_cast<float>(mean);
+  *rc = static_cast<float>(1.0 / std::sqrt(std::max(0.0, squares / count) +
+                                           static_cast<double>(eps)));
 }
 
-template <bool kRelu, bool kSave>
+template <bool kRelu>
 void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
-                float* yp, float* hp, float* r) {
-  for_channel_ranges(kRelu * 2 + kSave, s, [&](int64_t first, int64_t last) {
+                float* yp, float* mp, float* r) {
+  for_channel_ranges(kRelu, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const float mean0 = static_cast<float>(channel_sum(s, c, [&](int64_t i) { return xp[i]; }) /
                                              s.count());
@@ -141,15 +157,17 @@ void bn_forward(const BnShape& s, const float* xp, const float* a, const float* 
         dev += row_sum(s.hw, [&](int64_t i) { return row[i] - mean0; });
         sq += row_sum(s.hw, [&](int64_t i) { return (row[i] - mean0) * (row[i] - mean0); });
       }
+      // Σ (x − μ)² = Σ (x − mean0)² − M·(μ − mean0)² with μ − mean0 = dev / M.
+      const double shift_of_mean = dev / s.count();
       float m, rc;
-      finish_stats(mean0, dev, sq, s.count(), eps, &m, &rc);
+      finish_stats(mean0 + shift_of_mean, sq - dev * shift_of_mean, s.count(), eps, &m, &rc);
       const float ac = a[c], bc = b[c];
+      mp[c] = m;
       r[c] = rc;
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
         for (int64_t i = at; i < at + s.hw; ++i) {
-          const float h = (xp[i] - m) * rc, y = bn_out(h, ac, bc);
-          if (kSave) hp[i] = h;
+          const float y = bn_out(bn_hat(xp[i], m, rc), ac, bc);
           yp[i] = kRelu ? keep_if(y > 0.0f, y) : y;
         }
       }
@@ -158,8 +176,8 @@ void bn_forward(const BnShape& s, const float* xp, const float* a, const float* 
 }
 
 // The fused body's blocks on plain NCHW buffers (body.cc) call this one from another file.
-template void bn_forward<true, false>(const BnShape& s, const float* xp, const float* a,
-                                      const float* b, float eps, float* yp, float* hp, float* r);
+template void bn_forward<true>(const BnShape& s, const float* xp, const float* a, const float* b,
+                               float eps, float* yp, float* mp, float* r);
 
 // Pace keys of the nChw{B}c loops: kBlockedPass + the plain loop's key.
 constexpr int kBlockedPass = 16;
@@ -170,36 +188,53 @@ static BnShape blocks_of(const BnShape& s) {
   return {s.n, s.c / B, s.hw * B};
 }
 
-template <int B, bool kRelu, bool kSave>
-void bn_forward_blocked(const BnShape& s, const float* xp, const float* a, const float* b,
-                        float eps, float* yp, float* hp, float* r) {
-  const BnShape blocks = blocks_of<B>(s);
-  for_channel_ranges(kBlockedPass + kRelu * 2 + kSave, blocks, [&](int64_t first, int64_t last) {
+struct BnForwardArgs {
+  const BnShape* s;
+  const float *xp, *a, *b;
+  float eps;
+  float *yp, *mp, *r;
+};
+
+// Blocks [first, last) of the forward pass (run_ranges kernel).
+template <int B, bool kRelu>
+struct BnForwardBlocks {
+  using Args = BnForwardArgs;
+  static void run(const Args& args, int64_t first, int64_t last) {
+    const BnShape& s = *args.s;
+    const float *xp = args.xp, *a = args.a, *b = args.b;
+    const float eps = args.eps;
+    float *yp = args.yp, *mp = args.mp, *r = args.r;
+    const BnShape blocks = blocks_of<B>(s);
+    const double row_count = static_cast<double>(s.hw);
     for (int64_t cb = first; cb < last; ++cb) {
-      double sum[B] = {}, dev[B] = {}, sq[B] = {};
+      double mean[B] = {}, squares[B] = {};  // of the images so far (Chan's update)
       for (int64_t image = 0; image < s.n; ++image) {
         const float* v = xp + blocks.at(image, cb);
         float part[B] = {};
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) part[l] += v[i * B + l];
-        for (int l = 0; l < B; ++l) sum[l] += part[l];
-      }
-      float mean0[B];
-      for (int l = 0; l < B; ++l) mean0[l] = static_cast<float>(sum[l] / s.count());
-      for (int64_t image = 0; image < s.n; ++image) {
-        const float* v = xp + blocks.at(image, cb);
-        float part_dev[B] = {}, part_sq[B] = {};
+        float row_mean[B], part_dev[B] = {}, part_sq[B] = {};
+        for (int l = 0; l < B; ++l) row_mean[l] = static_cast<float>(part[l] / row_count);
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) {
-            const float d = v[i * B + l] - mean0[l];
+            const float d = v[i * B + l] - row_mean[l];
             part_dev[l] += d;
             part_sq[l] += d * d;
           }
-        for (int l = 0; l < B; ++l) dev[l] += part_dev[l], sq[l] += part_sq[l];
+        const double before = static_cast<double>(image) * row_count, after = before + row_count;
+        for (int l = 0; l < B; ++l) {
+          // The row's mean and squared deviations, corrected for the rounding of its float mean
+          // (as the plain loop's), then merged with the rows before it.
+          const double dev = part_dev[l], shift_of_mean = dev / row_count;
+          const double delta = row_mean[l] + shift_of_mean - mean[l];
+          mean[l] += delta * row_count / after;
+          squares[l] += part_sq[l] - dev * shift_of_mean + delta * delta * before * row_count / after;
+        }
       }
       float m[B], rc[B], ac[B], bc[B];
       for (int l = 0; l < B; ++l) {
-        finish_stats(mean0[l], dev[l], sq[l], s.count(), eps, &m[l], &rc[l]);
+        finish_stats(mean[l], squares[l], s.count(), eps, &m[l], &rc[l]);
+        mp[cb * B + l] = m[l];
         r[cb * B + l] = rc[l];
         ac[l] = a[cb * B + l];
         bc[l] = b[cb * B + l];
@@ -209,22 +244,28 @@ void bn_forward_blocked(const BnShape& s, const float* xp, const float* a, const
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) {
             const int64_t k = at + i * B + l;
-            const float h = (xp[k] - m[l]) * rc[l], y = bn_out(h, ac[l], bc[l]);
-            if (kSave) hp[k] = h;
+            const float y = bn_out(bn_hat(xp[k], m[l], rc[l]), ac[l], bc[l]);
             yp[k] = kRelu ? keep_if(y > 0.0f, y) : y;
           }
       }
     }
-  });
+  }
+};
+
+template <int B, bool kRelu>
+void bn_forward_blocked(const BnShape& s, const float* xp, const float* a, const float* b,
+                        float eps, float* yp, float* mp, float* r) {
+  const BnForwardArgs args{&s, xp, a, b, eps, yp, mp, r};
+  run_ranges<BnForwardBlocks<B, kRelu>>(kBlockedPass + kRelu, blocks_of<B>(s), args);
 }
 
 // The fused body (body.cc) runs its blocks in place with these.
-template void bn_forward_blocked<8, true, false>(const BnShape& s, const float* xp,
-                                                 const float* a, const float* b, float eps,
-                                                 float* yp, float* hp, float* r);
-template void bn_forward_blocked<16, true, false>(const BnShape& s, const float* xp,
-                                                  const float* a, const float* b, float eps,
-                                                  float* yp, float* hp, float* r);
+template void bn_forward_blocked<8, true>(const BnShape& s, const float* xp, const float* a,
+                                          const float* b, float eps, float* yp, float* mp,
+                                          float* r);
+template void bn_forward_blocked<16, true>(const BnShape& s, const float* xp, const float* a,
+                                           const float* b, float eps, float* yp, float* mp,
+                                           float* r);
 
 static void check_block(const BnShape& s, int block) {
   PD_CHECK(block == 1 || ((block == 8 || block == 16) && s.c % block == 0),
@@ -235,74 +276,91 @@ static void check_block(const BnShape& s, int block) {
 using ForwardFn = void (*)(const BnShape&, const float*, const float*, const float*, float, float*,
                            float*, float*);
 
-template <bool kRelu, bool kSave>
+template <bool kRelu>
 static ForwardFn forward_fn(int block) {
-  if (block == 8) return bn_forward_blocked<8, kRelu, kSave>;
-  if (block == 16) return bn_forward_blocked<16, kRelu, kSave>;
-  return bn_forward<kRelu, kSave>;
+  if (block == 8) return bn_forward_blocked<8, kRelu>;
+  if (block == 16) return bn_forward_blocked<16, kRelu>;
+  return bn_forward<kRelu>;
 }
 
-// Without `save` (no backward pass will follow) x̂ is not written and comes back empty ([0]).
 std::vector<paddle::Tensor> BnForward(const paddle::Tensor& x_in, const paddle::Tensor& scale_in,
                                       const paddle::Tensor& shift_in, float eps, bool relu,
-                                      bool save, int block) {
+                                      int block) {
   paddle::Tensor x = dense(x_in, "x");
   BnShape s = bn_shape(x);
   check_block(s, block);
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
   paddle::Tensor shift = per_channel(shift_in, s.c, "shift");
-  auto y = empty(x.shape()), rstd = empty({s.c});
-  auto xhat = save ? empty(x.shape()) : empty({0});
-  auto run = relu ? (save ? forward_fn<true, true>(block) : forward_fn<true, false>(block))
-                  : (save ? forward_fn<false, true>(block) : forward_fn<false, false>(block));
-  run(s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), save ? ptr(xhat) : nullptr, ptr(rstd));
-  return {y, xhat, rstd};
+  auto y = empty(x.shape()), mean = empty({s.c}), rstd = empty({s.c});
+  (relu ? forward_fn<true>(block) : forward_fn<false>(block))(
+      s, ptr(x), ptr(scale), ptr(shift), eps, ptr(y), ptr(mean), ptr(rstd));
+  return {y, mean, rstd};
 }
 
+// What the backward passes read: x, the forward's statistics, scale, shift (after a fused ReLU)
+// and the incoming gradient g.
+struct BnSaved {
+  const float *xp, *mp, *r, *a, *b, *gp;
+};
+
 template <bool kRelu>
-static void bn_backward(const BnShape& s, const float* hp, const float* r, const float* a,
-                        const float* b, const float* gp, float* dxp, float* ds, float* db) {
+static void bn_backward(const BnShape& s, const BnSaved& p, float* dxp, float* ds, float* db) {
   for_channel_ranges(4 + kRelu, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      const float ac = a[c], bc = kRelu ? b[c] : 0.0f;
+      const float ac = p.a[c], bc = kRelu ? p.b[c] : 0.0f, m = p.mp[c], rc = p.r[c];
       double sg = 0, sgh = 0;
       for (int64_t n = 0; n < s.n; ++n) {
-        const int64_t at = s.at(n, c);
-        auto g = [&](int64_t i) { return bn_grad<kRelu>(gp, hp, ac, bc, at + i); };
+        const float *x = p.xp + s.at(n, c), *gr = p.gp + s.at(n, c);
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(gr[i], bn_hat(x[i], m, rc), ac, bc); };
         sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
-        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * hp[at + i]; });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * bn_hat(x[i], m, rc); });
       }
       ds[c] = static_cast<float>(sgh);
       db[c] = static_cast<float>(sg);
-      const float kc = ac * r[c], g0 = static_cast<float>(sg / s.count()),
+      const float kc = ac * rc, g0 = static_cast<float>(sg / s.count()),
                   gh = static_cast<float>(sgh / s.count());
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
-        for (int64_t i = at; i < at + s.hw; ++i)
-          dxp[i] = kc * (bn_grad<kRelu>(gp, hp, ac, bc, i) - g0 - hp[i] * gh);
+        for (int64_t i = at; i < at + s.hw; ++i) {
+          const float h = bn_hat(p.xp[i], m, rc);
+          dxp[i] = kc * (bn_grad<kRelu>(p.gp[i], h, ac, bc) - g0 - h * gh);
+        }
       }
     }
   });
 }
 
-// The scale a and (after a fused ReLU) shift b of block cb's B channels.
+// The scale a, shift b (after a fused ReLU), mean m and r of block cb's B channels.
 template <int B, bool kRelu>
-static inline void block_lanes(const float* a, const float* b, int64_t cb, float* ac, float* bc) {
+static inline void block_lanes(const BnSaved& p, int64_t cb, float* ac, float* bc, float* m,
+                               float* rc) {
   for (int l = 0; l < B; ++l) {
-    ac[l] = a[cb * B + l];
-    bc[l] = kRelu ? b[cb * B + l] : 0.0f;
+    const int64_t c = cb * B + l;
+    ac[l] = p.a[c];
+    bc[l] = kRelu ? p.b[c] : 0.0f;
+    m[l] = p.mp[c];
+    rc[l] = p.r[c];
   }
 }
 
+struct BnBackwardArgs {
+  const BnShape* s;
+  BnSaved p;
+  float *dxp, *ds, *db;
+};
+
+// Blocks [first, last) of the backward pass (run_ranges kernel).
 template <int B, bool kRelu>
-static void bn_backward_blocked(const BnShape& s, const float* hp, const float* r, const float* a,
-                                const float* b, const float* gp, float* dxp, float* ds,
-                                float* db) {
-  const BnShape blocks = blocks_of<B>(s);
-  for_channel_ranges(kBlockedPass + 4 + kRelu, blocks, [&](int64_t first, int64_t last) {
+struct BnBackwardBlocks {
+  using Args = BnBackwardArgs;
+  static void run(const Args& args, int64_t first, int64_t last) {
+    const BnShape& s = *args.s;
+    const BnSaved& p = args.p;
+    float *dxp = args.dxp, *ds = args.ds, *db = args.db;
+    const BnShape blocks = blocks_of<B>(s);
     for (int64_t cb = first; cb < last; ++cb) {
-      float ac[B], bc[B];
-      block_lanes<B, kRelu>(a, b, cb, ac, bc);
+      float ac[B], bc[B], m[B], rc[B];
+      block_lanes<B, kRelu>(p, cb, ac, bc, m, rc);
       double sg[B] = {}, sgh[B] = {};
       for (int64_t image = 0; image < s.n; ++image) {
         const int64_t at = blocks.at(image, cb);
@@ -310,9 +368,10 @@ static void bn_backward_blocked(const BnShape& s, const float* hp, const float* 
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) {
             const int64_t k = at + i * B + l;
-            const float g = bn_grad<kRelu>(gp, hp, ac[l], bc[l], k);
+            const float h = bn_hat(p.xp[k], m[l], rc[l]);
+            const float g = bn_grad<kRelu>(p.gp[k], h, ac[l], bc[l]);
             part_g[l] += g;
-            part_gh[l] += g * hp[k];
+            part_gh[l] += g * h;
           }
         for (int l = 0; l < B; ++l) sg[l] += part_g[l], sgh[l] += part_gh[l];
       }
@@ -320,7 +379,7 @@ static void bn_backward_blocked(const BnShape& s, const float* hp, const float* 
       for (int l = 0; l < B; ++l) {
         ds[cb * B + l] = static_cast<float>(sgh[l]);
         db[cb * B + l] = static_cast<float>(sg[l]);
-        kc[l] = ac[l] * r[cb * B + l];
+        kc[l] = ac[l] * rc[l];
         g0[l] = static_cast<float>(sg[l] / s.count());
         gh[l] = static_cast<float>(sgh[l] / s.count());
       }
@@ -329,15 +388,22 @@ static void bn_backward_blocked(const BnShape& s, const float* hp, const float* 
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) {
             const int64_t k = at + i * B + l;
-            dxp[k] = kc[l] * (bn_grad<kRelu>(gp, hp, ac[l], bc[l], k) - g0[l] - hp[k] * gh[l]);
+            const float h = bn_hat(p.xp[k], m[l], rc[l]);
+            dxp[k] = kc[l] * (bn_grad<kRelu>(p.gp[k], h, ac[l], bc[l]) - g0[l] - h * gh[l]);
           }
       }
     }
-  });
+  }
+};
+
+template <int B, bool kRelu>
+static void bn_backward_blocked(const BnShape& s, const BnSaved& p, float* dxp, float* ds,
+                                float* db) {
+  const BnBackwardArgs args{&s, p, dxp, ds, db};
+  run_ranges<BnBackwardBlocks<B, kRelu>>(kBlockedPass + 4 + kRelu, blocks_of<B>(s), args);
 }
 
-using BackwardFn = void (*)(const BnShape&, const float*, const float*, const float*,
-                            const float*, const float*, float*, float*, float*);
+using BackwardFn = void (*)(const BnShape&, const BnSaved&, float*, float*, float*);
 
 template <bool kRelu>
 static BackwardFn backward_fn(int block) {
@@ -346,41 +412,62 @@ static BackwardFn backward_fn(int block) {
   return bn_backward<kRelu>;
 }
 
-// fastbn_backward (no shift) and fastbnrelu_backward (the forward's shift, for the ReLU mask).
-static std::vector<paddle::Tensor> bn_backward_op(const paddle::Tensor& xhat_in,
-                                                  const paddle::Tensor& rstd_in,
-                                                  const paddle::Tensor& scale_in,
-                                                  const paddle::Tensor* shift_in,
-                                                  const paddle::Tensor& dy_in, int block) {
-  paddle::Tensor xhat = dense(xhat_in, "xhat");
-  BnShape s = bn_shape(xhat);
+// The inputs every backward operator shares, checked against x.
+struct BnInputs {
+  paddle::Tensor x, mean, rstd, scale, shift, dy;
+  BnShape s;
+  BnSaved saved() const {
+    return {ptr(x), ptr(mean), ptr(rstd), ptr(scale), ptr(shift), ptr(dy)};
+  }
+};
+
+static BnInputs bn_inputs(const paddle::Tensor& x_in, const paddle::Tensor& mean_in,
+                          const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
+                          const paddle::Tensor* shift_in, const paddle::Tensor& dy_in,
+                          int block) {
+  paddle::Tensor x = dense(x_in, "x");
+  BnShape s = bn_shape(x);
   check_block(s, block);
-  paddle::Tensor dy = like_x(dy_in, xhat, "dy");
-  paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
   paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
-  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
-  auto dx = empty(xhat.shape()), dscale = empty({s.c}), dshift = empty({s.c});
-  auto run = shift_in ? backward_fn<true>(block) : backward_fn<false>(block);
-  run(s, ptr(xhat), ptr(rstd), ptr(scale), ptr(shift), ptr(dy), ptr(dx), ptr(dscale),
-      ptr(dshift));
+  return {x,
+          per_channel(mean_in, s.c, "mean"),
+          per_channel(rstd_in, s.c, "rstd"),
+          scale,
+          shift_in ? per_channel(*shift_in, s.c, "shift") : scale,
+          like_x(dy_in, x, "dy"),
+          s};
+}
+
+// fastbn_backward (no shift) and fastbnrelu_backward (the forward's shift, for the ReLU mask).
+static std::vector<paddle::Tensor> bn_backward_op(const paddle::Tensor& x,
+                                                  const paddle::Tensor& mean,
+                                                  const paddle::Tensor& rstd,
+                                                  const paddle::Tensor& scale,
+                                                  const paddle::Tensor* shift,
+                                                  const paddle::Tensor& dy, int block) {
+  BnInputs in = bn_inputs(x, mean, rstd, scale, shift, dy, block);
+  auto dx = empty(in.x.shape()), dscale = empty({in.s.c}), dshift = empty({in.s.c});
+  (shift ? backward_fn<true>(block) : backward_fn<false>(block))(in.s, in.saved(), ptr(dx),
+                                                                 ptr(dscale), ptr(dshift));
   return {dx, dscale, dshift};
 }
 
-std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
-                                       const paddle::Tensor& scale, const paddle::Tensor& dy,
-                                       int block) {
-  return bn_backward_op(xhat, rstd, scale, nullptr, dy, block);
+std::vector<paddle::Tensor> BnBackward(const paddle::Tensor& x, const paddle::Tensor& mean,
+                                       const paddle::Tensor& rstd, const paddle::Tensor& scale,
+                                       const paddle::Tensor& dy, int block) {
+  return bn_backward_op(x, mean, rstd, scale, nullptr, dy, block);
 }
 
-std::vector<paddle::Tensor> BnReluBackward(const paddle::Tensor& xhat, const paddle::Tensor& rstd,
-                                           const paddle::Tensor& scale,
+std::vector<paddle::Tensor> BnReluBackward(const paddle::Tensor& x, const paddle::Tensor& mean,
+                                           const paddle::Tensor& rstd, const paddle::Tensor& scale,
                                            const paddle::Tensor& shift, const paddle::Tensor& dz,
                                            int block) {
-  return bn_backward_op(xhat, rstd, scale, &shift, dz, block);
+  return bn_backward_op(x, mean, rstd, scale, &shift, dz, block);
 }
 
-struct BnDoubleBackwardArgs {
-  const float *hp, *gp, *xp, *r, *a, *b, *gsp, *gbp;
+// The double backward's cotangents (gx of dx, gs of dscale, gb of dshift) and outputs.
+struct BnCotangents {
+  const float *gxp, *gsp, *gbp;
   float *dxp, *dsp, *ddp;
 };
 
@@ -411,51 +498,65 @@ static inline BnDoubleCoefficients bn_double_coefficients(double sg, double sgh,
           static_cast<float>(gb - k * xbar)};
 }
 
-// Element i of the double backward's outputs, given its channel's coefficients.
+// Element i of the double backward's outputs, given its channel's coefficients, x̂ = h.
 template <bool kRelu>
-static inline void bn_double_outputs(const BnDoubleBackwardArgs& p, const BnDoubleCoefficients& f,
-                                     float a, float b, int64_t i) {
-  const float v = p.xp[i], h = p.hp[i];
+static inline void bn_double_outputs(const BnSaved& p, const BnCotangents& q,
+                                     const BnDoubleCoefficients& f, float h, float a, float b,
+                                     int64_t i) {
+  const float v = q.gxp[i];
   const bool open = !kRelu || bn_out(h, a, b) > 0.0f;  // the ReLU mask
   const float g = keep_if(open, p.gp[i]);
-  p.dxp[i] = f.al * g + f.be * v + f.ga * h + f.de;
-  p.ddp[i] = keep_if(open, f.ka * v + f.la * h + f.nc);
+  q.dxp[i] = f.al * g + f.be * v + f.ga * h + f.de;
+  q.ddp[i] = keep_if(open, f.ka * v + f.la * h + f.nc);
 }
 
 template <bool kRelu>
-static void bn_double_backward(const BnShape& s, const BnDoubleBackwardArgs& p) {
+static void bn_double_backward(const BnShape& s, const BnSaved& p, const BnCotangents& q) {
   for_channel_ranges(6 + kRelu, s, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      const float ac = p.a[c], bc = kRelu ? p.b[c] : 0.0f;
+      const float ac = p.a[c], bc = kRelu ? p.b[c] : 0.0f, m = p.mp[c], rc = p.r[c];
       double sg = 0, sgh = 0, sx = 0, sxh = 0, sxg = 0;
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
-        const float *h = p.hp + at, *v = p.xp + at;
-        auto g = [&](int64_t i) { return bn_grad<kRelu>(p.gp, p.hp, ac, bc, at + i); };
+        const float *x = p.xp + at, *gr = p.gp + at, *v = q.gxp + at;
+        auto h = [&](int64_t i) { return bn_hat(x[i], m, rc); };
+        auto g = [&](int64_t i) { return bn_grad<kRelu>(gr[i], h(i), ac, bc); };
         sg += row_sum(s.hw, [&](int64_t i) { return g(i); });
-        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * h[i]; });
+        sgh += row_sum(s.hw, [&](int64_t i) { return g(i) * h(i); });
         sx += row_sum(s.hw, [&](int64_t i) { return v[i]; });
-        sxh += row_sum(s.hw, [&](int64_t i) { return v[i] * h[i]; });
+        sxh += row_sum(s.hw, [&](int64_t i) { return v[i] * h(i); });
         sxg += row_sum(s.hw, [&](int64_t i) { return v[i] * g(i); });
       }
       const BnDoubleCoefficients f =
-          bn_double_coefficients(sg, sgh, sx, sxh, sxg, s.count(), p.r[c], ac, p.gsp[c], p.gbp[c]);
-      p.dsp[c] = f.d_scale;
+          bn_double_coefficients(sg, sgh, sx, sxh, sxg, s.count(), rc, ac, q.gsp[c], q.gbp[c]);
+      q.dsp[c] = f.d_scale;
       for (int64_t n = 0; n < s.n; ++n) {
         const int64_t at = s.at(n, c);
-        for (int64_t i = at; i < at + s.hw; ++i) bn_double_outputs<kRelu>(p, f, ac, bc, i);
+        for (int64_t i = at; i < at + s.hw; ++i)
+          bn_double_outputs<kRelu>(p, q, f, bn_hat(p.xp[i], m, rc), ac, bc, i);
       }
     }
   });
 }
 
+struct BnDoubleBackwardArgs {
+  const BnShape* s;
+  BnSaved p;
+  BnCotangents q;
+};
+
+// Blocks [first, last) of the double backward (run_ranges kernel).
 template <int B, bool kRelu>
-static void bn_double_backward_blocked(const BnShape& s, const BnDoubleBackwardArgs& p) {
-  const BnShape blocks = blocks_of<B>(s);
-  for_channel_ranges(kBlockedPass + 6 + kRelu, blocks, [&](int64_t first, int64_t last) {
+struct BnDoubleBackwardBlocks {
+  using Args = BnDoubleBackwardArgs;
+  static void run(const Args& args, int64_t first, int64_t last) {
+    const BnShape& s = *args.s;
+    const BnSaved& p = args.p;
+    const BnCotangents& q = args.q;
+    const BnShape blocks = blocks_of<B>(s);
     for (int64_t cb = first; cb < last; ++cb) {
-      float ac[B], bc[B];
-      block_lanes<B, kRelu>(p.a, p.b, cb, ac, bc);
+      float ac[B], bc[B], m[B], rc[B];
+      block_lanes<B, kRelu>(p, cb, ac, bc, m, rc);
       double sg[B] = {}, sgh[B] = {}, sx[B] = {}, sxh[B] = {}, sxg[B] = {};
       for (int64_t image = 0; image < s.n; ++image) {
         const int64_t at = blocks.at(image, cb);
@@ -463,8 +564,8 @@ static void bn_double_backward_blocked(const BnShape& s, const BnDoubleBackwardA
         for (int64_t i = 0; i < s.hw; ++i)
           for (int l = 0; l < B; ++l) {
             const int64_t k = at + i * B + l;
-            const float g = bn_grad<kRelu>(p.gp, p.hp, ac[l], bc[l], k), h = p.hp[k],
-                        v = p.xp[k];
+            const float h = bn_hat(p.xp[k], m[l], rc[l]);
+            const float g = bn_grad<kRelu>(p.gp[k], h, ac[l], bc[l]), v = q.gxp[k];
             pg[l] += g, pgh[l] += g * h, px[l] += v, pxh[l] += v * h, pxg[l] += v * g;
           }
         for (int l = 0; l < B; ++l)
@@ -473,21 +574,30 @@ static void bn_double_backward_blocked(const BnShape& s, const BnDoubleBackwardA
       BnDoubleCoefficients f[B];
       for (int l = 0; l < B; ++l) {
         const int64_t c = cb * B + l;
-        f[l] = bn_double_coefficients(sg[l], sgh[l], sx[l], sxh[l], sxg[l], s.count(), p.r[c],
-                                      ac[l], p.gsp[c], p.gbp[c]);
-        p.dsp[c] = f[l].d_scale;
+        f[l] = bn_double_coefficients(sg[l], sgh[l], sx[l], sxh[l], sxg[l], s.count(), rc[l],
+                                      ac[l], q.gsp[c], q.gbp[c]);
+        q.dsp[c] = f[l].d_scale;
       }
       for (int64_t image = 0; image < s.n; ++image) {
         const int64_t at = blocks.at(image, cb);
         for (int64_t i = 0; i < s.hw; ++i)
-          for (int l = 0; l < B; ++l)
-            bn_double_outputs<kRelu>(p, f[l], ac[l], bc[l], at + i * B + l);
+          for (int l = 0; l < B; ++l) {
+            const int64_t k = at + i * B + l;
+            bn_double_outputs<kRelu>(p, q, f[l], bn_hat(p.xp[k], m[l], rc[l]), ac[l], bc[l], k);
+          }
       }
     }
-  });
+  }
+};
+
+template <int B, bool kRelu>
+static void bn_double_backward_blocked(const BnShape& s, const BnSaved& p,
+                                       const BnCotangents& q) {
+  const BnDoubleBackwardArgs args{&s, p, q};
+  run_ranges<BnDoubleBackwardBlocks<B, kRelu>>(kBlockedPass + 6 + kRelu, blocks_of<B>(s), args);
 }
 
-using DoubleBackwardFn = void (*)(const BnShape&, const BnDoubleBackwardArgs&);
+using DoubleBackwardFn = void (*)(const BnShape&, const BnSaved&, const BnCotangents&);
 
 template <bool kRelu>
 static DoubleBackwardFn double_backward_fn(int block) {
@@ -499,123 +609,101 @@ static DoubleBackwardFn double_backward_fn(int block) {
 // fastbn_double_backward (no shift) and fastbnrelu_double_backward (the forward's shift, for the
 // ReLU mask).
 static std::vector<paddle::Tensor> bn_double_backward_op(
-    const paddle::Tensor& xhat_in, const paddle::Tensor& rstd_in, const paddle::Tensor& scale_in,
-    const paddle::Tensor* shift_in, const paddle::Tensor& dy_in, const paddle::Tensor& gx_in,
-    const paddle::Tensor& gs_in, const paddle::Tensor& gb_in, int block) {
-  paddle::Tensor xhat = dense(xhat_in, "xhat");
-  BnShape s = bn_shape(xhat);
-  check_block(s, block);
-  paddle::Tensor dy = like_x(dy_in, xhat, "dy"), gx = like_x(gx_in, xhat, "gx");
-  paddle::Tensor rstd = per_channel(rstd_in, s.c, "rstd");
-  paddle::Tensor scale = per_channel(scale_in, s.c, "scale");
-  paddle::Tensor shift = shift_in ? per_channel(*shift_in, s.c, "shift") : scale;
-  paddle::Tensor gs = per_channel(gs_in, s.c, "gs"), gb = per_channel(gb_in, s.c, "gb");
-  auto d_x = empty(xhat.shape()), d_dy = empty(xhat.shape()), d_scale = empty({s.c});
-  BnDoubleBackwardArgs args{ptr(xhat), ptr(dy), ptr(gx),  ptr(rstd),    ptr(scale), ptr(shift),
-                            ptr(gs),   ptr(gb), ptr(d_x), ptr(d_scale), ptr(d_dy)};
-  (shift_in ? double_backward_fn<true>(block) : double_backward_fn<false>(block))(s, args);
+    const paddle::Tensor& x, const paddle::Tensor& mean, const paddle::Tensor& rstd,
+    const paddle::Tensor& scale, const paddle::Tensor* shift, const paddle::Tensor& dy,
+    const paddle::Tensor& gx_in, const paddle::Tensor& gs_in, const paddle::Tensor& gb_in,
+    int block) {
+  BnInputs in = bn_inputs(x, mean, rstd, scale, shift, dy, block);
+  paddle::Tensor gx = like_x(gx_in, in.x, "gx");
+  paddle::Tensor gs = per_channel(gs_in, in.s.c, "gs"), gb = per_channel(gb_in, in.s.c, "gb");
+  auto d_x = empty(in.x.shape()), d_dy = empty(in.x.shape()), d_scale = empty({in.s.c});
+  const BnCotangents q{ptr(gx), ptr(gs), ptr(gb), ptr(d_x), ptr(d_scale), ptr(d_dy)};
+  (shift ? double_backward_fn<true>(block) : double_backward_fn<false>(block))(in.s, in.saved(),
+                                                                               q);
   return {d_x, d_scale, d_dy};
 }
 
 std::vector<paddle::Tensor> BnDoubleBackward(
-    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
-    const paddle::Tensor& dy, const paddle::Tensor& gx, const paddle::Tensor& gs,
-    const paddle::Tensor& gb, int block) {
-  return bn_double_backward_op(xhat, rstd, scale, nullptr, dy, gx, gs, gb, block);
+    const paddle::Tensor& x, const paddle::Tensor& mean, const paddle::Tensor& rstd,
+    const paddle::Tensor& scale, const paddle::Tensor& dy, const paddle::Tensor& gx,
+    const paddle::Tensor& gs, const paddle::Tensor& gb, int block) {
+  return bn_double_backward_op(x, mean, rstd, scale, nullptr, dy, gx, gs, gb, block);
 }
 
 std::vector<paddle::Tensor> BnReluDoubleBackward(
-    const paddle::Tensor& xhat, const paddle::Tensor& rstd, const paddle::Tensor& scale,
-    const paddle::Tensor& shift, const paddle::Tensor& dz, const paddle::Tensor& gx,
-    const paddle::Tensor& gs, const paddle::Tensor& gb, int block) {
-  return bn_double_backward_op(xhat, rstd, scale, &shift, dz, gx, gs, gb, block);
+    const paddle::Tensor& x, const paddle::Tensor& mean, const paddle::Tensor& rstd,
+    const paddle::Tensor& scale, const paddle::Tensor& shift, const paddle::Tensor& dz,
+    const paddle::Tensor& gx, const paddle::Tensor& gs, const paddle::Tensor& gb, int block) {
+  return bn_double_backward_op(x, mean, rstd, scale, &shift, dz, gx, gs, gb, block);
 }
 
-std::vector<std::vector<int64_t>> BnForwardShape(const std::vector<int64_t>& x,
-                                                 const std::vector<int64_t>& scale,
-                                                 const std::vector<int64_t>& shift, float eps,
-                                                 bool relu, bool save, int block) {
-  return {x, save ? x : std::vector<int64_t>{0}, {x[1]}};
+using Shapes = std::vector<std::vector<int64_t>>;
+using Dtypes = std::vector<paddle::DataType>;
+using Dims = std::vector<int64_t>;
+using DT = paddle::DataType;
+
+Shapes BnForwardShape(const Dims& x, const Dims& scale, const Dims& shift, float eps, bool relu,
+                      int block) {
+  return {x, {x[1]}, {x[1]}};
 }
 
-std::vector<std::vector<int64_t>> BnBackwardShape(const std::vector<int64_t>& xhat,
-                                                  const std::vector<int64_t>& rstd,
-                                                  const std::vector<int64_t>& scale,
-                                                  const std::vector<int64_t>& dy, int block) {
-  return {xhat, {xhat[1]}, {xhat[1]}};
+Shapes BnBackwardShape(const Dims& x, const Dims& mean, const Dims& rstd, const Dims& scale,
+                       const Dims& dy, int block) {
+  return {x, {x[1]}, {x[1]}};
 }
 
-std::vector<std::vector<int64_t>> BnReluBackwardShape(const std::vector<int64_t>& xhat,
-                                                      const std::vector<int64_t>& rstd,
-                                                      const std::vector<int64_t>& scale,
-                                                      const std::vector<int64_t>& shift,
-                                                      const std::vector<int64_t>& dz,
-                                                      int block) {
-  return {xhat, {xhat[1]}, {xhat[1]}};
+Shapes BnReluBackwardShape(const Dims& x, const Dims& mean, const Dims& rstd, const Dims& scale,
+                           const Dims& shift, const Dims& dz, int block) {
+  return {x, {x[1]}, {x[1]}};
 }
 
-std::vector<std::vector<int64_t>> BnDoubleBackwardShape(
-    const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
-    const std::vector<int64_t>& scale, const std::vector<int64_t>& dy,
-    const std::vector<int64_t>& gx, const std::vector<int64_t>& gs,
-    const std::vector<int64_t>& gb, int block) {
-  return {xhat, {xhat[1]}, xhat};
+Shapes BnDoubleBackwardShape(const Dims& x, const Dims& mean, const Dims& rstd, const Dims& scale,
+                             const Dims& dy, const Dims& gx, const Dims& gs, const Dims& gb,
+                             int block) {
+  return {x, {x[1]}, x};
 }
 
-std::vector<std::vector<int64_t>> BnReluDoubleBackwardShape(
-    const std::vector<int64_t>& xhat, const std::vector<int64_t>& rstd,
-    const std::vector<int64_t>& scale, const std::vector<int64_t>& shift,
-    const std::vector<int64_t>& dz, const std::vector<int64_t>& gx,
-    const std::vector<int64_t>& gs, const std::vector<int64_t>& gb, int block) {
-  return {xhat, {xhat[1]}, xhat};
+Shapes BnReluDoubleBackwardShape(const Dims& x, const Dims& mean, const Dims& rstd,
+                                 const Dims& scale, const Dims& shift, const Dims& dz,
+                                 const Dims& gx, const Dims& gs, const Dims& gb, int block) {
+  return {x, {x[1]}, x};
 }
 
-std::vector<paddle::DataType> BnForwardDtype(const paddle::DataType& x, const paddle::DataType& a,
-                                             const paddle::DataType& b) {
+Dtypes BnForwardDtype(const DT& x, const DT& a, const DT& b) { return {x, x, x}; }
+
+Dtypes BnBackwardDtype(const DT& x, const DT& mean, const DT& rstd, const DT& scale,
+                       const DT& dy) {
   return {x, x, x};
 }
 
-std::vector<paddle::DataType> BnBackwardDtype(const paddle::DataType& xhat,
-                                              const paddle::DataType& rstd,
-                                              const paddle::DataType& scale,
-                                              const paddle::DataType& dy) {
-  return {xhat, xhat, xhat};
+Dtypes BnReluBackwardDtype(const DT& x, const DT& mean, const DT& rstd, const DT& scale,
+                           const DT& shift, const DT& dz) {
+  return {x, x, x};
 }
 
-std::vector<paddle::DataType> BnReluBackwardDtype(const paddle::DataType& xhat,
-                                                  const paddle::DataType& rstd,
-                                                  const paddle::DataType& scale,
-                                                  const paddle::DataType& shift,
-                                                  const paddle::DataType& dz) {
-  return {xhat, xhat, xhat};
+Dtypes BnDoubleBackwardDtype(const DT& x, const DT& mean, const DT& rstd, const DT& scale,
+                             const DT& dy, const DT& gx, const DT& gs, const DT& gb) {
+  return {x, x, x};
 }
 
-std::vector<paddle::DataType> BnDoubleBackwardDtype(
-    const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
-    const paddle::DataType& dy, const paddle::DataType& gx, const paddle::DataType& gs,
-    const paddle::DataType& gb) {
-  return {xhat, xhat, xhat};
-}
-
-std::vector<paddle::DataType> BnReluDoubleBackwardDtype(
-    const paddle::DataType& xhat, const paddle::DataType& rstd, const paddle::DataType& scale,
-    const paddle::DataType& shift, const paddle::DataType& dz, const paddle::DataType& gx,
-    const paddle::DataType& gs, const paddle::DataType& gb) {
-  return {xhat, xhat, xhat};
+Dtypes BnReluDoubleBackwardDtype(const DT& x, const DT& mean, const DT& rstd, const DT& scale,
+                                 const DT& shift, const DT& dz, const DT& gx, const DT& gs,
+                                 const DT& gb) {
+  return {x, x, x};
 }
 
 }  // namespace fastconv
 
 PD_BUILD_OP(fastbn_forward)
     .Inputs({"X", "Scale", "Shift"})
-    .Outputs({"Y", "XHat", "RStd"})
-    .Attrs({"eps: float", "relu: bool", "save: bool", "block: int"})
+    .Outputs({"Y", "Mean", "RStd"})
+    .Attrs({"eps: float", "relu: bool", "block: int"})
     .SetKernelFn(PD_KERNEL(fastconv::BnForward))
     .SetInferShapeFn(PD_INFER_SHAPE(fastconv::BnForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnForwardDtype));
 
 PD_BUILD_OP(fastbn_backward)
-    .Inputs({"XHat", "RStd", "Scale", "DY"})
+    .Inputs({"X", "Mean", "RStd", "Scale", "DY"})
     .Outputs({"DX", "DScale", "DShift"})
     .Attrs({"block: int"})
     .SetKernelFn(PD_KERNEL(fastconv::BnBackward))
@@ -623,7 +711,7 @@ PD_BUILD_OP(fastbn_backward)
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnBackwardDtype));
 
 PD_BUILD_OP(fastbn_double_backward)
-    .Inputs({"XHat", "RStd", "Scale", "DY", "GX", "GScale", "GShift"})
+    .Inputs({"X", "Mean", "RStd", "Scale", "DY", "GX", "GScale", "GShift"})
     .Outputs({"D_X", "D_Scale", "D_DY"})
     .Attrs({"block: int"})
     .SetKernelFn(PD_KERNEL(fastconv::BnDoubleBackward))
@@ -631,7 +719,7 @@ PD_BUILD_OP(fastbn_double_backward)
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnDoubleBackwardDtype));
 
 PD_BUILD_OP(fastbnrelu_backward)
-    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ"})
+    .Inputs({"X", "Mean", "RStd", "Scale", "Shift", "DZ"})
     .Outputs({"DX", "DScale", "DShift"})
     .Attrs({"block: int"})
     .SetKernelFn(PD_KERNEL(fastconv::BnReluBackward))
@@ -639,7 +727,7 @@ PD_BUILD_OP(fastbnrelu_backward)
     .SetInferDtypeFn(PD_INFER_DTYPE(fastconv::BnReluBackwardDtype));
 
 PD_BUILD_OP(fastbnrelu_double_backward)
-    .Inputs({"XHat", "RStd", "Scale", "Shift", "DZ", "GX", "GScale", "GShift"})
+    .Inputs({"X", "Mean", "RStd", "Scale", "Shift", "DZ", "GX", "GScale", "GShift"})
     .Outputs({"D_X", "D_Scale", "D_DZ"})
     .Attrs({"block: int"})
     .SetKernelFn(PD_KERNEL(fastconv::BnReluDoubleBackward))

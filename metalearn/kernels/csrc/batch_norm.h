@@ -103,6 +103,44 @@ void for_channel_ranges(int pass, const BnShape& s, F body) {
   }
 }
 
+// Loops compiled for this CPU. The library is built without -march flags (it runs wherever
+// Paddle does), so a loop written as Kernel::run(args, first, last) over a range [first, last)
+// of channels or blocks is also compiled for AVX-512 and for AVX2 + FMA (GCC's target attribute;
+// `flatten` compiles everything it calls for that target too), and run_ranges picks the widest
+// one this CPU has. The library is built with -ffp-contract=off, so no build fuses a multiply
+// and an add: every build rounds exactly as the baseline does, bit for bit (vector width
+// changes no result, the order of the sums is the code's own).
+using RangeFn = void (*)(const void* args, int64_t first, int64_t last);
+
+template <class Kernel>
+__attribute__((target("avx512f,avx2,fma"), flatten)) void run_avx512(const void* args,
+                                                                      int64_t first,
+                                                                      int64_t last) {
+  Kernel::run(*static_cast<const typename Kernel::Args*>(args), first, last);
+}
+
+template <class Kernel>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(const void* args, int64_t first,
+                                                            int64_t last) {
+  Kernel::run(*static_cast<const typename Kernel::Args*>(args), first, last);
+}
+
+template <class Kernel>
+void run_baseline(const void* args, int64_t first, int64_t last) {
+  Kernel::run(*static_cast<const typename Kernel::Args*>(args), first, last);
+}
+
+RangeFn for_this_cpu(RangeFn avx512, RangeFn avx2, RangeFn baseline);
+
+// Kernel::run over the ranges for_channel_ranges gives for `pace` (its c counts the ranges'
+// units: channels or blocks), in the build for this CPU.
+template <class Kernel>
+void run_ranges(int pass, const BnShape& pace, const typename Kernel::Args& args) {
+  static const RangeFn fn =
+      for_this_cpu(run_avx512<Kernel>, run_avx2<Kernel>, run_baseline<Kernel>);
+  for_channel_ranges(pass, pace, [&](int64_t first, int64_t last) { fn(&args, first, last); });
+}
+
 // y = scale·x̂ + shift, the one expression the forward and the ReLU masks of the backward use.
 inline float bn_out(float h, float a, float b) { return h * a + b; }
 
@@ -116,17 +154,18 @@ inline float keep_if(bool open, float v) {
   return v;
 }
 
-// kSave: write x̂ to hp (the backward passes need it; inference does not).
-// Defined in batch_norm.cc, which instantiates <true, false> for the body.
-template <bool kRelu, bool kSave>
+// y = batch norm of x (then ReLU if kRelu) with the batch's statistics; writes each channel's
+// mean to mp and 1/sqrt(σ² + eps) to r. yp may be xp (in place). Defined in batch_norm.cc, which
+// instantiates <true> for the body.
+template <bool kRelu>
 void bn_forward(const BnShape& s, const float* xp, const float* a, const float* b, float eps,
-                float* yp, float* hp, float* r);
+                float* yp, float* mp, float* r);
 
 // The same on the channel-blocked layout nChw{B}c (s.c counts channels, a multiple of B): the
-// B channels of a block side by side in the B lanes of each loop. yp may be xp (in place).
-// Defined in batch_norm.cc, which instantiates <B, true, false> for the body.
-template <int B, bool kRelu, bool kSave>
+// B channels of a block side by side in the B lanes of each loop. Defined in batch_norm.cc,
+// which instantiates <B, true> for the body.
+template <int B, bool kRelu>
 void bn_forward_blocked(const BnShape& s, const float* xp, const float* a, const float* b,
-                        float eps, float* yp, float* hp, float* r);
+                        float eps, float* yp, float* mp, float* r);
 
 }  // namespace fastconv

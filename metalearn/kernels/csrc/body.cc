@@ -79,10 +79,10 @@ class Body {
       check(api.stream_wait(rt_.stream), "stream_wait");
       const float *a = params[3 * i + 1], *b = params[3 * i + 2];
       const int64_t hw = s.oh * s.ow;
-      auto run = block_ == 16 ? bn_forward_blocked<16, true, false>
-                 : block_ == 8  ? bn_forward_blocked<8, true, false>
-                                : bn_forward<true, false>;
-      run({s.n, s.o, hw}, layer.y, a, b, eps, layer.y, nullptr, rstd_.data());
+      auto run = block_ == 16 ? bn_forward_blocked<16, true>
+                 : block_ == 8  ? bn_forward_blocked<8, true>
+                                : bn_forward<true>;
+      run({s.n, s.o, hw}, layer.y, a, b, eps, layer.y, mean_.data(), rstd_.data());
     }
     const Shape& s = shapes_.back();
     spatial_mean(layers_.back().y, s.n, s.o / block_, s.oh * s.ow, block_, out);
@@ -212,6 +212,7 @@ class Body {
     }
     int64_t widest = 0;
     for (const Shape& s : shapes_) widest = std::max(widest, s.o);
+    mean_.assign(widest, 0.0f);
     rstd_.assign(widest, 0.0f);
     return true;
   }
@@ -231,7 +232,7 @@ class Body {
   int64_t block_ = 1;
   handle x_user_ = nullptr;
   std::vector<Layer> layers_;
-  std::vector<float> rstd_;  // bn_forward's r (unused here)
+  std::vector<float> mean_, rstd_;  // batch norm's statistics (unused here)
   std::vector<handle> primitives_, mems_, pds_, mds_;
 };
 

@@ -542,9 +542,8 @@ static Plan& get_plan(Runtime& rt, Kind kind, const Shape& s) {
 // and reordering its output into the blocked layout the next operators read cost as much again
 // (measured: 13 ms each for 75 images of 8 tasks). These loops read and write the layouts
 // directly, a B-lane multiply-add per tap: block cb reads input channel cb·B / (O/g) (a group's
-// O/g channels fill whole blocks). They run on one thread or a team, like batch norm's loops, and
-// are compiled for AVX-512 and AVX2 besides the baseline, the one this CPU has chosen at run time
-// (the library is built without -march flags).
+// O/g channels fill whole blocks). They run on one thread or a team, like batch norm's loops, in
+// the build for this CPU (run_ranges, batch_norm.h).
 
 static bool single_channel_groups(const Shape& s) {
   return s.c == s.g && s.x_block == 1 && s.y_block > 1 && (s.o / s.g) % s.y_block == 0;
@@ -655,41 +654,35 @@ static inline void backward_weights_blocks(const Shape& s, const float* x, const
   }
 }
 
-using DirectFn = void (*)(const Shape&, const float*, const float*, float*, int64_t, int64_t);
+// The direct loops as run_ranges kernels (batch_norm.h): y from (x, w), or dw from (x, dy).
+struct DirectArgs {
+  const Shape* s;
+  const float *x, *b;
+  float* out;
+};
 
-#define FASTCONV_ISA(name, isa, features)                                                  \
-  template <int B>                                                                         \
-  __attribute__((target(features), flatten)) static void name##_##isa(                    \
-      const Shape& s, const float* a, const float* b, float* out, int64_t first,           \
-      int64_t last) {                                                                      \
-    name<B>(s, a, b, out, first, last);                                                    \
+template <int B>
+struct DirectForward {
+  using Args = DirectArgs;
+  static void run(const Args& a, int64_t first, int64_t last) {
+    forward_blocks<B>(*a.s, a.x, a.b, a.out, first, last);
   }
-FASTCONV_ISA(forward_blocks, avx512, "avx512f,avx2,fma")
-FASTCONV_ISA(forward_blocks, avx2, "avx2,fma")
-FASTCONV_ISA(backward_weights_blocks, avx512, "avx512f,avx2,fma")
-FASTCONV_ISA(backward_weights_blocks, avx2, "avx2,fma")
-#undef FASTCONV_ISA
+};
 
-// The best of three builds of one loop for this CPU.
-static DirectFn for_this_cpu(DirectFn avx512, DirectFn avx2, DirectFn baseline) {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2;
-  return baseline;
-}
+template <int B>
+struct DirectBackwardWeights {
+  using Args = DirectArgs;
+  static void run(const Args& a, int64_t first, int64_t last) {
+    backward_weights_blocks<B>(*a.s, a.x, a.b, a.out, first, last);
+  }
+};
 
-// y = conv(x, w) (`backward` false) or dw from (x, dy) (true), on blocks of B channels.
 template <int B>
 static void direct(bool backward, const Shape& s, const float* x, const float* b, float* out) {
-  static const DirectFn forward_fn =
-      for_this_cpu(forward_blocks_avx512<B>, forward_blocks_avx2<B>, forward_blocks<B>);
-  static const DirectFn backward_fn =
-      for_this_cpu(backward_weights_blocks_avx512<B>, backward_weights_blocks_avx2<B>,
-                   backward_weights_blocks<B>);
-  const DirectFn fn = backward ? backward_fn : forward_fn;
+  const DirectArgs args{&s, x, b, out};
   const BnShape pace{s.n, s.o / B, s.oh * s.ow * B};
-  for_channel_ranges(kDirectPass + backward, pace,
-                     [&](int64_t first, int64_t last) { fn(s, x, b, out, first, last); });
+  if (backward) run_ranges<DirectBackwardWeights<B>>(kDirectPass + 1, pace, args);
+  else run_ranges<DirectForward<B>>(kDirectPass, pace, args);
 }
 
 static void direct_convolution(bool backward, const Shape& s, const float* x, const float* b,
