@@ -100,6 +100,13 @@ class _Conv(PyLayer):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensor()
+        if not paddle.is_grad_enabled():  # no create_graph: a plain backward, no PyLayer
+            kernel = registry.active()
+            if x.stop_gradient:
+                grad_weight = kernel.backward_weights(x, weight, grad_out, *ctx.geometry)
+                return None, _as_input_grad(grad_weight, weight)
+            grad_x, grad_weight = kernel.backward(x, weight, grad_out, *ctx.geometry)
+            return _as_input_grad(grad_x, x), _as_input_grad(grad_weight, weight)
         if x.stop_gradient:
             grad_weight = _ConvWeightGrad.apply(x, weight.detach(), grad_out, ctx.geometry)
             return None, _as_input_grad(grad_weight, weight)
@@ -313,9 +320,14 @@ class _BatchNorm(PyLayer):
     def backward(ctx, grad_out):
         x, scale, shift, mean, rstd = ctx.saved_tensor()
         relu_shift = shift.detach() if ctx.relu else None
-        grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
-            x, scale, grad_out, mean, rstd, relu_shift, ctx.block
-        )
+        if paddle.is_grad_enabled():  # create_graph: the backward must be differentiable
+            grad_x, grad_scale, grad_shift = _BatchNormGrad.apply(
+                x, scale, grad_out, mean, rstd, relu_shift, ctx.block
+            )
+        else:
+            grad_x, grad_scale, grad_shift = registry.active().batch_norm_backward(
+                x, mean, rstd, scale, grad_out, relu_shift, ctx.block
+            )
         return (
             _as_input_grad(grad_x, x),
             _as_input_grad(grad_scale, scale),
