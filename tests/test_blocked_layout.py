@@ -7,6 +7,10 @@ tests/test_fused_batch_norm.py::test_fused_meta_gradient_matches_float64[maml-bl
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -157,3 +161,17 @@ def test_spatial_mean_reads_the_blocked_layout() -> None:
     x = np.random.default_rng(0).normal(size=(3, 32, 2, 3)).astype("float32")
     got = ops.spatial_mean(paddle.to_tensor(blocked(x, 16)), 16).numpy()
     np.testing.assert_allclose(got, x.mean(axis=(2, 3)), rtol=1e-6)
+
+
+def test_plain_layout_setting_keeps_training_in_nchw(block) -> None:
+    """PADDLE_MAML_FASTCONV_LAYOUT=plain means NCHW everywhere: no blocked activations either."""
+    code = (
+        "import paddle\nfrom metalearn.kernels import onednn\n"
+        "print(onednn.load_kernels().activation_block(paddle.zeros([1])))"
+    )
+    env = {**os.environ, "PADDLE_MAML_FASTCONV_LAYOUT": "plain"}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "1"

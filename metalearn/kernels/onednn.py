@@ -44,7 +44,8 @@ Environment:
   Batch norm splits its channels over N threads (default: all those CPUs), with results that do
   not depend on N. Paddle keeps its OpenMP runtime at one thread; the operator changes that only
   during its calls.
-* ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in.
+* ``PADDLE_MAML_FASTCONV_LAYOUT=auto|plain|blocked``: memory layouts oneDNN may compute in;
+  ``plain`` also keeps training's activations in NCHW (``activation_block`` is then 1).
 * ``PADDLE_MAML_FASTCONV_TUNE=0``: no timing; oneDNN's first choice, blocked layout, all threads
   (recorded choices are neither read nor written).
 * ``PADDLE_MAML_FASTCONV_CHOICES``: folder of the recorded choices, read by the operator at its

@@ -241,6 +241,7 @@ int64_t activation_block(Runtime& rt) {
   static int64_t block = 0;
   if (block != 0) return block;
   block = 1;
+  if (!rt.try_blocked) return block;  // PADDLE_MAML_FASTCONV_LAYOUT=plain: NCHW everywhere
   const Shape s{8, 64, 8, 8, 64, 3, 8, 8, 1, 1};
   const Geometry g(s);
   for (int64_t B : {int64_t{16}, int64_t{8}}) {
